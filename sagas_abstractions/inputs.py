@@ -1,0 +1,106 @@
+"""Inputs to the saga engine: everything that can move a saga.
+
+Each input carries the moment it is applied (``at``): the engine never reads a clock.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from sagas_abstractions.enums import StepKind
+from sagas_abstractions.models import ErrorInfo
+
+__all__ = [
+    "Compensate",
+    "OperatorInput",
+    "Resolve",
+    "RetryCompensation",
+    "RetryDue",
+    "SagaInput",
+    "SagaTimeout",
+    "Start",
+    "StepFailed",
+    "StepInput",
+    "StepSucceeded",
+    "Timeout",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class Start(BaseModel):
+    """Start a new saga with the given data."""
+
+    model_config = _FROZEN
+
+    saga_id: str = Field(min_length=1, max_length=200)
+    data: dict[str, Any]
+    at: datetime
+    correlation_id: str | None = None
+    trace_context: dict[str, str] = Field(default_factory=dict)
+
+
+class _StepInput(BaseModel):
+    model_config = _FROZEN
+
+    step: str
+    attempt: int = Field(ge=1)
+    kind: StepKind
+    at: datetime
+    message_id: str | None = None
+
+
+class StepSucceeded(_StepInput):
+    """A participant replied that the step (or its compensation) succeeded."""
+
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepFailed(_StepInput):
+    """A participant replied that the step (or its compensation) failed."""
+
+    error: ErrorInfo
+
+
+class Timeout(_StepInput):
+    """No reply arrived for this attempt before its deadline."""
+
+
+class RetryDue(_StepInput):
+    """The backoff before this attempt is over: send the command again."""
+
+
+class SagaTimeout(BaseModel):
+    """The saga-level deadline passed while the saga was still running forward."""
+
+    model_config = _FROZEN
+
+    at: datetime
+
+
+class _OperatorInput(BaseModel):
+    model_config = _FROZEN
+
+    at: datetime
+    actor: str = Field(min_length=1)
+    reason: str = ""
+
+
+class Compensate(_OperatorInput):
+    """Operator: stop a running saga and compensate what it has done."""
+
+
+class RetryCompensation(_OperatorInput):
+    """Operator: try the failed compensation of a parked saga again (a new round of attempts)."""
+
+
+class Resolve(_OperatorInput):
+    """Operator: close a parked saga by hand (the fix was made outside the saga)."""
+
+
+StepInput = StepSucceeded | StepFailed | Timeout | RetryDue
+OperatorInput = Compensate | RetryCompensation | Resolve
+SagaInput = Start | StepSucceeded | StepFailed | Timeout | RetryDue | SagaTimeout | OperatorInput

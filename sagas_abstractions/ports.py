@@ -1,0 +1,207 @@
+"""The ports: small protocols the core depends on and adapters implement.
+
+Each port has one job, a real in-memory implementation in ``sagas_core.testing``, and a
+contract test suite in ``tests/contracts`` that every backend passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
+    from sagas_abstractions.enums import RouteKind, SagaStatus
+    from sagas_abstractions.messages import Envelope, OutboxRecord
+    from sagas_abstractions.models import HistoryEntry, SagaInstance
+
+__all__ = [
+    "Clock",
+    "DeadlineStore",
+    "InboxEntry",
+    "MessageBus",
+    "MessageHandler",
+    "OutboxStore",
+    "SagaChange",
+    "SagaReader",
+    "SagaStore",
+    "Subscription",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InboxEntry:
+    """A processed message id, recorded in the same transaction as the change it caused."""
+
+    consumer: str
+    message_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class SagaChange:
+    """Everything one input changes, written atomically by :meth:`SagaStore.save`.
+
+    Attributes:
+        instance: The saga after the input.
+        expected_version: ``None`` to insert a new saga (it must not exist); otherwise the
+            version the writer loaded. When ``instance.version`` is greater, the saga row is
+            updated only if the stored version still equals ``expected_version``
+            (else :class:`~sagas_abstractions.errors.ConcurrencyConflict`); when equal, the saga
+            row is left alone and only the history, outbox and inbox rows are written.
+        outbox: Messages to publish once the transaction commits.
+        history: Audit rows to append.
+        inbox: The incoming message id to record as processed, if the input came as a message
+            (a second record of the same id raises
+            :class:`~sagas_abstractions.errors.DuplicateMessage`).
+    """
+
+    instance: SagaInstance
+    expected_version: int | None
+    outbox: Sequence[Envelope] = field(default=())
+    history: Sequence[HistoryEntry] = field(default=())
+    inbox: InboxEntry | None = None
+
+
+@runtime_checkable
+class SagaStore(Protocol):
+    """Loads saga instances and writes the effects of inputs atomically."""
+
+    async def load(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``."""
+        ...
+
+    async def save(self, changes: Sequence[SagaChange]) -> None:
+        """Write all changes in one transaction: all of them, or none.
+
+        Raises:
+            ConcurrencyConflict: A saga changed since it was loaded, or a saga to insert exists.
+            DuplicateMessage: An inbox entry was recorded before.
+            StoreError: The store failed.
+        """
+        ...
+
+    async def is_processed(self, consumer: str, message_id: str) -> bool:
+        """Whether the inbox records this message id for this consumer (a cheap pre-check)."""
+        ...
+
+
+@runtime_checkable
+class SagaReader(Protocol):
+    """Read-only queries for the status API and operators."""
+
+    async def get(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``."""
+        ...
+
+    async def find(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        saga_type: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> list[SagaInstance]:
+        """Return sagas matching every given filter, least recently updated first."""
+        ...
+
+    async def history(self, saga_id: str) -> list[HistoryEntry]:
+        """Return the saga's audit trail, oldest first."""
+        ...
+
+
+@runtime_checkable
+class OutboxStore(Protocol):
+    """The outbox: messages committed with a state change, waiting to be published."""
+
+    async def claim(
+        self, *, owner: str, limit: int, lease: timedelta, now: datetime
+    ) -> list[OutboxRecord]:
+        """Lease up to ``limit`` unsent records to ``owner``, oldest first.
+
+        A record leased by another owner whose lease has not expired is never returned, and
+        neither is any later record of the same saga (messages of one saga go out in order).
+        """
+        ...
+
+    async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
+        """Mark records as published (after the bus confirmed them)."""
+        ...
+
+    async def release(self, ids: Sequence[int], *, retry_at: datetime, error: str) -> None:
+        """Give leased records back after a failed publish; they are claimable at ``retry_at``."""
+        ...
+
+    async def pending_count(self) -> int:
+        """How many records wait to be published."""
+        ...
+
+
+@runtime_checkable
+class DeadlineStore(Protocol):
+    """Finds sagas whose next deadline has passed."""
+
+    async def due(self, now: datetime, limit: int) -> list[SagaInstance]:
+        """Return up to ``limit`` active sagas with ``next_deadline_at <= now``, earliest first."""
+        ...
+
+
+MessageHandler = Callable[["Envelope"], Awaitable[None]]
+"""Handles one delivered message. Returning acks it; raising hands it back for redelivery."""
+
+
+@runtime_checkable
+class Subscription(Protocol):
+    """A running consumer."""
+
+    async def close(self) -> None:
+        """Stop consuming; messages being handled finish first."""
+        ...
+
+
+@runtime_checkable
+class MessageBus(Protocol):
+    """Publishes envelopes with confirmation and delivers them to handlers (ack after handling).
+
+    Delivery is at least once: a handler may see a message again (after a crash, a lost ack,
+    a redelivery), so every receiver deduplicates on ``message_id``.
+    """
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish envelopes and wait until the bus has accepted every one.
+
+        Raises:
+            PublishError: At least one envelope was not accepted (unroutable, rejected, timed
+                out). Others may have been; publishing again is safe.
+        """
+        ...
+
+    async def subscribe(
+        self,
+        route: RouteKind,
+        key: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int = 1,
+    ) -> Subscription:
+        """Consume messages sent to ``route``/``key`` (for events, ``key`` is a topic pattern).
+
+        Up to ``concurrency`` messages are handled at once. A handler that returns acks the
+        message; one that raises has it redelivered, a bounded number of times, after which the
+        message goes to the dead-letter queue.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Stop every subscription and release connections."""
+        ...
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """The source of time; injected so tests control it."""
+
+    def now(self) -> datetime:
+        """Return the current time, timezone-aware, in UTC."""
+        ...

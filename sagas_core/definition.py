@@ -1,0 +1,181 @@
+"""Immutable saga definitions, as ``SagaBuilder.build()`` returns them."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from sagas_abstractions import InvalidSagaData, StepKind
+from sagas_core.retry import RetryPolicy
+
+__all__ = [
+    "ActionKind",
+    "ActionSpec",
+    "LocalHandler",
+    "PayloadBuilder",
+    "ReplyMerger",
+    "SagaDefinition",
+    "StepDefinition",
+]
+
+PayloadBuilder = Callable[[BaseModel], dict[str, Any]]
+"""Builds a command payload (JSON-compatible) from the saga data model."""
+
+ReplyMerger = Callable[[BaseModel, Mapping[str, Any]], dict[str, Any]]
+"""Merges a successful reply's data into the saga data; returns the new data as a dict."""
+
+LocalHandler = Callable[..., Awaitable[Any]]
+"""An async callable run inside the worker for a local step or compensation."""
+
+
+class ActionKind(StrEnum):
+    """Where an action runs."""
+
+    REMOTE = "remote"
+    """A command sent to a participant over the bus."""
+    LOCAL = "local"
+    """An async callable run by the worker itself (routed through the bus all the same, so it is
+    as durable as a remote step)."""
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class ActionSpec:
+    """One thing a step does: execute it, or compensate it.
+
+    Attributes:
+        kind: Remote or local.
+        command_type: Name on the wire (the command model's class name for remote actions).
+        destination: Where the command goes.
+        build_payload: Builds the command payload from the saga data.
+        timeout: How long to wait for a reply, per attempt (``None``: forever).
+        retry: When to try again.
+        command_model: The command's pydantic model (remote actions).
+        handler: The callable to run (local actions).
+    """
+
+    kind: ActionKind
+    command_type: str
+    destination: str
+    build_payload: PayloadBuilder
+    timeout: timedelta | None
+    retry: RetryPolicy
+    command_model: type[BaseModel] | None = None
+    handler: LocalHandler | None = None
+
+    def describe(self) -> dict[str, object]:
+        """A stable, JSON-compatible description (part of the definition fingerprint)."""
+        schema: object = None
+        if self.command_model is not None:
+            schema = self.command_model.model_json_schema()
+        return {
+            "kind": self.kind.value,
+            "command_type": self.command_type,
+            "destination": self.destination,
+            "timeout": None if self.timeout is None else self.timeout.total_seconds(),
+            "retry": self.retry.describe(),
+            "schema": schema,
+        }
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StepDefinition:
+    """One step of a saga.
+
+    Attributes:
+        name: Unique within the saga.
+        index: Position in the saga, from 0.
+        action: What executing the step does.
+        compensation: What undoing it does; ``None`` when there is nothing to undo.
+        merge: Merges the reply data into the saga data.
+        reply_model: Model that a successful reply's data must fit, if declared.
+    """
+
+    name: str
+    index: int
+    action: ActionSpec
+    compensation: ActionSpec | None
+    merge: ReplyMerger
+    reply_model: type[BaseModel] | None = None
+
+    def spec(self, kind: StepKind) -> ActionSpec | None:
+        """The action for ``kind``: the step's own action or its compensation."""
+        return self.action if kind is StepKind.EXECUTE else self.compensation
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class SagaDefinition:
+    """A validated, immutable saga definition. Build one with ``SagaBuilder``.
+
+    Attributes:
+        name: The saga type.
+        data_model: The pydantic model of the saga data.
+        steps: The steps, in order.
+        saga_timeout: Deadline for the whole saga to finish its forward steps, if any.
+        fingerprint: Stable hash of the definition's shape; stored on every instance so a
+            changed definition under in-flight sagas is detected.
+    """
+
+    name: str
+    data_model: type[BaseModel]
+    steps: tuple[StepDefinition, ...]
+    saga_timeout: timedelta | None
+    fingerprint: str
+
+    def step(self, name: str) -> StepDefinition | None:
+        """The step called ``name``, or ``None``."""
+        for step in self.steps:
+            if step.name == name:
+                return step
+        return None
+
+    def parse_data(
+        self, data: Mapping[str, Any], *, saga_id: str | None = None, step: str | None = None
+    ) -> BaseModel:
+        """Validate ``data`` against the data model.
+
+        Raises:
+            InvalidSagaData: naming the saga, the step and each failing field.
+        """
+        try:
+            return self.data_model.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidSagaData(
+                f"saga data does not fit {self.data_model.__name__}: {describe_validation(exc)}",
+                saga_id=saga_id,
+                saga_type=self.name,
+                step=step,
+                errors=[dict(e) for e in exc.errors(include_url=False)],
+            ) from exc
+
+    @property
+    def local_steps(self) -> tuple[tuple[StepDefinition, StepKind, ActionSpec], ...]:
+        """Every local action of this saga, with its step and kind."""
+        found: list[tuple[StepDefinition, StepKind, ActionSpec]] = []
+        for step in self.steps:
+            for kind in StepKind:
+                spec = step.spec(kind)
+                if spec is not None and spec.kind is ActionKind.LOCAL:
+                    found.append((step, kind, spec))
+        return tuple(found)
+
+
+def describe_validation(exc: ValidationError) -> str:
+    """Render pydantic errors as ``field: message; field: message``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        location = ".".join(str(part) for part in error["loc"]) or "<root>"
+        parts.append(f"{location}: {error['msg']}")
+    return "; ".join(parts)
+
+
+def fingerprint_of(description: Mapping[str, object]) -> str:
+    """A short, stable hash of a JSON-compatible description."""
+    canonical = json.dumps(description, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

@@ -1,0 +1,707 @@
+"""The pure saga engine: ``decide(definition, instance, input) -> Decision``.
+
+No I/O, no clock, no randomness: every input carries its moment, retry jitter is derived from the
+saga id. The orchestrator (the imperative shell) loads, decides, saves and dispatches.
+
+Rules that hold for every status and input (the property tests check them):
+
+* An input for an attempt, step or kind that is not the current one is **stale**: the saga does
+  not change and the input is recorded in history as stale. Attempt numbers are fencing tokens
+  and never reused, so a duplicate of an applied input is always stale.
+* Terminal sagas (completed, compensated, resolved) never change and never send again. A
+  ``failed`` saga waits for an operator.
+* Compensation runs in reverse step order, at most once per step, for every step whose effect
+  is or may be applied: succeeded, or still without an answer (in flight or timed out). A step
+  whose participant replied ``failed`` applied nothing (docs/protocol.md) and is not compensated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from sagas_abstractions import (
+    CommandMessage,
+    Compensate,
+    DeadLetterMessage,
+    ErrorInfo,
+    EventKind,
+    HistoryEntry,
+    InvalidOperation,
+    InvalidSagaData,
+    Resolve,
+    RetryCompensation,
+    RetryDue,
+    SagaEvent,
+    SagaInput,
+    SagaInstance,
+    SagaNotFound,
+    SagaStatus,
+    SagaTimeout,
+    Start,
+    StepFailed,
+    StepKind,
+    StepState,
+    StepStatus,
+    StepSucceeded,
+    Timeout,
+    UnknownSagaType,
+    WaitKind,
+)
+from sagas_core.definition import describe_validation
+from sagas_core.retry import TIMEOUT_CODE
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sagas_core.definition import ActionSpec, SagaDefinition, StepDefinition
+
+__all__ = [
+    "INVALID_PAYLOAD_CODE",
+    "INVALID_REPLY_CODE",
+    "OPERATOR_CODE",
+    "SAGA_TIMEOUT_CODE",
+    "Decision",
+    "command_message_id",
+    "decide",
+    "due_input",
+    "idempotency_key",
+]
+
+SAGA_TIMEOUT_CODE = "saga_timeout"
+"""Error code recorded when the saga-level deadline passes."""
+INVALID_REPLY_CODE = "invalid_reply"
+"""Error code recorded when a successful reply's data does not fit the saga."""
+INVALID_PAYLOAD_CODE = "invalid_command_payload"
+"""Error code recorded when a command could not be built from the saga data."""
+OPERATOR_CODE = "operator_compensate"
+"""Error code recorded when an operator compensates a running saga."""
+
+_MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What one input does to one saga.
+
+    Attributes:
+        instance: The saga after the input (the same object when nothing changed).
+        changed: Whether the saga changed (its version was incremented).
+        commands: Commands to send, after the change is committed.
+        events: Saga events to publish.
+        dead_letters: Compensations to park in the dead-letter queue.
+        history: Audit rows to append (one per input, applied or stale).
+    """
+
+    instance: SagaInstance
+    changed: bool
+    commands: tuple[CommandMessage, ...] = ()
+    events: tuple[SagaEvent, ...] = ()
+    dead_letters: tuple[DeadLetterMessage, ...] = ()
+    history: tuple[HistoryEntry, ...] = ()
+
+
+def command_message_id(saga_id: str, step: str, kind: StepKind, attempt: int) -> str:
+    """The deterministic id of a command: the same decision always yields the same id."""
+    return f"{saga_id}:{step}:{kind.value}:{attempt}"
+
+
+def idempotency_key(saga_id: str, step: str, kind: StepKind) -> str:
+    """Stable across retries of one step's execution (or compensation), distinct between them."""
+    return f"{saga_id}:{step}" if kind is StepKind.EXECUTE else f"{saga_id}:{step}:compensate"
+
+
+def due_input(instance: SagaInstance, now: datetime) -> Timeout | RetryDue | SagaTimeout | None:
+    """The input that a passed deadline produces for ``instance`` at ``now``, if any."""
+    if not instance.status.is_active:
+        return None
+    if (
+        instance.status is SagaStatus.RUNNING
+        and instance.saga_deadline_at is not None
+        and instance.saga_deadline_at <= now
+        and (instance.deadline_at is None or instance.saga_deadline_at <= instance.deadline_at)
+    ):
+        return SagaTimeout(at=now)
+    if instance.deadline_at is None or instance.deadline_at > now or instance.wait is None:
+        return None
+    step = instance.current_step_name
+    if step is None:  # pragma: no cover - an active saga always has a current step
+        return None
+    kind = instance.current_kind
+    if instance.wait is WaitKind.REPLY:
+        return Timeout(step=step, attempt=instance.attempt, kind=kind, at=now)
+    return RetryDue(step=step, attempt=instance.attempt, kind=kind, at=now)
+
+
+def decide(definition: SagaDefinition, instance: SagaInstance | None, event: SagaInput) -> Decision:
+    """Apply one input to one saga and return the decision. Pure: no I/O, no clock, no random.
+
+    Args:
+        definition: The saga's definition.
+        instance: The saga as loaded; ``None`` only for :class:`Start` of a new saga.
+        event: The input.
+
+    Raises:
+        InvalidSagaData: ``Start`` data does not fit the data model.
+        SagaNotFound: A non-start input for a saga that does not exist.
+        UnknownSagaType: The instance belongs to another definition.
+        InvalidOperation: An operator action the saga's status does not allow.
+    """
+    if isinstance(event, Start):
+        if instance is not None:
+            return _ignored(instance, event, "saga already started", outcome="duplicate")
+        return _start(definition, event)
+    if instance is None:
+        raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
+    if instance.saga_type != definition.name:
+        raise UnknownSagaType(
+            f"instance is a {instance.saga_type!r} saga, not {definition.name!r}",
+            saga_id=instance.saga_id,
+            saga_type=instance.saga_type,
+        )
+    return _Transition(definition, instance, event).run()
+
+
+def _start(definition: SagaDefinition, event: Start) -> Decision:
+    data = definition.parse_data(event.data, saga_id=event.saga_id)
+    saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
+    seed = SagaInstance(
+        saga_id=event.saga_id,
+        saga_type=definition.name,
+        definition_version=definition.fingerprint,
+        status=SagaStatus.RUNNING,
+        current_step=0,
+        attempt=0,
+        data=data.model_dump(mode="json"),
+        steps=tuple(StepState(name=step.name) for step in definition.steps),
+        saga_deadline_at=saga_deadline,
+        version=1,
+        created_at=event.at,
+        updated_at=event.at,
+        correlation_id=event.correlation_id,
+        trace_context=dict(event.trace_context),
+    )
+    transition = _Transition(definition, seed, event, created=True)
+    transition.emit(EventKind.STARTED)
+    transition.begin_step(0)
+    return transition.finish()
+
+
+def _ignored(
+    instance: SagaInstance, event: SagaInput, reason: str, *, outcome: str = "stale"
+) -> Decision:
+    step = getattr(event, "step", None)
+    return Decision(
+        instance=instance,
+        changed=False,
+        history=(
+            HistoryEntry(
+                saga_id=instance.saga_id,
+                version=instance.version,
+                at=event.at,
+                input=type(event).__name__,
+                outcome=outcome,
+                from_status=instance.status,
+                to_status=instance.status,
+                step=step,
+                attempt=getattr(event, "attempt", None),
+                kind=getattr(event, "kind", None),
+                reason=reason,
+                actor=getattr(event, "actor", None),
+                message_id=getattr(event, "message_id", None),
+            ),
+        ),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _PendingEvent:
+    kind: EventKind
+    status: SagaStatus
+    step: str | None
+    error: ErrorInfo | None
+    detail: str | None
+
+
+class _Transition:
+    """Working state of one decision; every mutation goes through here, then ``finish()``."""
+
+    def __init__(
+        self,
+        definition: SagaDefinition,
+        instance: SagaInstance,
+        event: SagaInput,
+        *,
+        created: bool = False,
+    ) -> None:
+        self.definition = definition
+        self.before = instance
+        self.event = event
+        self.at = event.at
+        self.created = created
+        self.status = instance.status
+        self.current = instance.current_step
+        self.attempt = instance.attempt
+        self.attempt_base = instance.attempt_base
+        self.wait = instance.wait
+        self.deadline_at = instance.deadline_at
+        self.data = instance.data
+        self.steps = list(instance.steps)
+        self.error = instance.error
+        self.commands: list[CommandMessage] = []
+        self.dead_letters: list[DeadLetterMessage] = []
+        self.pending_events: list[_PendingEvent] = []
+        self.reason: str | None = None
+
+    # ------------------------------------------------------------------ dispatch on the input
+
+    def run(self) -> Decision:  # noqa: PLR0911 - one branch per input kind reads best
+        event = self.event
+        if isinstance(event, Compensate | RetryCompensation | Resolve):
+            return self.operator(event)
+        if self.status.is_terminal:
+            return _ignored(self.before, event, f"saga is {self.status.value}")
+        if isinstance(event, SagaTimeout):
+            return self.saga_timeout(event)
+        if isinstance(event, Start):  # pragma: no cover - handled by decide()
+            return _ignored(self.before, event, "saga already started", outcome="duplicate")
+        index = self.index_of(event.step)
+        if index is None:
+            return _ignored(self.before, event, f"unknown step {event.step!r}")
+        if self.status is SagaStatus.FAILED:
+            return self.failed_saga_input(event, index)
+        if index != self.current or event.kind is not self.kind:
+            return _ignored(
+                self.before,
+                event,
+                f"not the current step and kind ({self.before.current_step_name}, "
+                f"{self.kind.value})",
+            )
+        if event.attempt != self.attempt:
+            return _ignored(
+                self.before, event, f"superseded attempt (current attempt is {self.attempt})"
+            )
+        if isinstance(event, StepSucceeded):
+            if self.wait is WaitKind.RETRY and not self.last_attempt_timed_out(index):
+                return _ignored(self.before, event, "attempt already failed")
+            return self.succeeded(index, event)
+        if isinstance(event, StepFailed):
+            if self.wait is not WaitKind.REPLY:
+                return _ignored(self.before, event, "attempt already failed")
+            self.reason = event.error.message or event.error.code
+            return self.failed(index, event.error)
+        if isinstance(event, Timeout):
+            if self.wait is not WaitKind.REPLY or not self.deadline_passed():
+                return _ignored(self.before, event, "no reply deadline has passed")
+            return self.timed_out(index)
+        # RetryDue
+        if self.wait is not WaitKind.RETRY or not self.deadline_passed():
+            return _ignored(self.before, event, "no retry is due")
+        self.send(index, self.kind, new_round=False)
+        return self.finish()
+
+    @property
+    def kind(self) -> StepKind:
+        return StepKind.COMPENSATE if self.status is SagaStatus.COMPENSATING else StepKind.EXECUTE
+
+    def index_of(self, name: str) -> int | None:
+        step = self.definition.step(name)
+        return None if step is None else step.index
+
+    def deadline_passed(self) -> bool:
+        return self.deadline_at is not None and self.at >= self.deadline_at
+
+    def last_attempt_timed_out(self, index: int) -> bool:
+        error = self.steps[index].error
+        return error is not None and error.code == TIMEOUT_CODE
+
+    # ------------------------------------------------------------------ step outcomes
+
+    def succeeded(self, index: int, event: StepSucceeded) -> Decision:
+        step_def = self.definition.steps[index]
+        if self.kind is StepKind.COMPENSATE:
+            self.update_step(index, status=StepStatus.COMPENSATED, finished_at=self.at)
+            self.emit(EventKind.STEP_COMPENSATED, step=step_def.name)
+            self.next_compensation(index - 1)
+            return self.finish()
+        merged = self.merge(step_def, event.data)
+        if isinstance(merged, ErrorInfo):
+            # The participant did apply its effect: record it as applied, then compensate it too.
+            self.update_step(
+                index, status=StepStatus.SUCCEEDED, result=dict(event.data), error=merged
+            )
+            self.reason = merged.message
+            self.emit(EventKind.STEP_FAILED, step=step_def.name, error=merged)
+            self.error = merged
+            self.begin_compensation()
+            return self.finish()
+        self.data = merged
+        self.update_step(
+            index,
+            status=StepStatus.SUCCEEDED,
+            result=dict(event.data),
+            error=None,
+            finished_at=self.at,
+        )
+        self.emit(EventKind.STEP_COMPLETED, step=step_def.name)
+        self.begin_step(index + 1)
+        return self.finish()
+
+    def merge(self, step_def: StepDefinition, reply: dict[str, Any]) -> dict[str, Any] | ErrorInfo:
+        try:
+            if step_def.reply_model is not None:
+                reply = step_def.reply_model.model_validate(reply).model_dump(mode="json")
+            current = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
+            merged = step_def.merge(current, reply)
+            return self.definition.parse_data(
+                merged, saga_id=self.before.saga_id, step=step_def.name
+            ).model_dump(mode="json")
+        except ValidationError as exc:
+            return ErrorInfo(
+                code=INVALID_REPLY_CODE,
+                message=f"reply data does not fit: {describe_validation(exc)}",
+            )
+        except InvalidSagaData as exc:
+            return ErrorInfo(code=INVALID_REPLY_CODE, message=exc.reason)
+        except Exception as exc:  # noqa: BLE001 - a user merge function failed: fail the step
+            return ErrorInfo(code=INVALID_REPLY_CODE, message=f"{type(exc).__name__}: {exc}")
+
+    def timed_out(self, index: int) -> Decision:
+        spec = self.spec(index, self.kind)
+        seconds = spec.timeout.total_seconds() if spec.timeout else 0
+        error = ErrorInfo(
+            code=TIMEOUT_CODE,
+            message=f"no reply to attempt {self.attempt} within {seconds:g}s",
+            retryable=True,
+        )
+        if self.kind is StepKind.EXECUTE:
+            self.update_step(index, status=StepStatus.TIMED_OUT, error=error)
+        else:
+            self.update_step(index, error=error)
+        self.reason = error.message
+        return self.failed(index, error)
+
+    def failed(self, index: int, error: ErrorInfo) -> Decision:
+        spec = self.spec(index, self.kind)
+        step_name = self.definition.steps[index].name
+        used = self.attempt - self.attempt_base
+        if self.kind is StepKind.EXECUTE and error.code != TIMEOUT_CODE:
+            self.update_step(index, status=StepStatus.FAILED, error=error)
+        elif self.kind is StepKind.COMPENSATE:
+            self.update_step(index, error=error)
+        if spec.retry.is_retryable(error) and used < spec.retry.attempts:
+            delay = spec.retry.backoff.delay(used, f"{self.before.saga_id}:{step_name}")
+            self.wait = WaitKind.RETRY
+            self.deadline_at = self.at + delay
+            self.emit(EventKind.STEP_RETRY_SCHEDULED, step=step_name, error=error)
+            return self.finish()
+        self.emit(EventKind.STEP_FAILED, step=step_name, error=error)
+        if self.kind is StepKind.EXECUTE:
+            if error.code == TIMEOUT_CODE:
+                self.update_step(index, finished_at=self.at)
+            else:
+                self.update_step(index, status=StepStatus.FAILED, finished_at=self.at)
+            self.error = error
+            self.begin_compensation()
+        else:
+            self.park(index, error)
+        return self.finish()
+
+    def saga_timeout(self, event: SagaTimeout) -> Decision:
+        deadline = self.before.saga_deadline_at
+        if self.status is not SagaStatus.RUNNING or deadline is None or event.at < deadline:
+            return _ignored(self.before, event, "no saga deadline has passed")
+        seconds = (
+            self.definition.saga_timeout.total_seconds() if self.definition.saga_timeout else 0
+        )
+        self.error = ErrorInfo(
+            code=SAGA_TIMEOUT_CODE, message=f"saga did not finish within {seconds:g}s"
+        )
+        self.reason = self.error.message
+        self.emit(
+            EventKind.STEP_FAILED,
+            step=self.definition.steps[self.current].name,
+            error=self.error,
+        )
+        self.begin_compensation()
+        return self.finish()
+
+    def failed_saga_input(
+        self, event: StepSucceeded | StepFailed | Timeout | RetryDue, index: int
+    ) -> Decision:
+        # A late success of the very compensation attempt that timed out and parked the saga is
+        # good news: take it and carry on compensating instead of waiting for a human.
+        if (
+            isinstance(event, StepSucceeded)
+            and event.kind is StepKind.COMPENSATE
+            and index == self.current
+            and event.attempt == self.attempt
+            and self.last_attempt_timed_out(index)
+        ):
+            self.status = SagaStatus.COMPENSATING
+            self.error = None
+            self.reason = "late reply to the last compensation attempt"
+            return self.succeeded(index, event)
+        return _ignored(self.before, event, "saga is failed: waiting for an operator")
+
+    # ------------------------------------------------------------------ operator actions
+
+    def operator(self, event: Compensate | RetryCompensation | Resolve) -> Decision:
+        self.reason = event.reason or None
+        if isinstance(event, Compensate):
+            if self.status is not SagaStatus.RUNNING:
+                raise self.not_allowed("compensate", "running")
+            self.error = ErrorInfo(
+                code=OPERATOR_CODE,
+                message=f"compensation requested by {event.actor}: {event.reason}".rstrip(": "),
+            )
+            self.emit(EventKind.OPERATOR_ACTION, detail=f"compensate by {event.actor}")
+            self.begin_compensation()
+            return self.finish()
+        if self.status is not SagaStatus.FAILED:
+            action = "retry" if isinstance(event, RetryCompensation) else "resolve"
+            raise self.not_allowed(action, "failed")
+        if isinstance(event, RetryCompensation):
+            self.status = SagaStatus.COMPENSATING
+            self.emit(EventKind.OPERATOR_ACTION, detail=f"retry compensation by {event.actor}")
+            self.update_step(self.current, status=StepStatus.COMPENSATING, finished_at=None)
+            self.send(self.current, StepKind.COMPENSATE, new_round=True)
+            return self.finish()
+        self.status = SagaStatus.RESOLVED
+        self.wait = None
+        self.deadline_at = None
+        self.emit(EventKind.RESOLVED, detail=f"resolved by {event.actor}: {event.reason}")
+        return self.finish()
+
+    def not_allowed(self, action: str, allowed: str) -> InvalidOperation:
+        return InvalidOperation(
+            f"cannot {action} a {self.status.value} saga (only a {allowed} one)",
+            saga_id=self.before.saga_id,
+            saga_type=self.before.saga_type,
+        )
+
+    # ------------------------------------------------------------------ moving forward
+
+    def begin_step(self, index: int) -> None:
+        if index >= len(self.definition.steps):
+            self.current = len(self.definition.steps) - 1
+            self.status = SagaStatus.COMPLETED
+            self.wait = None
+            self.deadline_at = None
+            self.emit(EventKind.COMPLETED)
+            return
+        self.current = index
+        self.send(index, StepKind.EXECUTE, new_round=True)
+
+    def send(self, index: int, kind: StepKind, *, new_round: bool) -> None:
+        """Send the next attempt of ``kind`` for step ``index`` (or fail it if it can't be built)."""
+        step_def = self.definition.steps[index]
+        spec = self.spec(index, kind)
+        state = self.steps[index]
+        made = state.attempts if kind is StepKind.EXECUTE else state.compensation_attempts
+        if new_round:
+            self.attempt_base = made
+        attempt = made + 1
+        self.attempt = attempt
+        if kind is StepKind.EXECUTE:
+            self.update_step(
+                index,
+                status=StepStatus.RUNNING,
+                attempts=attempt,
+                started_at=state.started_at or self.at,
+            )
+        else:
+            self.update_step(index, status=StepStatus.COMPENSATING, compensation_attempts=attempt)
+        self.wait = WaitKind.REPLY
+        self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
+        try:
+            data = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
+            payload = spec.build_payload(data)
+        except Exception as exc:  # noqa: BLE001 - a mapper failed: the step fails, visibly
+            message = (
+                exc.reason if isinstance(exc, InvalidSagaData) else f"{type(exc).__name__}: {exc}"
+            )
+            if isinstance(exc, ValidationError):
+                message = describe_validation(exc)
+            error = ErrorInfo(
+                code=INVALID_PAYLOAD_CODE,
+                message=f"could not build {spec.command_type}: {message}",
+            )
+            self.reason = error.message
+            self.wait = None
+            self.deadline_at = None
+            if kind is StepKind.EXECUTE:
+                # Nothing was sent, so nothing can have been applied.
+                self.update_step(index, status=StepStatus.FAILED, error=error, finished_at=self.at)
+                self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
+                self.error = error
+                self.begin_compensation()
+            else:
+                self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
+                self.park(index, error)
+            return
+        self.commands.append(self.command(step_def, spec, kind, attempt, payload))
+
+    def command(
+        self,
+        step_def: StepDefinition,
+        spec: ActionSpec,
+        kind: StepKind,
+        attempt: int,
+        payload: dict[str, Any],
+    ) -> CommandMessage:
+        saga_id = self.before.saga_id
+        return CommandMessage(
+            message_id=command_message_id(saga_id, step_def.name, kind, attempt),
+            saga_id=saga_id,
+            saga_type=self.definition.name,
+            step=step_def.name,
+            attempt=attempt,
+            kind=kind,
+            command_type=spec.command_type,
+            destination=spec.destination,
+            payload=payload,
+            idempotency_key=idempotency_key(saga_id, step_def.name, kind),
+            created_at=self.at,
+        )
+
+    def spec(self, index: int, kind: StepKind) -> ActionSpec:
+        spec = self.definition.steps[index].spec(kind)
+        if spec is None:  # pragma: no cover - the engine only compensates steps that can be
+            raise InvalidOperation(
+                "step has no compensation",
+                saga_id=self.before.saga_id,
+                saga_type=self.definition.name,
+                step=self.definition.steps[index].name,
+            )
+        return spec
+
+    # ------------------------------------------------------------------ compensation
+
+    def begin_compensation(self) -> None:
+        self.status = SagaStatus.COMPENSATING
+        self.wait = None
+        self.deadline_at = None
+        self.emit(EventKind.COMPENSATING, error=self.error)
+        self.next_compensation(len(self.steps) - 1)
+
+    def next_compensation(self, start: int) -> None:
+        for index in range(start, -1, -1):
+            state = self.steps[index]
+            if state.status not in _MAY_BE_APPLIED:
+                continue
+            if self.definition.steps[index].compensation is None:
+                self.update_step(index, status=StepStatus.SKIPPED)
+                continue
+            self.current = index
+            self.send(index, StepKind.COMPENSATE, new_round=True)
+            return
+        self.status = SagaStatus.COMPENSATED
+        self.wait = None
+        self.deadline_at = None
+        self.emit(EventKind.COMPENSATED, error=self.error)
+
+    def park(self, index: int, error: ErrorInfo) -> None:
+        """Compensation ran out of attempts: park the saga and dead-letter the command."""
+        step_def = self.definition.steps[index]
+        spec = self.spec(index, StepKind.COMPENSATE)
+        self.update_step(
+            index, status=StepStatus.COMPENSATION_FAILED, error=error, finished_at=self.at
+        )
+        self.status = SagaStatus.FAILED
+        self.wait = None
+        self.deadline_at = None
+        try:
+            payload = spec.build_payload(
+                self.definition.parse_data(self.data, saga_id=self.before.saga_id)
+            )
+        except Exception:  # noqa: BLE001 - the dead letter still names what could not be built
+            payload = {}
+        command = self.command(step_def, spec, StepKind.COMPENSATE, self.attempt, payload)
+        self.dead_letters.append(
+            DeadLetterMessage(
+                message_id=f"{command.message_id}:dead",
+                command=command,
+                error=error,
+                reason=(
+                    f"compensation of step {step_def.name!r} failed after "
+                    f"{self.attempt - self.attempt_base} attempt(s): {error.code}"
+                ),
+                at=self.at,
+            )
+        )
+        self.emit(EventKind.FAILED, step=step_def.name, error=error)
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def update_step(self, index: int, **changes: Any) -> None:
+        self.steps[index] = self.steps[index].model_copy(update=changes)
+
+    def emit(
+        self,
+        kind: EventKind,
+        *,
+        step: str | None = None,
+        error: ErrorInfo | None = None,
+        detail: str | None = None,
+    ) -> None:
+        self.pending_events.append(_PendingEvent(kind, self.status, step, error, detail))
+
+    def finish(self) -> Decision:
+        before = self.before
+        version = before.version if self.created else before.version + 1
+        instance = before.model_copy(
+            update={
+                "status": self.status,
+                "current_step": self.current,
+                "attempt": self.attempt,
+                "attempt_base": self.attempt_base,
+                "wait": self.wait if self.status.is_active else None,
+                "deadline_at": self.deadline_at if self.status.is_active else None,
+                "data": self.data,
+                "steps": tuple(self.steps),
+                "error": self.error,
+                "version": version,
+                "updated_at": self.at,
+            }
+        )
+        events = tuple(
+            SagaEvent(
+                event_id=f"{before.saga_id}:{version}:{number}",
+                saga_id=before.saga_id,
+                saga_type=before.saga_type,
+                kind=pending.kind,
+                status=pending.status,
+                step=pending.step,
+                version=version,
+                at=self.at,
+                error=pending.error,
+                detail=pending.detail,
+            )
+            for number, pending in enumerate(self.pending_events)
+        )
+        event = self.event
+        history = HistoryEntry(
+            saga_id=before.saga_id,
+            version=version,
+            at=self.at,
+            input=type(event).__name__,
+            from_status=None if self.created else before.status,
+            to_status=self.status,
+            step=getattr(event, "step", None),
+            attempt=getattr(event, "attempt", None),
+            kind=getattr(event, "kind", None),
+            reason=self.reason,
+            actor=getattr(event, "actor", None),
+            message_id=getattr(event, "message_id", None),
+        )
+        return Decision(
+            instance=instance,
+            changed=True,
+            commands=tuple(self.commands),
+            events=events,
+            dead_letters=tuple(self.dead_letters),
+            history=(history,),
+        )

@@ -63,6 +63,7 @@ from sagas_abstractions.ports import (
     OutboxStore,
     SagaChange,
     SagaReader,
+    SagaRepository,
     SagaStore,
     Subscription,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "SagaInstance",
     "SagaNotFound",
     "SagaReader",
+    "SagaRepository",
     "SagaStatus",
     "SagaStore",
     "SagaTimeout",

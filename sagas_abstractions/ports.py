@@ -26,6 +26,7 @@ __all__ = [
     "OutboxStore",
     "SagaChange",
     "SagaReader",
+    "SagaRepository",
     "SagaStore",
     "Subscription",
 ]
@@ -145,6 +146,15 @@ class DeadlineStore(Protocol):
     async def due(self, now: datetime, limit: int) -> list[SagaInstance]:
         """Return up to ``limit`` active sagas with ``next_deadline_at <= now``, earliest first."""
         ...
+
+
+@runtime_checkable
+class SagaRepository(SagaStore, SagaReader, OutboxStore, DeadlineStore, Protocol):
+    """A complete state backend: what the orchestrator, relay and timeout service need.
+
+    The ports stay separate so each can be tested and replaced alone; a backend usually
+    implements all of them over one database.
+    """
 
 
 MessageHandler = Callable[["Envelope"], Awaitable[None]]

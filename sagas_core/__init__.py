@@ -1,1 +1,70 @@
-"""sagas core."""
+"""sagas core: build saga definitions, decide transitions, orchestrate, host participants.
+
+This package never imports a broker client or a database driver: those live in
+``sagas_rabbitmq`` and ``sagas_sqlalchemy``.
+"""
+
+from sagas_core.builder import SagaBuilder, StepBuilder, local_destination
+from sagas_core.clock import SystemClock
+from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
+from sagas_core.di import Dependencies, MissingDependency, Resolver
+from sagas_core.engine import Decision, decide, due_input
+from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, SagaRegistry, reply_queue
+from sagas_core.participant import (
+    CachedOutcome,
+    CommandContext,
+    IdempotencyStore,
+    InMemoryIdempotencyStore,
+    Participant,
+)
+from sagas_core.relay import OutboxRelay
+from sagas_core.retry import (
+    Backoff,
+    ExponentialBackoff,
+    FixedBackoff,
+    RetryPolicy,
+    exponential,
+    fixed,
+    no_retry,
+)
+from sagas_core.runtime import SagaRuntime
+from sagas_core.timeouts import TimeoutService
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActionKind",
+    "ActionSpec",
+    "Backoff",
+    "CachedOutcome",
+    "CommandContext",
+    "Decision",
+    "Dependencies",
+    "ExponentialBackoff",
+    "FixedBackoff",
+    "IdempotencyStore",
+    "InMemoryIdempotencyStore",
+    "MissingDependency",
+    "Orchestrator",
+    "OrphanReplyPolicy",
+    "OutboxRelay",
+    "Participant",
+    "Resolver",
+    "RetryPolicy",
+    "SagaBuilder",
+    "SagaDefinition",
+    "SagaRegistry",
+    "SagaRuntime",
+    "StepBuilder",
+    "StepDefinition",
+    "SystemClock",
+    "TimeoutService",
+    "__version__",
+    "decide",
+    "due_input",
+    "exponential",
+    "fixed",
+    "local_destination",
+    "no_retry",
+    "reply_queue",
+]

@@ -296,6 +296,10 @@ class StepBuilder(Generic[D]):
         span = None
         if timeout is not None:
             span = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+            # Validated like .timeout(): a negative span would time every compensation attempt
+            # out at once, and zero would silently fall back to the step's timeout.
+            if span <= timedelta():
+                self._problem(f"compensation timeout must be positive, got {span.total_seconds()}s")
         self._draft.compensation = _ActionDraft(
             target=action, destination=to, mapper=map, timeout=span, retry=retry
         )

@@ -1,0 +1,290 @@
+"""The wire codec: logical messages <-> transport-neutral envelopes (docs/protocol.md).
+
+Bodies are UTF-8 JSON. Commands carry their payload as the whole body, so a participant written
+in any language reads a plain JSON object; saga coordinates travel in headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic_core
+from pydantic import ValidationError
+
+from sagas_abstractions import (
+    CommandMessage,
+    DeadLetterMessage,
+    Envelope,
+    ErrorInfo,
+    MessageDecodeError,
+    ReplyMessage,
+    ReplyStatus,
+    RouteKind,
+    SagaEvent,
+    StepKind,
+)
+
+__all__ = [
+    "HEADER_ATTEMPT",
+    "HEADER_ERROR_CODE",
+    "HEADER_ERROR_MESSAGE",
+    "HEADER_IDEMPOTENCY_KEY",
+    "HEADER_IN_REPLY_TO",
+    "HEADER_KIND",
+    "HEADER_REASON",
+    "HEADER_SAGA_TYPE",
+    "HEADER_STEP",
+    "DEAD_LETTER_KEY",
+    "EVENT_TYPE",
+    "REPLY_TYPE",
+    "decode_command",
+    "decode_event",
+    "decode_reply",
+    "encode_command",
+    "encode_dead_letter",
+    "encode_event",
+    "encode_reply",
+]
+
+HEADER_SAGA_TYPE = "x-saga-type"
+HEADER_STEP = "x-saga-step"
+HEADER_ATTEMPT = "x-saga-attempt"
+HEADER_KIND = "x-saga-kind"
+HEADER_IDEMPOTENCY_KEY = "x-idempotency-key"
+HEADER_IN_REPLY_TO = "x-in-reply-to"
+HEADER_REASON = "x-dead-letter-reason"
+HEADER_ERROR_CODE = "x-error-code"
+HEADER_ERROR_MESSAGE = "x-error-message"
+REPLY_TYPE = "saga.reply"
+EVENT_TYPE = "saga.event"
+DEAD_LETTER_KEY = "compensation-failed"
+
+
+def _dumps(value: object) -> bytes:
+    return pydantic_core.to_json(value)
+
+
+def _loads(envelope: Envelope) -> Any:
+    try:
+        return pydantic_core.from_json(envelope.body)
+    except ValueError as exc:
+        raise MessageDecodeError(
+            f"message {envelope.message_id!r} body is not valid JSON: {exc}",
+            saga_id=envelope.correlation_id,
+        ) from exc
+
+
+def _header(envelope: Envelope, name: str) -> str:
+    value = envelope.headers.get(name)
+    if value is None or value == "":
+        raise MessageDecodeError(
+            f"message {envelope.message_id!r} lacks the {name} header (see docs/protocol.md)",
+            saga_id=envelope.correlation_id,
+        )
+    return value
+
+
+def _coordinates(envelope: Envelope) -> tuple[str, str, str, int, StepKind]:
+    saga_id = envelope.correlation_id
+    if not saga_id:
+        raise MessageDecodeError(
+            f"message {envelope.message_id!r} lacks correlation_id (the saga id)"
+        )
+    saga_type = _header(envelope, HEADER_SAGA_TYPE)
+    step = _header(envelope, HEADER_STEP)
+    raw_attempt = _header(envelope, HEADER_ATTEMPT)
+    raw_kind = _header(envelope, HEADER_KIND)
+    try:
+        attempt = int(raw_attempt)
+        kind = StepKind(raw_kind)
+    except ValueError as exc:
+        raise MessageDecodeError(
+            f"message {envelope.message_id!r} has a bad {HEADER_ATTEMPT}={raw_attempt!r} or "
+            f"{HEADER_KIND}={raw_kind!r}",
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
+        ) from exc
+    if attempt < 1:
+        raise MessageDecodeError(
+            f"message {envelope.message_id!r} has {HEADER_ATTEMPT}={attempt}; it must be >= 1",
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
+        )
+    return saga_id, saga_type, step, attempt, kind
+
+
+def _saga_headers(saga_type: str, step: str, attempt: int, kind: StepKind) -> dict[str, str]:
+    return {
+        HEADER_SAGA_TYPE: saga_type,
+        HEADER_STEP: step,
+        HEADER_ATTEMPT: str(attempt),
+        HEADER_KIND: kind.value,
+    }
+
+
+def encode_command(command: CommandMessage) -> Envelope:
+    """Encode a command for its destination; ``command.reply_to`` must be set."""
+    headers = dict(command.headers)
+    headers.update(_saga_headers(command.saga_type, command.step, command.attempt, command.kind))
+    headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
+    return Envelope(
+        route=RouteKind.COMMAND,
+        key=command.destination,
+        message_id=command.message_id,
+        message_type=command.command_type,
+        correlation_id=command.saga_id,
+        reply_to=command.reply_to,
+        headers=headers,
+        body=_dumps(command.payload),
+        timestamp=command.created_at,
+    )
+
+
+def decode_command(envelope: Envelope) -> CommandMessage:
+    """Decode a command envelope.
+
+    Raises:
+        MessageDecodeError: naming the missing or malformed property.
+    """
+    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
+    payload = _loads(envelope)
+    if not isinstance(payload, dict):
+        raise MessageDecodeError(
+            f"command {envelope.message_id!r} body must be a JSON object",
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
+        )
+    known = {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
+    return CommandMessage(
+        message_id=envelope.message_id,
+        saga_id=saga_id,
+        saga_type=saga_type,
+        step=step,
+        attempt=attempt,
+        kind=kind,
+        command_type=envelope.message_type,
+        destination=envelope.key,
+        payload=payload,
+        idempotency_key=envelope.headers.get(HEADER_IDEMPOTENCY_KEY) or envelope.message_id,
+        reply_to=envelope.reply_to,
+        created_at=envelope.timestamp,
+        headers={k: v for k, v in envelope.headers.items() if k not in known},
+    )
+
+
+def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
+    """Encode a reply for the orchestrator's reply queue ``reply_to``."""
+    headers = _saga_headers(reply.saga_type, reply.step, reply.attempt, reply.kind)
+    if reply.in_reply_to:
+        headers[HEADER_IN_REPLY_TO] = reply.in_reply_to
+    body: dict[str, Any] = {"status": reply.status.value, "data": reply.data}
+    if reply.error is not None:
+        body["error"] = reply.error.model_dump(mode="json")
+    return Envelope(
+        route=RouteKind.REPLY,
+        key=reply_to,
+        message_id=reply.message_id,
+        message_type=REPLY_TYPE,
+        correlation_id=reply.saga_id,
+        headers=headers,
+        body=_dumps(body),
+        timestamp=reply.created_at,
+    )
+
+
+def decode_reply(envelope: Envelope) -> ReplyMessage:
+    """Decode a reply envelope.
+
+    Raises:
+        MessageDecodeError: naming the missing or malformed property.
+    """
+    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
+    body = _loads(envelope)
+    where = {"saga_id": saga_id, "saga_type": saga_type, "step": step}
+    if not isinstance(body, dict):
+        raise MessageDecodeError(
+            f"reply {envelope.message_id!r} body must be a JSON object", **where
+        )
+    try:
+        status = ReplyStatus(str(body.get("status")))
+    except ValueError as exc:
+        raise MessageDecodeError(
+            f"reply {envelope.message_id!r} status must be 'succeeded' or 'failed', got "
+            f"{body.get('status')!r}",
+            **where,
+        ) from exc
+    data = body.get("data") or {}
+    if not isinstance(data, dict):
+        raise MessageDecodeError(
+            f"reply {envelope.message_id!r} data must be a JSON object", **where
+        )
+    error = None
+    if status is ReplyStatus.FAILED:
+        raw_error = body.get("error") or {"code": "failed"}
+        try:
+            error = ErrorInfo.model_validate(raw_error)
+        except ValidationError as exc:
+            raise MessageDecodeError(
+                f"reply {envelope.message_id!r} error must be {{code, message, retryable}}: "
+                f"{exc.errors(include_url=False)[0]['msg']}",
+                **where,
+            ) from exc
+    return ReplyMessage(
+        message_id=envelope.message_id,
+        saga_id=saga_id,
+        saga_type=saga_type,
+        step=step,
+        attempt=attempt,
+        kind=kind,
+        status=status,
+        data=data,
+        error=error,
+        in_reply_to=envelope.headers.get(HEADER_IN_REPLY_TO),
+        created_at=envelope.timestamp,
+    )
+
+
+def encode_event(event: SagaEvent) -> Envelope:
+    """Encode a saga event for the events topic (routing key ``<saga-type>.<kind>``)."""
+    return Envelope(
+        route=RouteKind.EVENT,
+        key=event.routing_key,
+        message_id=event.event_id,
+        message_type=EVENT_TYPE,
+        correlation_id=event.saga_id,
+        headers={HEADER_SAGA_TYPE: event.saga_type},
+        body=_dumps(event.model_dump(mode="json")),
+        timestamp=event.at,
+    )
+
+
+def decode_event(envelope: Envelope) -> SagaEvent:
+    """Decode a saga event envelope."""
+    try:
+        return SagaEvent.model_validate(_loads(envelope))
+    except ValidationError as exc:
+        raise MessageDecodeError(
+            f"event {envelope.message_id!r} does not fit SagaEvent: {exc}",
+            saga_id=envelope.correlation_id,
+        ) from exc
+
+
+def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
+    """Encode a parked compensation: the command as it was, with its last error in headers."""
+    command = encode_command(dead.command)
+    headers = dict(command.headers)
+    headers[HEADER_REASON] = dead.reason
+    headers[HEADER_ERROR_CODE] = dead.error.code
+    headers[HEADER_ERROR_MESSAGE] = dead.error.message
+    return command.model_copy(
+        update={
+            "route": RouteKind.DEAD_LETTER,
+            "key": DEAD_LETTER_KEY,
+            "message_id": dead.message_id,
+            "headers": headers,
+            "timestamp": dead.at,
+        }
+    )

@@ -1,0 +1,496 @@
+"""The orchestrator: the imperative shell around the pure engine.
+
+Every input is one short unit of work: load the saga, ``decide``, then write the new state, the
+outgoing messages (to the outbox), the history row and the inbox row in one ``save``. A version
+conflict reloads and reapplies (bounded, with jitter); a duplicate message is dropped. The
+orchestrator never talks to the broker: the outbox relay publishes what it committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+import random
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from sagas_abstractions import (
+    Compensate,
+    ConcurrencyConflict,
+    DefinitionChanged,
+    DuplicateMessage,
+    Envelope,
+    HistoryEntry,
+    InboxEntry,
+    MessageDecodeError,
+    ReplyMessage,
+    ReplyStatus,
+    Resolve,
+    RetryCompensation,
+    SagaAlreadyExists,
+    SagaChange,
+    SagaInput,
+    SagaInstance,
+    SagaNotFound,
+    SagaRepository,
+    SagaStatus,
+    Start,
+    StepFailed,
+    StepSucceeded,
+    UnknownSagaType,
+)
+from sagas_core.codec import (
+    decode_reply,
+    encode_command,
+    encode_dead_letter,
+    encode_event,
+)
+from sagas_core.engine import Decision, decide, due_input
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from sagas_abstractions import Clock
+    from sagas_core.definition import SagaDefinition
+
+__all__ = [
+    "CommitListener",
+    "Orchestrator",
+    "OrphanReplyPolicy",
+    "SagaRegistry",
+    "reply_queue",
+]
+
+_log = logging.getLogger("sagas.orchestrator")
+
+CommitListener = Callable[[Sequence[SagaInstance]], None]
+"""Called (synchronously) with the sagas of every committed unit of work."""
+
+
+def reply_queue(group: str) -> str:
+    """The reply queue of an orchestrator group."""
+    return f"sagas.replies.{group}"
+
+
+class OrphanReplyPolicy(StrEnum):
+    """What to do with a reply whose saga does not exist (a finished saga records it as stale)."""
+
+    LOG = "log"
+    """Log a warning with the message id and drop it."""
+    DEAD_LETTER = "dead-letter"
+    """Log a warning and park the reply in the dead-letter queue."""
+
+
+class SagaRegistry:
+    """The saga definitions an orchestrator knows, by saga type."""
+
+    def __init__(self, definitions: Iterable[SagaDefinition] = ()) -> None:
+        self._definitions: dict[str, SagaDefinition] = {}
+        for definition in definitions:
+            self.register(definition)
+
+    def register(self, definition: SagaDefinition) -> None:
+        """Add a definition; a second one with the same name is an error."""
+        existing = self._definitions.get(definition.name)
+        if existing is not None and existing is not definition:
+            raise SagaAlreadyExists(
+                "a saga definition with this name is registered already",
+                saga_type=definition.name,
+            )
+        self._definitions[definition.name] = definition
+
+    def get(self, saga_type: str, *, saga_id: str | None = None) -> SagaDefinition:
+        """The definition for ``saga_type``.
+
+        Raises:
+            UnknownSagaType: naming the type and the registered ones.
+        """
+        definition = self._definitions.get(saga_type)
+        if definition is None:
+            known = ", ".join(sorted(self._definitions)) or "none"
+            raise UnknownSagaType(
+                f"no saga definition registered under this type (registered: {known})",
+                saga_id=saga_id,
+                saga_type=saga_type,
+            )
+        return definition
+
+    def __iter__(self) -> Any:
+        return iter(self._definitions.values())
+
+    def __len__(self) -> int:
+        return len(self._definitions)
+
+
+class Orchestrator:
+    """Starts sagas and applies replies, timeouts and operator actions to them.
+
+    Args:
+        store: The state backend.
+        definitions: The saga definitions this orchestrator runs.
+        clock: The source of time.
+        group: The orchestrator group; its reply queue is ``sagas.replies.<group>``.
+        max_conflict_retries: How often a version conflict is reloaded and reapplied.
+        orphan_replies: What to do with replies for sagas that do not exist.
+        id_factory: Makes new saga ids.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: SagaRepository,
+        definitions: Iterable[SagaDefinition] | SagaRegistry,
+        clock: Clock,
+        group: str = "default",
+        max_conflict_retries: int = 20,
+        orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
+        id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self.store = store
+        self.registry = (
+            definitions if isinstance(definitions, SagaRegistry) else SagaRegistry(definitions)
+        )
+        self.clock = clock
+        self.group = group
+        self.reply_to = reply_queue(group)
+        self.consumer = f"orchestrator.{group}"
+        self.max_conflict_retries = max_conflict_retries
+        self.orphan_replies = orphan_replies
+        self.id_factory = id_factory
+        self.conflicts = 0
+        self._listeners: list[CommitListener] = []
+        self._changed = asyncio.Event()
+
+    def add_listener(self, listener: CommitListener) -> None:
+        """Call ``listener`` after every commit (used to wake the outbox relay and waiters)."""
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ starting
+
+    async def start(
+        self,
+        saga: str | SagaDefinition,
+        data: BaseModel | Mapping[str, Any],
+        *,
+        saga_id: str | None = None,
+        correlation_id: str | None = None,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> SagaInstance:
+        """Start a saga and return it as committed.
+
+        With an explicit ``saga_id`` the call is idempotent: starting the same id again returns
+        the existing saga (whatever its status) instead of starting a second one.
+
+        Raises:
+            UnknownSagaType: ``saga`` is not registered.
+            InvalidSagaData: ``data`` does not fit the saga's data model (nothing is written).
+            SagaAlreadyExists: ``saga_id`` belongs to a saga of another type.
+        """
+        name = saga if isinstance(saga, str) else saga.name
+        definition = self.registry.get(name)
+        raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
+        new_id = saga_id or self.id_factory()
+        existing = await self.store.load(new_id)
+        if existing is not None:
+            return self._existing(existing, definition)
+        event = Start(
+            saga_id=new_id,
+            data=raw,
+            at=self.clock.now(),
+            correlation_id=correlation_id,
+            trace_context=dict(trace_context or {}),
+        )
+        decision = decide(definition, None, event)
+        try:
+            await self.store.save([self._change(decision, expected_version=None, inbox=None)])
+        except ConcurrencyConflict:
+            # Someone started the same id between our load and save: that start wins.
+            raced = await self.store.load(new_id)
+            if raced is None:
+                raise
+            return self._existing(raced, definition)
+        self._committed([decision.instance])
+        _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
+        return decision.instance
+
+    def _existing(self, existing: SagaInstance, definition: SagaDefinition) -> SagaInstance:
+        if existing.saga_type != definition.name:
+            raise SagaAlreadyExists(
+                f"a {existing.saga_type!r} saga already has this id",
+                saga_id=existing.saga_id,
+                saga_type=definition.name,
+            )
+        return existing
+
+    # ------------------------------------------------------------------ replies
+
+    async def handle_envelope(self, envelope: Envelope) -> None:
+        """Handle a reply envelope from the bus (the reply queue's consumer).
+
+        Raises:
+            MessageDecodeError: the envelope does not follow the protocol (the bus retries it a
+                bounded number of times, then dead-letters it).
+        """
+        try:
+            reply = decode_reply(envelope)
+        except MessageDecodeError:
+            _log.exception("undecodable reply %s", envelope.message_id)
+            raise
+        await self.handle_reply(reply)
+
+    async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
+        """Apply a participant's reply; returns the decision, or ``None`` for a duplicate/orphan."""
+        definition = self.registry.get(reply.saga_type, saga_id=reply.saga_id)
+        if await self.store.is_processed(self.consumer, reply.message_id):
+            _log.debug("duplicate reply %s ignored", reply.message_id)
+            return None
+        event: SagaInput
+        if reply.status is ReplyStatus.SUCCEEDED:
+            event = StepSucceeded(
+                step=reply.step,
+                attempt=reply.attempt,
+                kind=reply.kind,
+                at=self.clock.now(),
+                message_id=reply.message_id,
+                data=reply.data,
+            )
+        else:
+            assert reply.error is not None  # noqa: S101 - the codec guarantees it
+            event = StepFailed(
+                step=reply.step,
+                attempt=reply.attempt,
+                kind=reply.kind,
+                at=self.clock.now(),
+                message_id=reply.message_id,
+                error=reply.error,
+            )
+
+        def make(_: SagaInstance) -> SagaInput:
+            return event.model_copy(update={"at": self.clock.now()})
+
+        try:
+            return await self._apply(
+                reply.saga_id,
+                definition,
+                make,
+                inbox=InboxEntry(self.consumer, reply.message_id),
+            )
+        except SagaNotFound:
+            await self._orphan(reply)
+            return None
+
+    async def _orphan(self, reply: ReplyMessage) -> None:
+        _log.warning(
+            "reply %s for unknown saga %s (%s, step %s, attempt %d): %s",
+            reply.message_id,
+            reply.saga_id,
+            reply.saga_type,
+            reply.step,
+            reply.attempt,
+            "dead-lettered" if self.orphan_replies is OrphanReplyPolicy.DEAD_LETTER else "dropped",
+        )
+        if self.orphan_replies is OrphanReplyPolicy.DEAD_LETTER:
+            raise SagaNotFound(
+                "reply for a saga that does not exist",
+                saga_id=reply.saga_id,
+                saga_type=reply.saga_type,
+                step=reply.step,
+            )
+
+    # ------------------------------------------------------------------ deadlines
+
+    async def fire_due(self, *, now: datetime | None = None, limit: int = 100) -> int:
+        """Apply every passed deadline (step timeouts, retries, saga timeouts) due at ``now``.
+
+        Safe to run in several workers at once: a deadline that another worker fired first is
+        no longer due after the reload, so it fires once.
+
+        Returns:
+            How many inputs were applied.
+        """
+        moment = now or self.clock.now()
+        fired = 0
+        for instance in await self.store.due(moment, limit):
+            try:
+                definition = self.registry.get(instance.saga_type, saga_id=instance.saga_id)
+            except UnknownSagaType:
+                _log.exception("due saga %s has an unregistered type", instance.saga_id)
+                continue
+
+            def make(current: SagaInstance) -> SagaInput | None:
+                return due_input(current, self.clock.now() if now is None else moment)
+
+            decision = await self._apply(instance.saga_id, definition, make, inbox=None)
+            if decision is not None and decision.changed:
+                fired += 1
+        return fired
+
+    # ------------------------------------------------------------------ operator actions
+
+    async def compensate(self, saga_id: str, *, actor: str, reason: str = "") -> SagaInstance:
+        """Stop a running saga and compensate what it did (recorded in history with ``actor``)."""
+        return await self._operator(
+            saga_id, lambda: Compensate(at=self.clock.now(), actor=actor, reason=reason)
+        )
+
+    async def retry_compensation(
+        self, saga_id: str, *, actor: str, reason: str = ""
+    ) -> SagaInstance:
+        """Try the failed compensation of a parked saga again, with a fresh round of attempts."""
+        return await self._operator(
+            saga_id, lambda: RetryCompensation(at=self.clock.now(), actor=actor, reason=reason)
+        )
+
+    async def resolve(self, saga_id: str, *, actor: str, note: str) -> SagaInstance:
+        """Close a parked saga by hand, with a note saying what was done."""
+        return await self._operator(
+            saga_id, lambda: Resolve(at=self.clock.now(), actor=actor, reason=note)
+        )
+
+    async def _operator(self, saga_id: str, make: Callable[[], SagaInput]) -> SagaInstance:
+        instance = await self.store.load(saga_id)
+        if instance is None:
+            raise SagaNotFound("no saga with this id", saga_id=saga_id)
+        definition = self.registry.get(instance.saga_type, saga_id=saga_id)
+        decision = await self._apply(saga_id, definition, lambda _: make(), inbox=None)
+        if decision is None:  # pragma: no cover - operator inputs always decide
+            raise SagaNotFound("no saga with this id", saga_id=saga_id)
+        return decision.instance
+
+    # ------------------------------------------------------------------ status API
+
+    async def get(self, saga_id: str) -> SagaInstance:
+        """The saga with this id.
+
+        Raises:
+            SagaNotFound: no saga has this id.
+        """
+        instance = await self.store.get(saga_id)
+        if instance is None:
+            raise SagaNotFound("no saga with this id", saga_id=saga_id)
+        return instance
+
+    async def list(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        saga_type: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaInstance]:
+        """Sagas matching every given filter, least recently updated first."""
+        return await self.store.find(
+            status=status, saga_type=saga_type, updated_before=updated_before, limit=limit
+        )
+
+    async def history(self, saga_id: str) -> builtins.list[HistoryEntry]:
+        """The saga's audit trail, oldest first (every input, applied or stale)."""
+        return await self.store.history(saga_id)
+
+    async def wait_for(
+        self,
+        saga_id: str,
+        *,
+        timeout: float = 30.0,
+        poll_interval: float = 0.05,
+    ) -> SagaInstance:
+        """Wait until the saga is terminal or failed, and return it.
+
+        Wakes on local commits and polls the store (so it sees other workers' commits too).
+
+        Raises:
+            TimeoutError: the saga did not settle within ``timeout`` seconds.
+        """
+        async with asyncio.timeout(timeout):
+            while True:
+                instance = await self.get(saga_id)
+                if not instance.status.is_active:
+                    return instance
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), poll_interval)
+                except TimeoutError:
+                    pass
+
+    # ------------------------------------------------------------------ the unit of work
+
+    async def _apply(
+        self,
+        saga_id: str,
+        definition: SagaDefinition,
+        make: Callable[[SagaInstance], SagaInput | None],
+        *,
+        inbox: InboxEntry | None,
+    ) -> Decision | None:
+        for attempt in range(self.max_conflict_retries + 1):
+            instance = await self.store.load(saga_id)
+            if instance is None:
+                raise SagaNotFound(
+                    "no saga with this id", saga_id=saga_id, saga_type=definition.name
+                )
+            if instance.definition_version != definition.fingerprint:
+                raise DefinitionChanged(
+                    saga_id=saga_id,
+                    saga_type=definition.name,
+                    started_with=instance.definition_version,
+                    current=definition.fingerprint,
+                )
+            event = make(instance)
+            if event is None:
+                return None
+            decision = decide(definition, instance, event)
+            if not decision.changed and inbox is None:
+                return decision  # e.g. a deadline another worker fired first: nothing to record
+            try:
+                await self.store.save(
+                    [self._change(decision, expected_version=instance.version, inbox=inbox)]
+                )
+            except ConcurrencyConflict:
+                self.conflicts += 1
+                # A fresh load on the next loop: retrying on stale state can never succeed.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                continue
+            except DuplicateMessage:
+                _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
+                return None
+            self._committed([decision.instance])
+            return decision
+        raise ConcurrencyConflict(
+            saga_id=saga_id,
+            expected_version=None,
+            actual_version=None,
+            saga_type=definition.name,
+        )
+
+    def _change(
+        self, decision: Decision, *, expected_version: int | None, inbox: InboxEntry | None
+    ) -> SagaChange:
+        return SagaChange(
+            instance=decision.instance,
+            expected_version=expected_version,
+            outbox=self._envelopes(decision),
+            history=decision.history,
+            inbox=inbox,
+        )
+
+    def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
+        envelopes = [
+            encode_command(command.model_copy(update={"reply_to": self.reply_to}))
+            for command in decision.commands
+        ]
+        envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
+        envelopes.extend(encode_event(event) for event in decision.events)
+        return envelopes
+
+    def _committed(self, instances: Sequence[SagaInstance]) -> None:
+        self._changed.set()
+        for listener in self._listeners:
+            try:
+                listener(instances)
+            except Exception:
+                _log.exception("commit listener failed")

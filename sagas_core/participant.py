@@ -1,0 +1,411 @@
+"""The participant side: a few lines turn an async function into a step handler.
+
+Example:
+    ```python
+    inventory = Participant("inventory")
+
+    @inventory.handles(ReserveInventory)
+    async def reserve(cmd: ReserveInventory, stock: StockService) -> Reserved:
+        return Reserved(reservation_id=await stock.reserve(cmd.sku, cmd.quantity))
+    ```
+
+What the participant does for every command (docs/protocol.md, "participant rules"):
+
+* parses the payload into the command model; a bad payload is a non-retryable failed reply
+  that names the field, never a crash;
+* answers a redelivered or retried command (same idempotency key) with the outcome it already
+  computed, without running the handler again;
+* refuses an execute command that arrives after the same step's compensation (a reordered or
+  late delivery), so an effect is never applied after it was undone;
+* maps exceptions to failed replies: :class:`~sagas_abstractions.RetryableError` (and
+  ``TimeoutError``/``ConnectionError`` by default) are retryable, anything else is permanent;
+* replies with the handler's return value (a model, a mapping, or ``None``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+
+import pydantic_core
+from pydantic import BaseModel, ValidationError
+
+from sagas_abstractions import (
+    CommandMessage,
+    Envelope,
+    ErrorInfo,
+    MessageDecodeError,
+    ParticipantError,
+    ReplyMessage,
+    ReplyStatus,
+    RouteKind,
+    StepKind,
+)
+from sagas_core.clock import SystemClock
+from sagas_core.codec import (
+    DEAD_LETTER_KEY,
+    HEADER_REASON,
+    decode_command,
+    encode_reply,
+)
+from sagas_core.definition import describe_validation
+from sagas_core.di import Dependencies, InjectPlan, Resolver, inject_plan
+
+if TYPE_CHECKING:
+    from sagas_abstractions import Clock, MessageBus, Subscription
+
+__all__ = [
+    "CANCELLED_CODE",
+    "INVALID_COMMAND_CODE",
+    "UNKNOWN_COMMAND_CODE",
+    "CachedOutcome",
+    "CommandContext",
+    "IdempotencyStore",
+    "InMemoryIdempotencyStore",
+    "Participant",
+]
+
+_log = logging.getLogger("sagas.participant")
+
+C = TypeVar("C", bound=BaseModel)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+INVALID_COMMAND_CODE = "invalid_command"
+UNKNOWN_COMMAND_CODE = "unknown_command"
+CANCELLED_CODE = "cancelled"
+HANDLER_ERROR_CODE = "handler_error"
+
+
+@dataclass(frozen=True, slots=True)
+class CommandContext:
+    """What a handler may ask for (by annotating a parameter with this type).
+
+    Attributes:
+        saga_id: The saga.
+        saga_type: The saga type.
+        step: The step.
+        attempt: The attempt number.
+        kind: Execute or compensate.
+        idempotency_key: Stable across retries of this step (and kind): key your effects on it.
+        message_id: This delivery's message id.
+        headers: Extra headers (trace context).
+    """
+
+    saga_id: str
+    saga_type: str
+    step: str
+    attempt: int
+    kind: StepKind
+    idempotency_key: str
+    message_id: str
+    headers: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class CachedOutcome:
+    """The final outcome of a command, kept to answer its duplicates and retries."""
+
+    status: ReplyStatus
+    data: dict[str, Any]
+    error: ErrorInfo | None = None
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Remembers final outcomes by idempotency key, and which steps were compensated."""
+
+    async def get(self, key: str) -> CachedOutcome | None:
+        """The outcome recorded for ``key``, if any."""
+        ...
+
+    async def put(self, key: str, outcome: CachedOutcome) -> None:
+        """Record the final outcome for ``key``."""
+        ...
+
+
+class InMemoryIdempotencyStore:
+    """A bounded, least-recently-used :class:`IdempotencyStore` in process memory.
+
+    Args:
+        capacity: Keys kept; the oldest are forgotten first.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._outcomes: OrderedDict[str, CachedOutcome] = OrderedDict()
+
+    async def get(self, key: str) -> CachedOutcome | None:
+        """The outcome recorded for ``key``, if any."""
+        outcome = self._outcomes.get(key)
+        if outcome is not None:
+            self._outcomes.move_to_end(key)
+        return outcome
+
+    async def put(self, key: str, outcome: CachedOutcome) -> None:
+        """Record the outcome for ``key``, forgetting the oldest beyond capacity."""
+        self._outcomes[key] = outcome
+        self._outcomes.move_to_end(key)
+        while len(self._outcomes) > self.capacity:
+            self._outcomes.popitem(last=False)
+
+
+@dataclass(frozen=True, slots=True)
+class _Handler:
+    model: type[BaseModel]
+    function: Callable[..., Awaitable[Any]]
+    plan: InjectPlan
+
+
+def _tombstone_key(saga_id: str, step: str) -> str:
+    return f"{saga_id}:{step}:compensation-started"
+
+
+class Participant:
+    """Hosts step handlers for one destination over any :class:`~sagas_abstractions.MessageBus`.
+
+    Args:
+        destination: The destination commands are sent to (``to=`` in the saga builder).
+        dependencies: Supplies handler parameters by type.
+        idempotency: Remembers outcomes; in memory by default (use a durable store when the
+            participant must survive restarts without re-running effects).
+        clock: The source of time.
+        retryable_exceptions: Exceptions that mean "try again later".
+    """
+
+    def __init__(
+        self,
+        destination: str,
+        *,
+        dependencies: Resolver | None = None,
+        idempotency: IdempotencyStore | None = None,
+        clock: Clock | None = None,
+        retryable_exceptions: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError),
+    ) -> None:
+        self.destination = destination
+        self.dependencies: Resolver = dependencies or Dependencies()
+        self.idempotency = idempotency or InMemoryIdempotencyStore()
+        self.clock = clock or SystemClock()
+        self.retryable_exceptions = retryable_exceptions
+        self.handled = 0
+        self._handlers: dict[str, _Handler] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._bus: MessageBus | None = None
+
+    # ------------------------------------------------------------------ registration
+
+    def handles(self, command: type[C], *, name: str | None = None) -> Callable[[F], F]:
+        """Register the decorated async function as the handler of ``command``.
+
+        Args:
+            command: The command model; its class name is the type on the wire.
+            name: The type on the wire, when it differs from the class name.
+        """
+
+        def register(function: F) -> F:
+            self.register(name or command.__name__, command, function)
+            return function
+
+        return register
+
+    def register(
+        self, command_type: str, model: type[BaseModel], function: Callable[..., Awaitable[Any]]
+    ) -> None:
+        """Register ``function`` for commands of ``command_type`` parsed into ``model``."""
+        if not asyncio.iscoroutinefunction(function):
+            raise TypeError(f"handler {function.__qualname__} must be an async function")
+        if command_type in self._handlers:
+            raise ValueError(f"{self.destination}: {command_type} already has a handler")
+        plan = inject_plan(function, what="handler")
+        self._handlers[command_type] = _Handler(model, function, plan)
+
+    def provide(self, dependency: type[Any], instance: Any) -> Participant:
+        """Register a dependency instance (when using the built-in :class:`Dependencies`)."""
+        if not isinstance(self.dependencies, Dependencies):
+            raise TypeError("provide() needs the built-in Dependencies resolver")
+        self.dependencies.provide(dependency, instance)
+        return self
+
+    @property
+    def command_types(self) -> tuple[str, ...]:
+        """The command types this participant handles."""
+        return tuple(self._handlers)
+
+    def check_dependencies(self) -> None:
+        """Resolve every handler parameter once, so a missing one fails at start, not later."""
+        for handler in self._handlers.values():
+            for _, annotation in handler.plan.others:
+                if annotation is not CommandContext:
+                    self.dependencies.resolve(annotation)
+
+    # ------------------------------------------------------------------ running
+
+    async def attach(self, bus: MessageBus, *, concurrency: int = 8) -> Subscription:
+        """Consume this destination's commands from ``bus`` and reply on it."""
+        self.check_dependencies()
+        self._bus = bus
+        return await bus.subscribe(
+            RouteKind.COMMAND, self.destination, self.handle_envelope, concurrency=concurrency
+        )
+
+    async def handle_envelope(self, envelope: Envelope) -> None:
+        """Handle one delivered command and publish the reply (the bus consumer callback)."""
+        bus = self._bus
+        if bus is None:
+            raise RuntimeError("attach() the participant to a bus first")
+        reply = await self.process(envelope)
+        if reply is None:
+            await bus.publish([self._dead_letter(envelope)])
+            return
+        await bus.publish([reply])
+
+    async def process(self, envelope: Envelope) -> Envelope | None:
+        """Handle one command; returns the reply envelope, or ``None`` when it can't be answered.
+
+        Commands that cannot be answered (no reply address, or not decodable) are logged; the
+        caller dead-letters them.
+        """
+        try:
+            command = decode_command(envelope)
+        except MessageDecodeError:
+            _log.exception("%s: undecodable command %s", self.destination, envelope.message_id)
+            return None
+        if not command.reply_to:
+            _log.error(
+                "%s: command %s has no reply_to; cannot answer it",
+                self.destination,
+                command.message_id,
+            )
+            return None
+        outcome = await self._outcome(command)
+        self.handled += 1
+        reply = ReplyMessage(
+            message_id=f"{command.message_id}:reply",
+            saga_id=command.saga_id,
+            saga_type=command.saga_type,
+            step=command.step,
+            attempt=command.attempt,
+            kind=command.kind,
+            status=outcome.status,
+            data=outcome.data,
+            error=outcome.error,
+            in_reply_to=command.message_id,
+            created_at=self.clock.now(),
+        )
+        return encode_reply(reply, command.reply_to)
+
+    async def _outcome(self, command: CommandMessage) -> CachedOutcome:
+        # One handler run per saga step at a time, execute and compensate alike: a duplicate
+        # waits for the first delivery and gets its outcome, and a compensation waits for an
+        # execution still in flight (say, one that timed out at the orchestrator), so it undoes
+        # what that execution did instead of racing it.
+        key = command.idempotency_key
+        step_key = f"{command.saga_id}:{command.step}"
+        lock, users = self._locks.get(step_key, (asyncio.Lock(), 0))
+        self._locks[step_key] = (lock, users + 1)
+        try:
+            async with lock:
+                if command.kind is StepKind.EXECUTE:
+                    if await self.idempotency.get(_tombstone_key(command.saga_id, command.step)):
+                        return CachedOutcome(
+                            ReplyStatus.FAILED,
+                            {},
+                            ErrorInfo(
+                                code=CANCELLED_CODE,
+                                message="the step was compensated before this command arrived",
+                            ),
+                        )
+                else:
+                    await self.idempotency.put(
+                        _tombstone_key(command.saga_id, command.step),
+                        CachedOutcome(ReplyStatus.SUCCEEDED, {}),
+                    )
+                cached = await self.idempotency.get(key)
+                if cached is not None:
+                    return cached
+                outcome = await self._run(command)
+                if outcome.error is None or not outcome.error.retryable:
+                    await self.idempotency.put(key, outcome)
+                return outcome
+        finally:
+            lock, users = self._locks[step_key]
+            if users <= 1:
+                del self._locks[step_key]
+            else:
+                self._locks[step_key] = (lock, users - 1)
+
+    async def _run(self, command: CommandMessage) -> CachedOutcome:
+        handler = self._handlers.get(command.command_type)
+        if handler is None:
+            known = ", ".join(sorted(self._handlers)) or "none"
+            return _failed(
+                UNKNOWN_COMMAND_CODE,
+                f"{self.destination} has no handler for {command.command_type} (handles: {known})",
+            )
+        try:
+            parsed = handler.model.model_validate(command.payload)
+        except ValidationError as exc:
+            return _failed(
+                INVALID_COMMAND_CODE,
+                f"{command.command_type} payload is invalid: {describe_validation(exc)}",
+            )
+        context = CommandContext(
+            saga_id=command.saga_id,
+            saga_type=command.saga_type,
+            step=command.step,
+            attempt=command.attempt,
+            kind=command.kind,
+            idempotency_key=command.idempotency_key,
+            message_id=command.message_id,
+            headers=command.headers,
+        )
+        try:
+            kwargs = {
+                name: context
+                if annotation is CommandContext
+                else self.dependencies.resolve(annotation)
+                for name, annotation in handler.plan.others
+            }
+            result = await handler.function(parsed, **kwargs)
+            return CachedOutcome(ReplyStatus.SUCCEEDED, _result_data(result))
+        except ParticipantError as exc:
+            return _failed(exc.code, exc.reason, retryable=exc.retryable)
+        except self.retryable_exceptions as exc:
+            return _failed("transient", f"{type(exc).__name__}: {exc}", retryable=True)
+        except Exception as exc:
+            _log.exception(
+                "%s: handler for %s failed (saga %s, step %s)",
+                self.destination,
+                command.command_type,
+                command.saga_id,
+                command.step,
+            )
+            return _failed(HANDLER_ERROR_CODE, f"{type(exc).__name__}: {exc}")
+
+    def _dead_letter(self, envelope: Envelope) -> Envelope:
+        headers = dict(envelope.headers)
+        headers[HEADER_REASON] = f"{self.destination}: command cannot be decoded or answered"
+        return envelope.model_copy(
+            update={"route": RouteKind.DEAD_LETTER, "key": DEAD_LETTER_KEY, "headers": headers}
+        )
+
+
+def _failed(code: str, message: str, *, retryable: bool = False) -> CachedOutcome:
+    return CachedOutcome(
+        ReplyStatus.FAILED, {}, ErrorInfo(code=code, message=message, retryable=retryable)
+    )
+
+
+def _result_data(result: object) -> dict[str, Any]:
+    if result is None:
+        return {}
+    if isinstance(result, BaseModel):
+        return result.model_dump(mode="json")
+    if isinstance(result, Mapping):
+        return dict(pydantic_core.to_jsonable_python(dict(result)))
+    raise TypeError(
+        f"a handler must return a pydantic model, a mapping or None, not {type(result).__name__}"
+    )

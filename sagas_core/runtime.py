@@ -1,0 +1,220 @@
+"""The embedded runtime: orchestrator, outbox relay, timeout service and participants in one
+process, over any store and bus (in memory by default)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Self
+
+from sagas_abstractions import (
+    Envelope,
+    RouteKind,
+    SagaInstance,
+    SagaNotFound,
+    Subscription,
+)
+from sagas_core.builder import local_destination
+from sagas_core.clock import SystemClock
+from sagas_core.codec import DEAD_LETTER_KEY, HEADER_REASON
+from sagas_core.di import Dependencies, Resolver
+from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
+from sagas_core.participant import Participant
+from sagas_core.relay import OutboxRelay
+from sagas_core.testing.bus import InMemoryBus
+from sagas_core.testing.store import InMemorySagaStore
+from sagas_core.timeouts import TimeoutService
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from pydantic import BaseModel
+
+    from sagas_abstractions import Clock, MessageBus, SagaRepository
+    from sagas_core.definition import SagaDefinition
+
+__all__ = ["SagaRuntime"]
+
+_log = logging.getLogger("sagas.runtime")
+
+
+class SagaRuntime:
+    """Runs sagas in this process: start it, start sagas, stop it.
+
+    Local steps are served by participants the runtime creates itself, over the same bus, so
+    they are exactly as durable as remote steps.
+
+    Args:
+        sagas: The saga definitions to run.
+        participants: Participants to host in this process too (optional).
+        store: The state backend; in memory by default.
+        bus: The message bus; in memory by default.
+        clock: The source of time.
+        dependencies: Supplies local step parameters by type.
+        group: The orchestrator group (names the reply queue).
+        concurrency: Replies handled at once.
+        timeout_interval: Seconds between deadline polls.
+        relay_poll_interval: Seconds between outbox polls when idle and not kicked.
+        orphan_replies: What to do with replies for sagas that do not exist.
+
+    Example:
+        ```python
+        async with SagaRuntime(sagas=[order_saga], participants=[inventory]) as runtime:
+            saga = await runtime.start_saga("order-processing", OrderData(...))
+            done = await runtime.wait_for(saga.saga_id)
+        ```
+    """
+
+    def __init__(
+        self,
+        *,
+        sagas: Iterable[SagaDefinition],
+        participants: Iterable[Participant] = (),
+        store: SagaRepository | None = None,
+        bus: MessageBus | None = None,
+        clock: Clock | None = None,
+        dependencies: Resolver | None = None,
+        group: str = "default",
+        concurrency: int = 16,
+        timeout_interval: float = 0.05,
+        relay_poll_interval: float = 0.5,
+        orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
+    ) -> None:
+        self.definitions = tuple(sagas)
+        self.participants = list(participants)
+        self.store: SagaRepository = store if store is not None else InMemorySagaStore()
+        self._owns_bus = bus is None
+        self.bus: MessageBus = bus if bus is not None else InMemoryBus()
+        self.clock = clock or SystemClock()
+        self.dependencies = dependencies or Dependencies()
+        self.concurrency = concurrency
+        self.orchestrator = Orchestrator(
+            store=self.store,
+            definitions=self.definitions,
+            clock=self.clock,
+            group=group,
+            orphan_replies=orphan_replies,
+        )
+        self.relay = OutboxRelay(
+            store=self.store, bus=self.bus, clock=self.clock, poll_interval=relay_poll_interval
+        )
+        self.timeouts = TimeoutService(self.orchestrator, interval=timeout_interval)
+        self.orchestrator.add_listener(lambda _: self.relay.kick())
+        self._subscriptions: list[Subscription] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._running = False
+        self.participants.extend(self._local_participants())
+
+    def _local_participants(self) -> list[Participant]:
+        hosted = []
+        for definition in self.definitions:
+            local = definition.local_steps
+            if not local:
+                continue
+            participant = Participant(
+                local_destination(definition.name),
+                dependencies=self.dependencies,
+                clock=self.clock,
+            )
+            for _, _, spec in local:
+                assert spec.handler is not None  # noqa: S101 - local specs always have one
+                participant.register(spec.command_type, definition.data_model, spec.handler)
+            hosted.append(participant)
+        return hosted
+
+    @property
+    def running(self) -> bool:
+        """Whether the runtime is started."""
+        return self._running
+
+    async def start(self) -> None:
+        """Subscribe to replies, attach participants, start the relay and the timeout service."""
+        if self._running:
+            return
+        self._subscriptions.append(
+            await self.bus.subscribe(
+                RouteKind.REPLY,
+                self.orchestrator.reply_to,
+                self._on_reply,
+                concurrency=self.concurrency,
+            )
+        )
+        for participant in self.participants:
+            self._subscriptions.append(
+                await participant.attach(self.bus, concurrency=self.concurrency)
+            )
+        self._tasks = [
+            asyncio.create_task(self.relay.run(), name="sagas-outbox-relay"),
+            asyncio.create_task(self.timeouts.run(), name="sagas-timeouts"),
+        ]
+        self._running = True
+
+    async def _on_reply(self, envelope: Envelope) -> None:
+        try:
+            await self.orchestrator.handle_envelope(envelope)
+        except SagaNotFound:
+            # Orphan policy "dead-letter": park the reply for a human, then ack it.
+            headers = dict(envelope.headers)
+            headers[HEADER_REASON] = "reply for a saga that does not exist"
+            await self.bus.publish(
+                [
+                    envelope.model_copy(
+                        update={
+                            "route": RouteKind.DEAD_LETTER,
+                            "key": DEAD_LETTER_KEY,
+                            "headers": headers,
+                        }
+                    )
+                ]
+            )
+
+    async def stop(self, *, grace: float = 10.0) -> None:
+        """Stop consuming, let in-flight work finish, flush the outbox (bounded), stop tasks."""
+        if not self._running:
+            return
+        self._running = False
+        for subscription in reversed(self._subscriptions):
+            await subscription.close()
+        self._subscriptions.clear()
+        self.timeouts.stop()
+        remaining = await self.relay.flush(timeout=grace)
+        if remaining:
+            _log.warning("%d outbox message(s) left unpublished; they go out on restart", remaining)
+        self.relay.stop()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, timeout=grace)
+        self._tasks.clear()
+        if self._owns_bus:
+            await self.bus.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start_saga(
+        self,
+        saga: str | SagaDefinition,
+        data: BaseModel | Mapping[str, Any],
+        *,
+        saga_id: str | None = None,
+        correlation_id: str | None = None,
+    ) -> SagaInstance:
+        """Start a saga (see :meth:`Orchestrator.start`)."""
+        return await self.orchestrator.start(
+            saga, data, saga_id=saga_id, correlation_id=correlation_id
+        )
+
+    async def wait_for(self, saga_id: str, *, timeout: float = 30.0) -> SagaInstance:
+        """Wait until the saga is terminal or failed (see :meth:`Orchestrator.wait_for`)."""
+        return await self.orchestrator.wait_for(saga_id, timeout=timeout)

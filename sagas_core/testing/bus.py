@@ -1,0 +1,224 @@
+"""A real in-memory message bus: queues per address, competing consumers, ack after handling."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+from sagas_abstractions import Envelope, MessageHandler, PublishError, RouteKind
+
+__all__ = ["InMemoryBus", "topic_matches"]
+
+_log = logging.getLogger("sagas.bus.memory")
+
+DEAD_LETTER_QUEUE = (RouteKind.DEAD_LETTER, "dead-letter")
+
+
+@lru_cache(maxsize=4096)
+def topic_matches(pattern: str, key: str) -> bool:
+    """AMQP topic matching: ``*`` is exactly one word, ``#`` is zero or more words."""
+    return _match(tuple(pattern.split(".")), tuple(key.split(".")))
+
+
+def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
+    if not pattern:
+        return not words
+    head, rest = pattern[0], pattern[1:]
+    if head == "#":
+        return any(_match(rest, words[skip:]) for skip in range(len(words) + 1))
+    if not words:
+        return False
+    return (head in ("*", words[0])) and _match(rest, words[1:])
+
+
+@dataclass
+class _Delivery:
+    envelope: Envelope
+    count: int = 1
+
+
+@dataclass
+class _Queue:
+    messages: asyncio.Queue[_Delivery] = field(default_factory=asyncio.Queue)
+    consumers: int = 0
+
+
+class _MemorySubscription:
+    def __init__(self, bus: InMemoryBus, tasks: list[asyncio.Task[None]]) -> None:
+        self._bus = bus
+        self._tasks = tasks
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+
+
+class InMemoryBus:
+    """Implements :class:`~sagas_abstractions.MessageBus` in one process.
+
+    Commands, replies and dead letters go to a queue per ``(route, key)`` that holds messages
+    until a consumer takes them (like a durable queue); several subscriptions on one queue
+    compete. Each event subscription gets its own queue bound by topic pattern. A handler that
+    raises gets its message redelivered, up to ``max_deliveries`` in all; then the message goes
+    to the dead-letter queue with an ``x-death-reason`` header.
+
+    Test hooks: :meth:`fail_next_publishes` makes publishes raise ``PublishError`` (nothing is
+    delivered), ``duplicate_deliveries`` delivers every message twice, and :attr:`published`
+    records everything accepted.
+    """
+
+    def __init__(self, *, max_deliveries: int = 5, duplicate_deliveries: bool = False) -> None:
+        self.max_deliveries = max_deliveries
+        self.duplicate_deliveries = duplicate_deliveries
+        self.published: list[Envelope] = []
+        self._queues: dict[tuple[RouteKind, str], _Queue] = {}
+        self._event_queues: list[tuple[str, _Queue]] = []
+        self._subscriptions: list[_MemorySubscription] = []
+        self._publish_failures = 0
+        self._in_flight = 0
+        self._closed = False
+
+    # ------------------------------------------------------------------ test hooks
+
+    def fail_next_publishes(self, count: int = 1) -> None:
+        """Make the next ``count`` publish calls raise ``PublishError``."""
+        self._publish_failures += count
+
+    def queued(self, route: RouteKind, key: str) -> int:
+        """How many messages wait in the queue for ``route``/``key``."""
+        queue = self._queues.get((route, key))
+        return 0 if queue is None else queue.messages.qsize()
+
+    def dead_letters(self) -> list[Envelope]:
+        """Messages waiting in the dead-letter queue (the bus's own and parked compensations)."""
+        return [m for m in self.published if m.route is RouteKind.DEAD_LETTER] + [
+            d.envelope
+            for d in list(self._queue(DEAD_LETTER_QUEUE).messages._queue)  # type: ignore[attr-defined] # noqa: SLF001
+            if d.envelope.route is not RouteKind.DEAD_LETTER
+        ]
+
+    async def wait_idle(self, timeout: float = 5.0) -> None:
+        """Wait until no consumed queue holds a message and no handler runs (bounded)."""
+        async with asyncio.timeout(timeout):
+            while True:
+                busy = self._in_flight or any(
+                    q.consumers and not q.messages.empty()
+                    for q in [*self._queues.values(), *(q for _, q in self._event_queues)]
+                )
+                if not busy:
+                    return
+                await asyncio.sleep(0.005)
+
+    # ------------------------------------------------------------------ MessageBus
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Accept every envelope, or raise ``PublishError`` (then none was accepted)."""
+        if self._closed:
+            raise PublishError("bus is closed")
+        if self._publish_failures:
+            self._publish_failures -= 1
+            raise PublishError("injected publish failure")
+        for envelope in envelopes:
+            self.published.append(envelope)
+            copies = 2 if self.duplicate_deliveries else 1
+            for _ in range(copies):
+                self._route(envelope)
+
+    def _route(self, envelope: Envelope) -> None:
+        if envelope.route is RouteKind.EVENT:
+            for pattern, queue in self._event_queues:
+                if topic_matches(pattern, envelope.key):
+                    queue.messages.put_nowait(_Delivery(envelope))
+            return
+        if envelope.route is RouteKind.DEAD_LETTER:
+            self._queue(DEAD_LETTER_QUEUE).messages.put_nowait(_Delivery(envelope))
+            return
+        self._queue((envelope.route, envelope.key)).messages.put_nowait(_Delivery(envelope))
+
+    def _queue(self, address: tuple[RouteKind, str]) -> _Queue:
+        queue = self._queues.get(address)
+        if queue is None:
+            queue = self._queues[address] = _Queue()
+        return queue
+
+    async def subscribe(
+        self,
+        route: RouteKind,
+        key: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int = 1,
+    ) -> _MemorySubscription:
+        """Consume ``route``/``key`` with up to ``concurrency`` handlers at once."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if route is RouteKind.EVENT:
+            queue = _Queue()
+            self._event_queues.append((key, queue))
+        elif route is RouteKind.DEAD_LETTER:
+            queue = self._queue(DEAD_LETTER_QUEUE)
+        else:
+            queue = self._queue((route, key))
+        queue.consumers += 1
+        tasks = [
+            asyncio.create_task(self._consume(queue, handler), name=f"memory-bus:{route}:{key}")
+            for _ in range(concurrency)
+        ]
+        subscription = _MemorySubscription(self, tasks)
+        self._subscriptions.append(subscription)
+        return subscription
+
+    async def _consume(self, queue: _Queue, handler: MessageHandler) -> None:
+        try:
+            while True:
+                delivery = await queue.messages.get()
+                self._in_flight += 1
+                try:
+                    await handler(delivery.envelope)
+                except asyncio.CancelledError:
+                    queue.messages.put_nowait(delivery)  # not acked: back to the queue
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
+                    self._redeliver(queue, delivery, exc)
+                finally:
+                    self._in_flight -= 1
+        finally:
+            queue.consumers -= 1
+
+    def _redeliver(self, queue: _Queue, delivery: _Delivery, exc: Exception) -> None:
+        if delivery.count < self.max_deliveries:
+            _log.warning(
+                "handler failed for %s (delivery %d of %d), redelivering: %s",
+                delivery.envelope.message_id,
+                delivery.count,
+                self.max_deliveries,
+                exc,
+            )
+            queue.messages.put_nowait(_Delivery(delivery.envelope, delivery.count + 1))
+            return
+        _log.error(
+            "handler failed for %s %d times, dead-lettering it: %s",
+            delivery.envelope.message_id,
+            delivery.count,
+            exc,
+        )
+        headers = dict(delivery.envelope.headers)
+        headers["x-death-reason"] = f"delivery limit {self.max_deliveries} reached: {exc}"
+        self._queue(DEAD_LETTER_QUEUE).messages.put_nowait(
+            _Delivery(delivery.envelope.model_copy(update={"headers": headers}))
+        )
+
+    async def close(self) -> None:
+        """Stop every subscription."""
+        self._closed = True
+        for subscription in self._subscriptions:
+            await subscription.close()
+        self._subscriptions.clear()

@@ -1,0 +1,237 @@
+"""A real in-memory saga store: every port, with the same semantics as the SQL store."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from sagas_abstractions import (
+    ConcurrencyConflict,
+    DuplicateMessage,
+    Envelope,
+    HistoryEntry,
+    OutboxRecord,
+    SagaChange,
+    SagaInstance,
+    SagaStatus,
+    StoreError,
+)
+
+if TYPE_CHECKING:
+    from datetime import datetime, timedelta
+
+__all__ = ["InMemorySagaStore"]
+
+
+@dataclass
+class _OutboxRow:
+    id: int
+    saga_id: str
+    envelope: Envelope
+    created_at: datetime
+    attempts: int = 0
+    sent_at: datetime | None = None
+    claimed_by: str | None = None
+    claimed_until: datetime | None = None
+    available_at: datetime | None = None
+    last_error: str | None = None
+
+
+class InMemorySagaStore:
+    """Keeps sagas, history, outbox and inbox in process memory.
+
+    It implements :class:`~sagas_abstractions.SagaRepository` with the semantics of the SQL store
+    (atomic ``save``, optimistic versions, inbox uniqueness, leased outbox claims), so tests and
+    the embedded mode behave like production. Nothing survives the process.
+
+    Tests can make the next ``save`` calls fail with :meth:`fail_next_saves`.
+    """
+
+    def __init__(self) -> None:
+        self._sagas: dict[str, SagaInstance] = {}
+        self._history: dict[str, list[HistoryEntry]] = {}
+        self._outbox: dict[int, _OutboxRow] = {}
+        self._inbox: set[tuple[str, str]] = set()
+        self._next_outbox_id = 1
+        self._lock = asyncio.Lock()
+        self._failures: list[BaseException] = []
+
+    # ------------------------------------------------------------------ test hooks
+
+    def fail_next_saves(self, count: int = 1, error: BaseException | None = None) -> None:
+        """Make the next ``count`` calls to :meth:`save` raise (nothing is written)."""
+        self._failures.extend([error or StoreError("injected store failure")] * count)
+
+    @property
+    def outbox_rows(self) -> builtins.list[OutboxRecord]:
+        """Every outbox record, sent or not (for assertions)."""
+        return [self._record(row) for row in self._outbox.values()]
+
+    # ------------------------------------------------------------------ SagaStore
+
+    async def load(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``."""
+        return self._sagas.get(saga_id)
+
+    async def save(self, changes: Sequence[SagaChange]) -> None:
+        """Write all changes atomically (validated first, then applied)."""
+        async with self._lock:
+            if self._failures:
+                raise self._failures.pop(0)
+            seen_inbox: set[tuple[str, str]] = set()
+            versions: dict[str, int | None] = {}
+            for change in changes:
+                saga_id = change.instance.saga_id
+                stored = (
+                    versions.get(saga_id, None)
+                    if saga_id in versions
+                    else (self._sagas[saga_id].version if saga_id in self._sagas else None)
+                )
+                if change.expected_version is None:
+                    if stored is not None:
+                        raise ConcurrencyConflict(
+                            saga_id=saga_id,
+                            expected_version=None,
+                            actual_version=stored,
+                            saga_type=change.instance.saga_type,
+                        )
+                elif stored != change.expected_version:
+                    raise ConcurrencyConflict(
+                        saga_id=saga_id,
+                        expected_version=change.expected_version,
+                        actual_version=stored,
+                        saga_type=change.instance.saga_type,
+                    )
+                versions[saga_id] = change.instance.version
+                if change.inbox is not None:
+                    key = (change.inbox.consumer, change.inbox.message_id)
+                    if key in self._inbox or key in seen_inbox:
+                        raise DuplicateMessage(consumer=key[0], message_id=key[1], saga_id=saga_id)
+                    seen_inbox.add(key)
+            for change in changes:
+                instance = change.instance
+                if change.expected_version is None or instance.version > change.expected_version:
+                    self._sagas[instance.saga_id] = instance
+                self._history.setdefault(instance.saga_id, []).extend(change.history)
+                for envelope in change.outbox:
+                    row_id = self._next_outbox_id
+                    self._next_outbox_id += 1
+                    self._outbox[row_id] = _OutboxRow(
+                        id=row_id,
+                        saga_id=instance.saga_id,
+                        envelope=envelope,
+                        created_at=instance.updated_at,
+                    )
+            self._inbox |= seen_inbox
+
+    async def is_processed(self, consumer: str, message_id: str) -> bool:
+        """Whether the inbox records this message id for this consumer."""
+        return (consumer, message_id) in self._inbox
+
+    # ------------------------------------------------------------------ SagaReader
+
+    async def get(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``."""
+        return self._sagas.get(saga_id)
+
+    async def find(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        saga_type: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaInstance]:
+        """Sagas matching every given filter, least recently updated first."""
+        found = [
+            saga
+            for saga in self._sagas.values()
+            if (status is None or saga.status is status)
+            and (saga_type is None or saga.saga_type == saga_type)
+            and (updated_before is None or saga.updated_at < updated_before)
+        ]
+        found.sort(key=lambda saga: (saga.updated_at, saga.saga_id))
+        return found[:limit]
+
+    async def history(self, saga_id: str) -> builtins.list[HistoryEntry]:
+        """The saga's audit trail, oldest first."""
+        return list(self._history.get(saga_id, ()))
+
+    # ------------------------------------------------------------------ DeadlineStore
+
+    async def due(self, now: datetime, limit: int) -> builtins.list[SagaInstance]:
+        """Active sagas whose next deadline has passed, earliest first."""
+        due = [
+            (deadline, saga)
+            for saga in self._sagas.values()
+            if (deadline := saga.next_deadline_at) is not None and deadline <= now
+        ]
+        due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
+        return [saga for _, saga in due[:limit]]
+
+    # ------------------------------------------------------------------ OutboxStore
+
+    async def claim(
+        self, *, owner: str, limit: int, lease: timedelta, now: datetime
+    ) -> builtins.list[OutboxRecord]:
+        """Lease up to ``limit`` unsent records, oldest first, keeping each saga's order."""
+        async with self._lock:
+            claimed: list[_OutboxRow] = []
+            blocked: set[str] = set()
+            for row in sorted(self._outbox.values(), key=lambda r: r.id):
+                if row.sent_at is not None:
+                    continue
+                if row.saga_id in blocked:
+                    continue
+                leased_elsewhere = (
+                    row.claimed_until is not None
+                    and row.claimed_until > now
+                    and row.claimed_by != owner
+                )
+                waiting = row.available_at is not None and row.available_at > now
+                if leased_elsewhere or waiting:
+                    blocked.add(row.saga_id)  # later messages of this saga must wait for it
+                    continue
+                if len(claimed) >= limit:
+                    break
+                row.claimed_by = owner
+                row.claimed_until = now + lease
+                claimed.append(row)
+            return [self._record(row) for row in claimed]
+
+    async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
+        """Mark records as published."""
+        for row_id in ids:
+            row = self._outbox.get(row_id)
+            if row is not None:
+                row.sent_at = now
+                row.claimed_by = None
+                row.claimed_until = None
+
+    async def release(self, ids: Sequence[int], *, retry_at: datetime, error: str) -> None:
+        """Give records back after a failed publish, claimable again at ``retry_at``."""
+        for row_id in ids:
+            row = self._outbox.get(row_id)
+            if row is not None and row.sent_at is None:
+                row.attempts += 1
+                row.available_at = retry_at
+                row.last_error = error
+                row.claimed_by = None
+                row.claimed_until = None
+
+    async def pending_count(self) -> int:
+        """How many records wait to be published."""
+        return sum(1 for row in self._outbox.values() if row.sent_at is None)
+
+    @staticmethod
+    def _record(row: _OutboxRow) -> OutboxRecord:
+        return OutboxRecord(
+            id=row.id,
+            saga_id=row.saga_id,
+            envelope=row.envelope,
+            created_at=row.created_at,
+            attempts=row.attempts,
+        )

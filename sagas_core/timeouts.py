@@ -1,0 +1,63 @@
+"""The timeout service: turns passed deadlines into Timeout / RetryDue / SagaTimeout inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sagas_core.orchestrator import Orchestrator
+
+__all__ = ["TimeoutService"]
+
+_log = logging.getLogger("sagas.timeouts")
+
+
+class TimeoutService:
+    """Polls for due deadlines in small batches and feeds them to the orchestrator.
+
+    Several workers can run it at once: the orchestrator's optimistic versions make a deadline
+    fire once (the loser of a race reloads and finds it no longer due).
+
+    Args:
+        orchestrator: Applies the inputs.
+        interval: Seconds between polls when nothing is due.
+        batch_size: Deadlines handled per poll.
+    """
+
+    def __init__(
+        self, orchestrator: Orchestrator, *, interval: float = 0.1, batch_size: int = 100
+    ) -> None:
+        self.orchestrator = orchestrator
+        self.interval = interval
+        self.batch_size = batch_size
+        self.fired = 0
+        self._stopping = False
+        self._wake = asyncio.Event()
+
+    async def run_once(self) -> int:
+        """Fire what is due now; returns how many inputs were applied."""
+        fired = await self.orchestrator.fire_due(limit=self.batch_size)
+        self.fired += fired
+        return fired
+
+    async def run(self) -> None:
+        """Poll until :meth:`stop` is called (errors are logged, then retried)."""
+        while not self._stopping:
+            try:
+                fired = await self.run_once()
+            except Exception:
+                _log.exception("timeout service round failed")
+                fired = 0
+            if fired >= self.batch_size:
+                continue
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current round."""
+        self._stopping = True
+        self._wake.set()

@@ -112,6 +112,11 @@ class SagaBuilder(Generic[D]):
         self._saga_timeout: timedelta | None = None
         self._problems: list[InvalidDefinition] = []
 
+    @property
+    def name(self) -> str:
+        """The saga type being built."""
+        return self._name
+
     def _problem(self, message: str, *, step: str | None = None, field: str | None = None) -> None:
         self._problems.append(
             InvalidDefinition(message, saga_type=self._name, step=step, field=field)
@@ -232,8 +237,8 @@ class StepBuilder(Generic[D]):
     def _problem(self, message: str, *, field: str | None = None) -> None:
         self._draft.problems.append(
             InvalidDefinition(
-                message, saga_type=self._saga._name, step=self._draft.name, field=field
-            )  # noqa: SLF001
+                message, saga_type=self._saga.name, step=self._draft.name, field=field
+            )
         )
 
     def send(

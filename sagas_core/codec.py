@@ -25,6 +25,8 @@ from sagas_abstractions import (
 )
 
 __all__ = [
+    "DEAD_LETTER_KEY",
+    "EVENT_TYPE",
     "HEADER_ATTEMPT",
     "HEADER_ERROR_CODE",
     "HEADER_ERROR_MESSAGE",
@@ -34,8 +36,6 @@ __all__ = [
     "HEADER_REASON",
     "HEADER_SAGA_TYPE",
     "HEADER_STEP",
-    "DEAD_LETTER_KEY",
-    "EVENT_TYPE",
     "REPLY_TYPE",
     "decode_command",
     "decode_event",

@@ -6,14 +6,17 @@ import hashlib
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ValidationError
 
 from sagas_abstractions import InvalidSagaData, StepKind
-from sagas_core.retry import RetryPolicy
+
+if TYPE_CHECKING:
+    from datetime import timedelta
+
+    from sagas_core.retry import RetryPolicy
 
 __all__ = [
     "ActionKind",

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from sagas_abstractions import SagaError
+
+if typing.TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = ["Dependencies", "MissingDependency", "Resolver", "inject_plan"]
 

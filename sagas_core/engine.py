@@ -387,7 +387,11 @@ class _Transition:
         spec = self.spec(index, self.kind)
         step_name = self.definition.steps[index].name
         used = self.attempt - self.attempt_base
-        if self.kind is StepKind.EXECUTE and error.code != TIMEOUT_CODE:
+        # Whether the attempt timed out is a property of the input, not of the error code: a
+        # participant may reply ``failed`` with code "timeout" (a downstream call timed out),
+        # and that reply still means nothing was applied, so the step must not be compensated.
+        timed_out = isinstance(self.event, Timeout)
+        if self.kind is StepKind.EXECUTE and not timed_out:
             self.update_step(index, status=StepStatus.FAILED, error=error)
         elif self.kind is StepKind.COMPENSATE:
             self.update_step(index, error=error)
@@ -399,7 +403,7 @@ class _Transition:
             return self.finish()
         self.emit(EventKind.STEP_FAILED, step=step_name, error=error)
         if self.kind is StepKind.EXECUTE:
-            if error.code == TIMEOUT_CODE:
+            if timed_out:
                 self.update_step(index, finished_at=self.at)
             else:
                 self.update_step(index, status=StepStatus.FAILED, finished_at=self.at)
@@ -496,7 +500,7 @@ class _Transition:
         self.send(index, StepKind.EXECUTE, new_round=True)
 
     def send(self, index: int, kind: StepKind, *, new_round: bool) -> None:
-        """Send the next attempt of ``kind`` for step ``index`` (or fail it if it can't be built)."""
+        """Send the next attempt of ``kind`` for step ``index``, or fail it if it can't be built."""
         step_def = self.definition.steps[index]
         spec = self.spec(index, kind)
         state = self.steps[index]

@@ -9,11 +9,11 @@ orchestrator never talks to the broker: the outbox relay publishes what it commi
 from __future__ import annotations
 
 import asyncio
-import builtins
+import contextlib
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +53,7 @@ from sagas_core.codec import (
 from sagas_core.engine import Decision, decide, due_input
 
 if TYPE_CHECKING:
+    import builtins
     from datetime import datetime
 
     from sagas_abstractions import Clock
@@ -120,7 +121,7 @@ class SagaRegistry:
             )
         return definition
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[SagaDefinition]:
         return iter(self._definitions.values())
 
     def __len__(self) -> int:
@@ -412,10 +413,8 @@ class Orchestrator:
                 if not instance.status.is_active:
                     return instance
                 self._changed.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), poll_interval)
-                except TimeoutError:
-                    pass
 
     # ------------------------------------------------------------------ the unit of work
 
@@ -492,5 +491,5 @@ class Orchestrator:
         for listener in self._listeners:
             try:
                 listener(instances)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a listener must not undo a committed change
                 _log.exception("commit listener failed")

@@ -375,7 +375,7 @@ class Participant:
             return _failed(exc.code, exc.reason, retryable=exc.retryable)
         except self.retryable_exceptions as exc:
             return _failed("transient", f"{type(exc).__name__}: {exc}", retryable=True)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any handler bug becomes a failed reply
             _log.exception(
                 "%s: handler for %s failed (saga %s, step %s)",
                 self.destination,

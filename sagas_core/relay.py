@@ -126,7 +126,7 @@ class OutboxRelay:
             try:
                 published = await self.run_once()
                 failures = 0
-            except Exception:
+            except Exception:  # noqa: BLE001 - the loop must survive and retry
                 failures += 1
                 _log.exception("outbox relay round failed")
                 await asyncio.sleep(self.backoff.delay(failures, self.owner).total_seconds())

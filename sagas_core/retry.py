@@ -10,9 +10,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from sagas_abstractions import ErrorInfo
+if TYPE_CHECKING:
+    from sagas_abstractions import ErrorInfo
 
 __all__ = [
     "TIMEOUT_CODE",
@@ -36,6 +37,9 @@ class Backoff(Protocol):
     def delay(self, failed_attempts: int, seed: str) -> timedelta:
         """Delay after ``failed_attempts`` failures (>= 1); ``seed`` feeds deterministic jitter."""
         ...
+
+
+_MAX_EXPONENT = 64
 
 
 def _unit_interval(seed: str, failed_attempts: int) -> float:
@@ -73,7 +77,7 @@ class ExponentialBackoff:
         # Cap the exponent first: multiplier ** large overflows float.
         base = (
             self.maximum
-            if exponent > 64
+            if exponent > _MAX_EXPONENT
             else min(self.maximum, self.initial * self.multiplier**exponent)
         )
         spread = base * self.jitter * _unit_interval(seed, failed_attempts)
@@ -102,9 +106,9 @@ class FixedBackoff:
 def exponential(
     initial: float,
     *,
-    max: float = 60.0,
+    max: float = 60.0,  # noqa: A002 - reads as exponential(0.2, max=5)
     multiplier: float = 2.0,
-    jitter: float = 0.2,  # noqa: A002
+    jitter: float = 0.2,
 ) -> ExponentialBackoff:
     """Exponential backoff starting at ``initial`` seconds and capped at ``max`` seconds."""
     return ExponentialBackoff(initial=initial, maximum=max, multiplier=multiplier, jitter=jitter)

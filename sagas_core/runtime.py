@@ -1,12 +1,13 @@
-"""The embedded runtime: orchestrator, outbox relay, timeout service and participants in one
-process, over any store and bus (in memory by default)."""
+"""The embedded runtime: orchestrator, relay, timeouts and participants in one process.
+
+It runs over any store and bus, in memory by default.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Self
 
 from sagas_abstractions import (
@@ -28,6 +29,7 @@ from sagas_core.testing.store import InMemorySagaStore
 from sagas_core.timeouts import TimeoutService
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
     from types import TracebackType
 
     from pydantic import BaseModel

@@ -48,7 +48,7 @@ class TimeoutService:
         while not self._stopping:
             try:
                 fired = await self.run_once()
-            except Exception:
+            except Exception:  # noqa: BLE001 - the loop must survive and retry
                 _log.exception("timeout service round failed")
                 fired = 0
             if fired >= self.batch_size:

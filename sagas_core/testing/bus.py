@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from sagas_abstractions import Envelope, MessageHandler, PublishError, RouteKind
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["InMemoryBus", "topic_matches"]
 

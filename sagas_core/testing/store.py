@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import builtins
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -21,6 +19,8 @@ from sagas_abstractions import (
 )
 
 if TYPE_CHECKING:
+    import builtins
+    from collections.abc import Sequence
     from datetime import datetime, timedelta
 
 __all__ = ["InMemorySagaStore"]
@@ -86,7 +86,7 @@ class InMemorySagaStore:
             for change in changes:
                 saga_id = change.instance.saga_id
                 stored = (
-                    versions.get(saga_id, None)
+                    versions.get(saga_id)
                     if saga_id in versions
                     else (self._sagas[saga_id].version if saga_id in self._sagas else None)
                 )

@@ -1,0 +1,1 @@
+"""Runnable sample sagas with their participant services."""

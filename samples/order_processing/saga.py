@@ -1,0 +1,48 @@
+"""The order saga: reserve inventory -> process payment -> create shipment."""
+
+from __future__ import annotations
+
+from sagas_core import SagaBuilder, exponential
+from samples.order_processing.messages import (
+    CancelShipment,
+    CreateShipment,
+    InventoryReserved,
+    OrderData,
+    PaymentProcessed,
+    ProcessPayment,
+    RefundPayment,
+    ReleaseInventory,
+    ReserveInventory,
+    ShipmentCreated,
+)
+
+
+async def price_order(data: OrderData) -> dict[str, str]:
+    """Local step: compute the order total from its lines (runs inside the worker)."""
+    total = sum((line.unit_price * line.quantity for line in data.lines), start=data.amount * 0)
+    return {"amount": str(total)}
+
+
+order_saga = (
+    SagaBuilder("order-processing", data=OrderData)
+    .step("price-order")
+    .run(price_order)
+    .step("reserve-inventory")
+    .send(ReserveInventory, to="inventory", reply=InventoryReserved)
+    .compensate_with(ReleaseInventory)
+    .timeout(seconds=2)
+    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
+    .step("process-payment")
+    .send(ProcessPayment, to="payments", reply=PaymentProcessed)
+    .compensate_with(RefundPayment)
+    .timeout(seconds=2)
+    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
+    .step("create-shipment")
+    .send(CreateShipment, to="shipping", reply=ShipmentCreated)
+    .compensate_with(CancelShipment)
+    .timeout(seconds=0.3)
+    .retry(attempts=2, backoff=exponential(0.05, max=0.2))
+    .saga_timeout(seconds=30)
+    .build()
+)
+"""The order saga definition."""

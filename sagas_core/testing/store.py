@@ -54,6 +54,7 @@ class InMemorySagaStore:
         self._sagas: dict[str, SagaInstance] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, _OutboxRow] = {}
+        self._pending: dict[int, _OutboxRow] = {}  # unsent rows, in id (insertion) order
         self._inbox: set[tuple[str, str]] = set()
         self._next_outbox_id = 1
         self._lock = asyncio.Lock()
@@ -119,12 +120,13 @@ class InMemorySagaStore:
                 for envelope in change.outbox:
                     row_id = self._next_outbox_id
                     self._next_outbox_id += 1
-                    self._outbox[row_id] = _OutboxRow(
+                    row = _OutboxRow(
                         id=row_id,
                         saga_id=instance.saga_id,
                         envelope=envelope,
                         created_at=instance.updated_at,
                     )
+                    self._outbox[row_id] = self._pending[row_id] = row
             self._inbox |= seen_inbox
 
     async def is_processed(self, consumer: str, message_id: str) -> bool:
@@ -181,9 +183,7 @@ class InMemorySagaStore:
         async with self._lock:
             claimed: list[_OutboxRow] = []
             blocked: set[str] = set()
-            for row in sorted(self._outbox.values(), key=lambda r: r.id):
-                if row.sent_at is not None:
-                    continue
+            for row in self._pending.values():
                 if row.saga_id in blocked:
                     continue
                 leased_elsewhere = (
@@ -205,7 +205,7 @@ class InMemorySagaStore:
     async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
         """Mark records as published."""
         for row_id in ids:
-            row = self._outbox.get(row_id)
+            row = self._pending.pop(row_id, None)
             if row is not None:
                 row.sent_at = now
                 row.claimed_by = None
@@ -224,7 +224,7 @@ class InMemorySagaStore:
 
     async def pending_count(self) -> int:
         """How many records wait to be published."""
-        return sum(1 for row in self._outbox.values() if row.sent_at is None)
+        return len(self._pending)
 
     @staticmethod
     def _record(row: _OutboxRow) -> OutboxRecord:

@@ -95,6 +95,31 @@ class ReplyMessage(BaseModel):
     in_reply_to: str | None = None
     created_at: datetime
 
+    @classmethod
+    def answering(
+        cls,
+        command: CommandMessage,
+        *,
+        status: ReplyStatus,
+        at: datetime,
+        data: dict[str, Any] | None = None,
+        error: ErrorInfo | None = None,
+    ) -> ReplyMessage:
+        """The reply to ``command``: echoes its coordinates, id ``<command id>:reply``."""
+        return cls(
+            message_id=f"{command.message_id}:reply",
+            saga_id=command.saga_id,
+            saga_type=command.saga_type,
+            step=command.step,
+            attempt=command.attempt,
+            kind=command.kind,
+            status=status,
+            data=data or {},
+            error=error,
+            in_reply_to=command.message_id,
+            created_at=at,
+        )
+
 
 class SagaEvent(BaseModel):
     """A status change of a saga, published to the saga-events topic.

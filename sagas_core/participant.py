@@ -282,18 +282,12 @@ class Participant:
             return None
         outcome = await self._outcome(command)
         self.handled += 1
-        reply = ReplyMessage(
-            message_id=f"{command.message_id}:reply",
-            saga_id=command.saga_id,
-            saga_type=command.saga_type,
-            step=command.step,
-            attempt=command.attempt,
-            kind=command.kind,
+        reply = ReplyMessage.answering(
+            command,
             status=outcome.status,
+            at=self.clock.now(),
             data=outcome.data,
             error=outcome.error,
-            in_reply_to=command.message_id,
-            created_at=self.clock.now(),
         )
         return encode_reply(reply, command.reply_to)
 

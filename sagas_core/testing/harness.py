@@ -309,18 +309,12 @@ class SagaTestHarness:
             data = data(command)
         if isinstance(data, BaseModel):
             data = data.model_dump(mode="json")
-        return ReplyMessage(
-            message_id=f"{command.message_id}:reply",
-            saga_id=command.saga_id,
-            saga_type=command.saga_type,
-            step=command.step,
-            attempt=command.attempt,
-            kind=command.kind,
+        return ReplyMessage.answering(
+            command,
             status=answer.status or ReplyStatus.SUCCEEDED,
+            at=self.clock.now(),
             data=dict(data or {}),
             error=answer.error,
-            in_reply_to=command.message_id,
-            created_at=self.clock.now(),
         )
 
     # ------------------------------------------------------------------ asserting

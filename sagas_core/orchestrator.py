@@ -317,16 +317,17 @@ class Orchestrator:
         moment = now or self.clock.now()
         fired = 0
         for instance in await self.store.due(moment, limit):
-            try:
-                definition = self.registry.get(instance.saga_type, saga_id=instance.saga_id)
-            except UnknownSagaType:
-                _log.exception("due saga %s has an unregistered type", instance.saga_id)
-                continue
 
             def make(current: SagaInstance) -> SagaInput | None:
                 return due_input(current, self.clock.now() if now is None else moment)
 
-            decision = await self._apply(instance.saga_id, definition, make, inbox=None)
+            try:
+                definition = self.registry.get(instance.saga_type, saga_id=instance.saga_id)
+                decision = await self._apply(instance.saga_id, definition, make, inbox=None)
+            except (UnknownSagaType, DefinitionChanged, ConcurrencyConflict) as exc:
+                # One saga this worker cannot move must not hold up the others behind it.
+                _log.error("deadline of saga %s not applied: %s", instance.saga_id, exc)
+                continue
             if decision is not None and decision.changed:
                 fired += 1
         return fired

@@ -214,6 +214,8 @@ class SagaBuilder(Generic[D]):
                     "name": s.name,
                     "action": s.action.describe(),
                     "compensation": None if s.compensation is None else s.compensation.describe(),
+                    "reply": None if s.reply_model is None else s.reply_model.model_json_schema(),
+                    "merge": _describe_merge(s.merge),
                 }
                 for s in steps
             ],
@@ -558,6 +560,14 @@ class _StepCompiler:
             return _CallableMerger(merge)
         self.problem(f"merge must be a mapping or a callable, got {merge!r}")
         return None
+
+
+def _describe_merge(merge: object) -> object:
+    if isinstance(merge, _RenameMerger):
+        return {"renames": sorted(merge.renames.items())}
+    if isinstance(merge, _CallableMerger):
+        return {"callable": getattr(merge.merge, "__qualname__", repr(merge.merge))}
+    return "by-name"
 
 
 def _is_model(value: object) -> bool:

@@ -29,8 +29,7 @@ def demo() -> None:
         module = importlib.import_module("samples.order_processing.__main__")
     except ModuleNotFoundError as exc:
         typer.echo(
-            "the samples live in the source checkout: run this from the repository root "
-            f"({exc})",
+            f"the samples live in the source checkout: run this from the repository root ({exc})",
             err=True,
         )
         raise typer.Exit(2) from exc

@@ -84,6 +84,9 @@ class ActionSpec:
             "timeout": None if self.timeout is None else self.timeout.total_seconds(),
             "retry": self.retry.describe(),
             "schema": schema,
+            "handler": None
+            if self.handler is None
+            else getattr(self.handler, "__qualname__", repr(self.handler)),
         }
 
 

@@ -330,7 +330,11 @@ class _Transition:
         if isinstance(merged, ErrorInfo):
             # The participant did apply its effect: record it as applied, then compensate it too.
             self.update_step(
-                index, status=StepStatus.SUCCEEDED, result=dict(event.data), error=merged
+                index,
+                status=StepStatus.SUCCEEDED,
+                result=dict(event.data),
+                error=merged,
+                finished_at=self.at,
             )
             self.reason = merged.message
             self.emit(EventKind.STEP_FAILED, step=step_def.name, error=merged)
@@ -459,7 +463,8 @@ class _Transition:
                 raise self.not_allowed("compensate", "running")
             self.error = ErrorInfo(
                 code=OPERATOR_CODE,
-                message=f"compensation requested by {event.actor}: {event.reason}".rstrip(": "),
+                message=f"compensation requested by {event.actor}"
+                + (f": {event.reason}" if event.reason else ""),
             )
             self.emit(EventKind.OPERATOR_ACTION, detail=f"compensate by {event.actor}")
             self.begin_compensation()

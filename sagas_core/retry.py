@@ -146,7 +146,8 @@ class RetryPolicy:
         if error.code in self.never_retry_codes:
             return False
         if error.code == TIMEOUT_CODE:
-            return self.retry_on_timeout
+            # Our own timeouts are retryable; a participant may still say its "timeout" is not.
+            return error.retryable and self.retry_on_timeout
         return error.retryable or error.code in self.retry_codes
 
     def describe(self) -> dict[str, object]:

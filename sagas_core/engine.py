@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from sagas_abstractions import (
     CommandMessage,
@@ -189,28 +189,53 @@ def _start(definition: SagaDefinition, event: Start) -> Decision:
     return transition.finish()
 
 
+def _history(
+    instance: SagaInstance,
+    event: SagaInput,
+    *,
+    version: int,
+    outcome: str,
+    from_status: SagaStatus | None,
+    to_status: SagaStatus,
+    reason: str | None,
+) -> HistoryEntry:
+    step = attempt = kind = actor = message_id = None
+    if isinstance(event, StepSucceeded | StepFailed | Timeout | RetryDue):
+        step, attempt, kind, message_id = event.step, event.attempt, event.kind, event.message_id
+    elif isinstance(event, Compensate | RetryCompensation | Resolve):
+        actor = event.actor
+    return HistoryEntry(
+        saga_id=instance.saga_id,
+        version=version,
+        at=event.at,
+        input=type(event).__name__,
+        outcome=outcome,
+        from_status=from_status,
+        to_status=to_status,
+        step=step,
+        attempt=attempt,
+        kind=kind,
+        reason=reason,
+        actor=actor,
+        message_id=message_id,
+    )
+
+
 def _ignored(
     instance: SagaInstance, event: SagaInput, reason: str, *, outcome: str = "stale"
 ) -> Decision:
-    step = getattr(event, "step", None)
     return Decision(
         instance=instance,
         changed=False,
         history=(
-            HistoryEntry(
-                saga_id=instance.saga_id,
+            _history(
+                instance,
+                event,
                 version=instance.version,
-                at=event.at,
-                input=type(event).__name__,
                 outcome=outcome,
                 from_status=instance.status,
                 to_status=instance.status,
-                step=step,
-                attempt=getattr(event, "attempt", None),
-                kind=getattr(event, "kind", None),
                 reason=reason,
-                actor=getattr(event, "actor", None),
-                message_id=getattr(event, "message_id", None),
             ),
         ),
     )
@@ -254,6 +279,7 @@ class _Transition:
         self.dead_letters: list[DeadLetterMessage] = []
         self.pending_events: list[_PendingEvent] = []
         self.reason: str | None = None
+        self._parsed: tuple[dict[str, Any], BaseModel] | None = None
 
     # ------------------------------------------------------------------ dispatch on the input
 
@@ -310,6 +336,15 @@ class _Transition:
         step = self.definition.step(name)
         return None if step is None else step.index
 
+    def parsed_data(self) -> BaseModel:
+        """The saga data as its model, validated once per transition (and after each merge)."""
+        cached = self._parsed
+        if cached is not None and cached[0] is self.data:
+            return cached[1]
+        model = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
+        self._parsed = (self.data, model)
+        return model
+
     def deadline_passed(self) -> bool:
         return self.deadline_at is not None and self.at >= self.deadline_at
 
@@ -357,11 +392,10 @@ class _Transition:
         try:
             if step_def.reply_model is not None:
                 reply = step_def.reply_model.model_validate(reply).model_dump(mode="json")
-            current = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
-            merged = step_def.merge(current, reply)
-            return self.definition.parse_data(
+            merged = step_def.merge(self.parsed_data(), reply)
+            model = self.definition.parse_data(
                 merged, saga_id=self.before.saga_id, step=step_def.name
-            ).model_dump(mode="json")
+            )
         except ValidationError as exc:
             return ErrorInfo(
                 code=INVALID_REPLY_CODE,
@@ -371,6 +405,9 @@ class _Transition:
             return ErrorInfo(code=INVALID_REPLY_CODE, message=exc.reason)
         except Exception as exc:  # noqa: BLE001 - a user merge function failed: fail the step
             return ErrorInfo(code=INVALID_REPLY_CODE, message=f"{type(exc).__name__}: {exc}")
+        dumped = model.model_dump(mode="json")
+        self._parsed = (dumped, model)  # the caller stores exactly this dict as the data
+        return dumped
 
     def timed_out(self, index: int) -> Decision:
         spec = self.spec(index, self.kind)
@@ -526,8 +563,7 @@ class _Transition:
         self.wait = WaitKind.REPLY
         self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
         try:
-            data = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
-            payload = spec.build_payload(data)
+            payload = spec.build_payload(self.parsed_data())
         except Exception as exc:  # noqa: BLE001 - a mapper failed: the step fails, visibly
             message = (
                 exc.reason if isinstance(exc, InvalidSagaData) else f"{type(exc).__name__}: {exc}"
@@ -623,9 +659,7 @@ class _Transition:
         self.wait = None
         self.deadline_at = None
         try:
-            payload = spec.build_payload(
-                self.definition.parse_data(self.data, saga_id=self.before.saga_id)
-            )
+            payload = spec.build_payload(self.parsed_data())
         except Exception:  # noqa: BLE001 - the dead letter still names what could not be built
             payload = {}
         command = self.command(step_def, spec, StepKind.COMPENSATE, self.attempt, payload)
@@ -691,20 +725,14 @@ class _Transition:
             )
             for number, pending in enumerate(self.pending_events)
         )
-        event = self.event
-        history = HistoryEntry(
-            saga_id=before.saga_id,
+        history = _history(
+            before,
+            self.event,
             version=version,
-            at=self.at,
-            input=type(event).__name__,
+            outcome="applied",
             from_status=None if self.created else before.status,
             to_status=self.status,
-            step=getattr(event, "step", None),
-            attempt=getattr(event, "attempt", None),
-            kind=getattr(event, "kind", None),
             reason=self.reason,
-            actor=getattr(event, "actor", None),
-            message_id=getattr(event, "message_id", None),
         )
         return Decision(
             instance=instance,

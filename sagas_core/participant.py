@@ -302,8 +302,12 @@ class Participant:
         self._locks[step_key] = (lock, users + 1)
         try:
             async with lock:
+                cached = await self.idempotency.get(key)
+                if cached is not None:
+                    return cached  # the truth, even if the step was compensated since
+                tombstone = _tombstone_key(command.saga_id, command.step)
                 if command.kind is StepKind.EXECUTE:
-                    if await self.idempotency.get(_tombstone_key(command.saga_id, command.step)):
+                    if await self.idempotency.get(tombstone):
                         return CachedOutcome(
                             ReplyStatus.FAILED,
                             {},
@@ -313,13 +317,7 @@ class Participant:
                             ),
                         )
                 else:
-                    await self.idempotency.put(
-                        _tombstone_key(command.saga_id, command.step),
-                        CachedOutcome(ReplyStatus.SUCCEEDED, {}),
-                    )
-                cached = await self.idempotency.get(key)
-                if cached is not None:
-                    return cached
+                    await self.idempotency.put(tombstone, CachedOutcome(ReplyStatus.SUCCEEDED, {}))
                 outcome = await self._run(command)
                 if outcome.error is None or not outcome.error.retryable:
                     await self.idempotency.put(key, outcome)

@@ -123,6 +123,9 @@ class OutboxRelay:
         """Publish until :meth:`stop` is called (errors are logged, then retried)."""
         failures = 0
         while not self._stopping:
+            # Clear before claiming, not after: a kick for a commit made while this round was
+            # claiming must wake the next wait instead of being lost for a poll interval.
+            self._wake.clear()
             try:
                 published = await self.run_once()
                 failures = 0
@@ -134,7 +137,6 @@ class OutboxRelay:
             if published >= self.batch_size:
                 continue  # more is likely waiting
             if published == 0:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 

@@ -181,14 +181,15 @@ class SagaRuntime:
             await subscription.close()
         self._subscriptions.clear()
         self.timeouts.stop()
-        remaining = await self.relay.flush(timeout=grace)
-        if remaining:
-            _log.warning("%d outbox message(s) left unpublished; they go out on restart", remaining)
         self.relay.stop()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=grace)
         self._tasks.clear()
+        # The relay's loop has ended: flushing now cannot race it for the same records.
+        remaining = await self.relay.flush(timeout=grace)
+        if remaining:
+            _log.warning("%d outbox message(s) left unpublished; they go out on restart", remaining)
         if self._owns_bus:
             await self.bus.close()
 

@@ -46,6 +46,7 @@ class TimeoutService:
     async def run(self) -> None:
         """Poll until :meth:`stop` is called (errors are logged, then retried)."""
         while not self._stopping:
+            self._wake.clear()  # before the round, so a stop() during it is not lost
             try:
                 fired = await self.run_once()
             except Exception:  # noqa: BLE001 - the loop must survive and retry
@@ -53,7 +54,6 @@ class TimeoutService:
                 fired = 0
             if fired >= self.batch_size:
                 continue
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 

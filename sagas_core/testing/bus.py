@@ -71,16 +71,24 @@ class InMemoryBus:
     until a consumer takes them (like a durable queue); several subscriptions on one queue
     compete. Each event subscription gets its own queue bound by topic pattern. A handler that
     raises gets its message redelivered, up to ``max_deliveries`` in all; then the message goes
-    to the dead-letter queue with an ``x-death-reason`` header.
+    to the dead-letter queue with an ``x-death-reason`` header. Closing a subscription lets the
+    messages being handled finish first, for up to ``close_timeout`` seconds.
 
     Test hooks: :meth:`fail_next_publishes` makes publishes raise ``PublishError`` (nothing is
     delivered), ``duplicate_deliveries`` delivers every message twice, and :attr:`published`
     records everything accepted.
     """
 
-    def __init__(self, *, max_deliveries: int = 5, duplicate_deliveries: bool = False) -> None:
+    def __init__(
+        self,
+        *,
+        max_deliveries: int = 5,
+        duplicate_deliveries: bool = False,
+        close_timeout: float = 10.0,
+    ) -> None:
         self.max_deliveries = max_deliveries
         self.duplicate_deliveries = duplicate_deliveries
+        self.close_timeout = close_timeout
         self.published: list[Envelope] = []
         self._queues: dict[tuple[RouteKind, str], _Queue] = {}
         self._event_queues: list[tuple[str, _Queue]] = []
@@ -184,17 +192,31 @@ class InMemoryBus:
             while True:
                 delivery = await queue.messages.get()
                 self._in_flight += 1
+                handling = asyncio.ensure_future(self._handle(queue, handler, delivery))
                 try:
-                    await handler(delivery.envelope)
+                    await asyncio.shield(handling)
                 except asyncio.CancelledError:
-                    queue.messages.put_nowait(delivery)  # not acked: back to the queue
+                    # Closing: like a broker consumer, let the message being handled finish
+                    # (acked or handed back) before stopping; cancel it only past the bound.
+                    await asyncio.wait({handling}, timeout=self.close_timeout)
+                    if not handling.done():
+                        handling.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await handling
                     raise
-                except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
-                    self._redeliver(queue, delivery, exc)
                 finally:
                     self._in_flight -= 1
         finally:
             queue.consumers -= 1
+
+    async def _handle(self, queue: _Queue, handler: MessageHandler, delivery: _Delivery) -> None:
+        try:
+            await handler(delivery.envelope)
+        except asyncio.CancelledError:
+            queue.messages.put_nowait(delivery)  # not acked: back to the queue
+            raise
+        except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
+            self._redeliver(queue, delivery, exc)
 
     def _redeliver(self, queue: _Queue, delivery: _Delivery, exc: Exception) -> None:
         if delivery.count < self.max_deliveries:

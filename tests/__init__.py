@@ -1,0 +1,1 @@
+"""Test suites of sagas: unit, contracts (per port, run per backend), integration, faults."""

@@ -1,0 +1,1 @@
+"""Contract test suites: one base class per port, subclassed once per backend."""

@@ -1,0 +1,155 @@
+"""The public surface is pinned: adding, removing or renaming a public name is a deliberate act.
+
+Update the lists below in the same change that alters an ``__all__`` (and the changelog).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from types import ModuleType
+
+import pytest
+
+SAGAS_ABSTRACTIONS = [
+    "Clock",
+    "CommandMessage",
+    "Compensate",
+    "ConcurrencyConflict",
+    "DeadLetterMessage",
+    "DeadlineStore",
+    "DefinitionChanged",
+    "DuplicateMessage",
+    "Envelope",
+    "ErrorInfo",
+    "EventKind",
+    "HistoryEntry",
+    "InboxEntry",
+    "InvalidDefinition",
+    "InvalidOperation",
+    "InvalidSagaData",
+    "MessageBus",
+    "MessageDecodeError",
+    "MessageHandler",
+    "OperatorInput",
+    "OutboxRecord",
+    "OutboxStore",
+    "ParticipantError",
+    "PublishError",
+    "ReplyMessage",
+    "ReplyStatus",
+    "Resolve",
+    "RetryCompensation",
+    "RetryDue",
+    "RetryableError",
+    "RouteKind",
+    "SagaAlreadyExists",
+    "SagaChange",
+    "SagaError",
+    "SagaEvent",
+    "SagaInput",
+    "SagaInstance",
+    "SagaNotFound",
+    "SagaReader",
+    "SagaRepository",
+    "SagaStatus",
+    "SagaStore",
+    "SagaTimeout",
+    "Start",
+    "StepFailed",
+    "StepInput",
+    "StepKind",
+    "StepState",
+    "StepStatus",
+    "StepSucceeded",
+    "StoreError",
+    "Subscription",
+    "Timeout",
+    "TransportError",
+    "UnknownSagaType",
+    "WaitKind",
+]
+
+SAGAS_CORE = [
+    "ActionKind",
+    "ActionSpec",
+    "Backoff",
+    "CachedOutcome",
+    "CommandContext",
+    "Decision",
+    "Dependencies",
+    "ExponentialBackoff",
+    "FixedBackoff",
+    "IdempotencyStore",
+    "InMemoryIdempotencyStore",
+    "MissingDependency",
+    "Orchestrator",
+    "OrphanReplyPolicy",
+    "OutboxRelay",
+    "Participant",
+    "Resolver",
+    "RetryPolicy",
+    "SagaBuilder",
+    "SagaDefinition",
+    "SagaRegistry",
+    "SagaRuntime",
+    "StepBuilder",
+    "StepDefinition",
+    "SystemClock",
+    "TimeoutService",
+    "__version__",
+    "decide",
+    "due_input",
+    "exponential",
+    "fixed",
+    "local_destination",
+    "no_retry",
+    "reply_queue",
+]
+
+SAGAS_CORE_TESTING = [
+    "FakeClock",
+    "InMemoryBus",
+    "InMemorySagaStore",
+    "SagaTestHarness",
+    "StubParticipant",
+    "StubScript",
+    "topic_matches",
+]
+
+PINNED = {
+    "sagas_abstractions": SAGAS_ABSTRACTIONS,
+    "sagas_core": SAGAS_CORE,
+    "sagas_core.testing": SAGAS_CORE_TESTING,
+}
+
+
+def module(name: str) -> ModuleType:
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_all_lists_exactly_the_pinned_public_names(name: str) -> None:
+    assert list(module(name).__all__) == PINNED[name]
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_all_is_sorted_without_duplicates(name: str) -> None:
+    exported = list(module(name).__all__)
+    assert exported == sorted(set(exported))
+
+
+@pytest.mark.parametrize(
+    ("name", "public"), [(name, public) for name, names in PINNED.items() for public in names]
+)
+def test_every_public_name_is_importable_and_documented(name: str, public: str) -> None:
+    value = getattr(module(name), public)
+
+    if inspect.isclass(value):
+        assert value.__dict__.get("__doc__"), f"{name}.{public} has no docstring"
+    elif inspect.isfunction(value):
+        assert inspect.getdoc(value), f"{name}.{public} has no docstring"
+
+
+def test_the_package_version_is_a_string() -> None:
+    assert isinstance(module("sagas_core").__version__, str)

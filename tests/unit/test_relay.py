@@ -1,0 +1,132 @@
+"""The outbox relay: publish committed messages, keep each saga's order, retry failures."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sagas_abstractions import Envelope, OutboxRecord, PublishError, RouteKind
+from sagas_core import OutboxRelay
+from sagas_core.testing import FakeClock, InMemoryBus, InMemorySagaStore
+from tests.contracts.store_contract import insert, make_envelope, make_instance
+
+WAIT = 5.0
+
+
+async def fill(store: InMemorySagaStore, saga_id: str, *message_ids: str) -> None:
+    await store.save(
+        [insert(make_instance(saga_id), outbox=[make_envelope(m, saga_id) for m in message_ids])]
+    )
+
+
+def relay(store: InMemorySagaStore, bus: InMemoryBus, **kwargs: Any) -> OutboxRelay:
+    return OutboxRelay(store=store, bus=bus, clock=FakeClock(), **kwargs)
+
+
+class PickyBus(InMemoryBus):
+    """Refuses every publish that contains one of the given message ids."""
+
+    def __init__(self, refused: set[str]) -> None:
+        super().__init__()
+        self.refused = refused
+        self.calls: list[list[str]] = []
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.calls.append([envelope.message_id for envelope in envelopes])
+        if any(envelope.message_id in self.refused for envelope in envelopes):
+            raise PublishError("nacked")
+        await super().publish(envelopes)
+
+
+async def test_run_once_publishes_a_batch_and_marks_it_sent() -> None:
+    store, bus = InMemorySagaStore(), InMemoryBus()
+    await fill(store, "saga-1", "m-1", "m-2")
+    await fill(store, "saga-2", "m-3")
+
+    assert await relay(store, bus).run_once() == 3
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-1", "m-2", "m-3"]
+    assert await store.pending_count() == 0
+
+
+async def test_a_failed_batch_is_published_one_by_one_holding_back_the_failing_saga() -> None:
+    store = InMemorySagaStore()
+    bus = PickyBus(refused={"m-1"})
+    await fill(store, "saga-1", "m-1", "m-2")
+    await fill(store, "saga-2", "m-3")
+    outbox = relay(store, bus)
+
+    assert await outbox.run_once() == 0
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-3"]
+    assert bus.calls == [["m-1", "m-2", "m-3"], ["m-1"], ["m-3"]]
+    assert outbox.failures == 2
+    assert outbox.published == 1
+    assert await store.pending_count() == 2
+    attempts = {row.envelope.message_id: row.attempts for row in store.outbox_rows}
+    assert attempts == {"m-1": 1, "m-2": 1, "m-3": 0}
+
+
+async def test_released_records_go_out_once_their_backoff_is_over() -> None:
+    store, bus, clock = InMemorySagaStore(), InMemoryBus(), FakeClock()
+    await fill(store, "saga-1", "m-1")
+    outbox = OutboxRelay(store=store, bus=bus, clock=clock)
+    bus.fail_next_publishes(2)
+    assert await outbox.run_once() == 0
+
+    assert await outbox.run_once() == 0
+    clock.advance(timedelta(seconds=10))
+    assert await outbox.run_once() == 1
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-1"]
+
+
+async def test_flush_publishes_everything_pending_and_reports_what_remains() -> None:
+    store, bus = InMemorySagaStore(), InMemoryBus()
+    await fill(store, "saga-1", "m-1", "m-2")
+
+    assert await relay(store, bus, batch_size=1).flush(timeout=WAIT) == 0
+    assert len(bus.published) == 2
+
+
+class SlowClaimStore(InMemorySagaStore):
+    """The first claim finds nothing, then waits until the test lets it return."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming = asyncio.Event()
+        self.let_go = asyncio.Event()
+        self.claims = 0
+
+    async def claim(
+        self, *, owner: str, limit: int, lease: timedelta, now: datetime
+    ) -> builtins.list[OutboxRecord]:
+        self.claims += 1
+        found = await super().claim(owner=owner, limit=limit, lease=lease, now=now)
+        if self.claims == 1:
+            self.claiming.set()
+            await self.let_go.wait()
+        return found
+
+
+async def test_a_kick_that_arrives_during_an_empty_round_is_not_lost() -> None:
+    store, bus = SlowClaimStore(), InMemoryBus()
+    outbox = relay(store, bus, poll_interval=WAIT * 2)
+    running = asyncio.create_task(outbox.run())
+    try:
+        async with asyncio.timeout(WAIT):
+            await store.claiming.wait()
+            await fill(store, "saga-1", "m-1")  # committed while the relay was claiming...
+            outbox.kick()  # ...and the commit kicked it
+            store.let_go.set()
+            while not bus.published:  # noqa: ASYNC110 - polls the bus record
+                await asyncio.sleep(0.005)
+    finally:
+        outbox.stop()
+        async with asyncio.timeout(WAIT):
+            await running
+
+    assert [envelope.route for envelope in bus.published] == [RouteKind.COMMAND]

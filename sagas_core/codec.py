@@ -37,6 +37,7 @@ __all__ = [
     "HEADER_SAGA_TYPE",
     "HEADER_STEP",
     "REPLY_TYPE",
+    "dead_lettered",
     "decode_command",
     "decode_event",
     "decode_reply",
@@ -287,4 +288,13 @@ def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
             "headers": headers,
             "timestamp": dead.at,
         }
+    )
+
+
+def dead_lettered(envelope: Envelope, reason: str) -> Envelope:
+    """The same message, addressed to the dead-letter queue with ``reason`` in its headers."""
+    headers = dict(envelope.headers)
+    headers[HEADER_REASON] = reason
+    return envelope.model_copy(
+        update={"route": RouteKind.DEAD_LETTER, "key": DEAD_LETTER_KEY, "headers": headers}
     )

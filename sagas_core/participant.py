@@ -47,8 +47,7 @@ from sagas_abstractions import (
 )
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
-    DEAD_LETTER_KEY,
-    HEADER_REASON,
+    dead_lettered,
     decode_command,
     encode_reply,
 )
@@ -378,11 +377,7 @@ class Participant:
             return _failed(HANDLER_ERROR_CODE, f"{type(exc).__name__}: {exc}")
 
     def _dead_letter(self, envelope: Envelope) -> Envelope:
-        headers = dict(envelope.headers)
-        headers[HEADER_REASON] = f"{self.destination}: command cannot be decoded or answered"
-        return envelope.model_copy(
-            update={"route": RouteKind.DEAD_LETTER, "key": DEAD_LETTER_KEY, "headers": headers}
-        )
+        return dead_lettered(envelope, f"{self.destination}: command cannot be decoded or answered")
 
 
 def _failed(code: str, message: str, *, retryable: bool = False) -> CachedOutcome:

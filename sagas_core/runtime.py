@@ -19,7 +19,7 @@ from sagas_abstractions import (
 )
 from sagas_core.builder import local_destination
 from sagas_core.clock import SystemClock
-from sagas_core.codec import DEAD_LETTER_KEY, HEADER_REASON
+from sagas_core.codec import dead_lettered
 from sagas_core.di import Dependencies, Resolver
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
 from sagas_core.participant import Participant
@@ -158,18 +158,8 @@ class SagaRuntime:
             await self.orchestrator.handle_envelope(envelope)
         except SagaNotFound:
             # Orphan policy "dead-letter": park the reply for a human, then ack it.
-            headers = dict(envelope.headers)
-            headers[HEADER_REASON] = "reply for a saga that does not exist"
             await self.bus.publish(
-                [
-                    envelope.model_copy(
-                        update={
-                            "route": RouteKind.DEAD_LETTER,
-                            "key": DEAD_LETTER_KEY,
-                            "headers": headers,
-                        }
-                    )
-                ]
+                [dead_lettered(envelope, "reply for a saga that does not exist")]
             )
 
     async def stop(self, *, grace: float = 10.0) -> None:

@@ -1,7 +1,15 @@
 """RabbitMQ transport for sagas (aio-pika): topology, confirmed publishing, consumers.
 
-Install with ``pip install 'sagas[rabbitmq]'``. The transport itself lands with the RabbitMQ
-issue; until then this package only checks that its dependency is present.
+Install with ``pip install 'sagas[rabbitmq]'``. :class:`RabbitBus` implements the
+:class:`~sagas_abstractions.MessageBus` port; the wire contract it speaks, which participants in
+any language can follow, is ``docs/protocol.md``.
+
+Example:
+    ```python
+    from sagas_rabbitmq import RabbitBus
+
+    bus = await RabbitBus.connect("amqp://guest:guest@localhost/", prefix="shop")
+    ```
 """
 
 try:
@@ -11,4 +19,16 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
         "sagas_rabbitmq needs aio-pika: install it with  pip install 'sagas[rabbitmq]'"
     ) from exc
 
-__all__: list[str] = []
+from sagas_rabbitmq.bus import RabbitBus
+from sagas_rabbitmq.consumer import RabbitSubscription
+from sagas_rabbitmq.settings import RabbitSettings
+from sagas_rabbitmq.topology import DEAD_LETTER_REASON_HEADER, DELIVERY_COUNT_HEADER, Topology
+
+__all__ = [
+    "DEAD_LETTER_REASON_HEADER",
+    "DELIVERY_COUNT_HEADER",
+    "RabbitBus",
+    "RabbitSettings",
+    "RabbitSubscription",
+    "Topology",
+]

@@ -1,0 +1,387 @@
+"""``RabbitBus``: the :class:`~sagas_abstractions.MessageBus` port over RabbitMQ with aio-pika.
+
+One robust connection; one channel with publisher confirms for publishing, one for declaring
+queues (a 406 on a redeclaration closes only that channel), and one per subscription (its QoS
+is the subscription's prefetch). Every publish is bounded by a timeout, and a batch is
+published pipelined: all messages go out, then all confirms are awaited together.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Self
+
+import aio_pika
+import aiormq.exceptions
+
+from sagas_abstractions import Envelope, PublishError, RouteKind, TransportError
+from sagas_rabbitmq.consumer import RabbitSubscription
+from sagas_rabbitmq.errors import BROKER_ERRORS, publish_error, transport_error
+from sagas_rabbitmq.settings import RabbitSettings
+from sagas_rabbitmq.topology import Topology
+from sagas_rabbitmq.wire import to_amqp
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import TracebackType
+
+    from aio_pika.abc import (
+        AbstractExchange,
+        AbstractRobustChannel,
+        AbstractRobustConnection,
+        AbstractRobustQueue,
+    )
+
+    from sagas_abstractions import MessageHandler
+
+__all__ = ["RabbitBus"]
+
+_log = logging.getLogger("sagas.rabbitmq")
+
+
+class RabbitBus:
+    """Publishes envelopes with confirms and consumes them with acks after handling.
+
+    Create it with :meth:`connect` (or :meth:`from_settings`); the topology of
+    ``docs/protocol.md`` is declared there, idempotently. Delivery is at least once: receivers
+    deduplicate on ``message_id``.
+
+    Example:
+        ```python
+        bus = await RabbitBus.connect("amqp://guest:guest@localhost/", prefix="shop")
+        async with SagaRuntime(sagas=[order_saga], bus=bus, store=store):
+            ...
+        await bus.close()
+        ```
+
+    Attributes:
+        settings: How it connects and names things.
+        topology: The names and queue arguments in use.
+    """
+
+    def __init__(self, settings: RabbitSettings, connection: AbstractRobustConnection) -> None:
+        self.settings = settings
+        self.topology = Topology(
+            prefix=settings.prefix,
+            quorum=settings.quorum,
+            delivery_limit=settings.delivery_limit,
+            group=settings.group,
+        )
+        self._connection = connection
+        self._publish_channel: AbstractRobustChannel | None = None
+        self._declare_channel: AbstractRobustChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._command_queues: dict[str, AbstractRobustQueue] = {}
+        self._declare_lock = asyncio.Lock()
+        self._event_ordinals: Counter[str] = Counter()
+        self._subscriptions: set[RabbitSubscription] = set()
+        self._declared: set[str] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str,
+        *,
+        prefix: str = "sagas",
+        quorum: bool = True,
+        delivery_limit: int = 5,
+        prefetch: int | None = None,
+        publish_timeout: float = 5.0,
+        connect_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
+        close_timeout: float = 10.0,
+        group: str = "default",
+        connection_name: str | None = None,
+    ) -> RabbitBus:
+        """Connect to ``url`` and declare the topology (see :class:`RabbitSettings`).
+
+        Raises:
+            TransportError: The broker cannot be reached, or refuses the topology (for
+                example, a queue exists with other arguments).
+        """
+        return await cls.from_settings(
+            RabbitSettings(
+                url=url,
+                prefix=prefix,
+                quorum=quorum,
+                delivery_limit=delivery_limit,
+                prefetch=prefetch,
+                publish_timeout=publish_timeout,
+                connect_timeout=connect_timeout,
+                reconnect_interval=reconnect_interval,
+                close_timeout=close_timeout,
+                group=group,
+                connection_name=connection_name,
+            )
+        )
+
+    @classmethod
+    async def from_settings(cls, settings: RabbitSettings) -> RabbitBus:
+        """Connect with ``settings`` and declare the topology.
+
+        Raises:
+            TransportError: As for :meth:`connect`.
+        """
+        try:
+            connection = await aio_pika.connect_robust(
+                settings.url,
+                timeout=settings.connect_timeout,
+                reconnect_interval=settings.reconnect_interval,
+                client_properties={"connection_name": settings.client_name},
+            )
+        except BROKER_ERRORS as exc:
+            raise transport_error(f"connecting to {_safe_url(settings.url)}", exc) from exc
+        bus = cls(settings, connection)
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                await bus._declare_topology()
+        except BaseException as exc:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await connection.close()
+            if isinstance(exc, BROKER_ERRORS):
+                raise transport_error("declaring the topology", exc) from exc
+            raise
+        return bus
+
+    async def _declare_topology(self) -> None:
+        self._publish_channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._declare_channel = await self._connection.channel(publisher_confirms=False)
+        # Exchanges are declared once, on the publishing channel, and their objects reused.
+        for name, kind in self.topology.exchanges():
+            self._exchanges[name] = await self._publish_channel.declare_exchange(
+                name, aio_pika.ExchangeType(kind), durable=True
+            )
+        dead_letters = await self._declare_channel.declare_queue(
+            self.topology.dead_letter_queue,
+            durable=True,
+            arguments=self.topology.dead_letter_queue_arguments(),
+        )
+        await dead_letters.bind(self.topology.dead_letter_exchange, routing_key="")
+        self._declared.add(dead_letters.name)
+
+    async def close(self) -> None:
+        """Close every subscription (handlers in flight finish, bounded), then the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        with contextlib.suppress(*BROKER_ERRORS):
+            async with asyncio.timeout(self.settings.close_timeout):
+                await self._connection.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ introspection
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def subscriptions(self) -> tuple[RabbitSubscription, ...]:
+        """The running subscriptions."""
+        return tuple(self._subscriptions)
+
+    @property
+    def declared_queues(self) -> frozenset[str]:
+        """Names of the queues this bus declared (for operators and test clean-up)."""
+        return frozenset(self._declared)
+
+    async def is_ready(self) -> bool:
+        """Whether the connection is up and every subscription's consumer is registered.
+
+        Readiness should turn red while this is false: after a reconnection, a consumer that did
+        not come back is the failure mode to watch for.
+        """
+        if self._closed or self._connection.is_closed:
+            return False
+        for subscription in list(self._subscriptions):
+            if not await subscription.is_consuming():
+                return False
+        return True
+
+    # ------------------------------------------------------------------ publishing
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        """Publish a batch, persistent and mandatory, and wait for every confirm.
+
+        Raises:
+            PublishError: At least one envelope was returned as unroutable, nacked, or not
+                confirmed within ``publish_timeout`` (others may have been accepted;
+                publishing the batch again is safe).
+        """
+        if self._closed:
+            raise PublishError("RabbitMQ bus is closed; no message was published")
+        if not envelopes:
+            return
+        for destination in dict.fromkeys(e.key for e in envelopes if e.route is RouteKind.COMMAND):
+            try:
+                await self._command_queue(destination)
+            except BROKER_ERRORS as exc:
+                failed = next(
+                    e for e in envelopes if e.route is RouteKind.COMMAND and e.key == destination
+                )
+                raise publish_error(failed, exc) from exc
+        results = await asyncio.gather(
+            *(self._publish_one(envelope) for envelope in envelopes), return_exceptions=True
+        )
+        failures = [
+            (envelope, result)
+            for envelope, result in zip(envelopes, results, strict=True)
+            if isinstance(result, BaseException)
+        ]
+        if not failures:
+            return
+        for envelope, result in failures:
+            if envelope.route is RouteKind.COMMAND and isinstance(
+                result, aiormq.exceptions.PublishError
+            ):
+                # The queue was deleted behind our back: declare it again next time.
+                self._command_queues.pop(envelope.key, None)
+        envelope, first = failures[0]
+        error = publish_error(envelope, first)
+        if len(failures) > 1:
+            error.add_note(f"{len(failures) - 1} more of the {len(envelopes)} envelopes failed")
+        raise error from first
+
+    async def _publish_one(self, envelope: Envelope) -> None:
+        exchange = self._exchanges[self.topology.exchange_for(envelope.route)]
+        timeout = self.settings.publish_timeout
+        # aio-pika waits for a reconnection without a bound before it even sends: bound it all.
+        async with asyncio.timeout(timeout):
+            await exchange.publish(
+                to_amqp(envelope),
+                routing_key=envelope.key,
+                mandatory=self.topology.mandatory(envelope.route),
+                timeout=timeout,
+            )
+
+    async def _republish(self, exchange: str, routing_key: str, message: aio_pika.Message) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise TransportError("RabbitMQ bus is not connected")
+        target = channel.default_exchange if exchange == "" else self._exchanges[exchange]
+        async with asyncio.timeout(self.settings.publish_timeout):
+            await target.publish(
+                message, routing_key=routing_key, timeout=self.settings.publish_timeout
+            )
+
+    async def _command_queue(self, destination: str) -> None:
+        """Declare and bind a destination's queue once, so commands sent early are kept."""
+        if destination in self._command_queues:
+            return
+        async with self._declare_lock:
+            if destination in self._command_queues:
+                return
+            channel = self._declare_channel
+            if channel is None:
+                raise TransportError("RabbitMQ bus is not connected")
+            async with asyncio.timeout(self.settings.publish_timeout):
+                queue = await self._declare(channel, RouteKind.COMMAND, destination)
+            self._command_queues[destination] = queue
+
+    # ------------------------------------------------------------------ consuming
+
+    async def _declare(
+        self, channel: AbstractRobustChannel, route: RouteKind, key: str
+    ) -> AbstractRobustQueue:
+        topology = self.topology
+        arguments = topology.queue_arguments()
+        if route is RouteKind.COMMAND:
+            name, exchange, binding = topology.command_queue(key), topology.commands_exchange, key
+        elif route is RouteKind.REPLY:
+            name, exchange, binding = topology.reply_queue(key), topology.replies_exchange, key
+        elif route is RouteKind.EVENT:
+            self._event_ordinals[key] += 1
+            name = topology.event_queue(key, self._event_ordinals[key])
+            exchange, binding = topology.events_exchange, key
+        else:
+            name, exchange, binding = (
+                topology.dead_letter_queue,
+                topology.dead_letter_exchange,
+                "",
+            )
+            arguments = topology.dead_letter_queue_arguments()
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
+        await queue.bind(exchange, routing_key=binding)
+        self._declared.add(name)
+        return queue
+
+    async def subscribe(
+        self,
+        route: RouteKind,
+        key: str,
+        handler: MessageHandler,
+        *,
+        concurrency: int = 1,
+    ) -> RabbitSubscription:
+        """Consume ``route``/``key`` on a channel of its own with up to ``concurrency`` handlers.
+
+        The queue is declared (and bound) if needed; the channel's prefetch is ``prefetch`` or
+        ``concurrency``. A handler that returns acks its message; one that raises hands it back,
+        up to ``delivery_limit`` times, then it goes to the dead-letter queue.
+
+        Raises:
+            ValueError: ``concurrency`` is below one.
+            TransportError: The bus is closed, or the broker refused the queue or consumer.
+        """
+        if concurrency < 1:
+            raise ValueError("concurrency must be >= 1")
+        if self._closed:
+            raise TransportError("RabbitMQ bus is closed; cannot subscribe")
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                channel = await self._connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=self.settings.prefetch or concurrency)
+                queue = await self._declare(channel, route, key)
+                subscription = RabbitSubscription(
+                    channel=channel,
+                    queue=queue,
+                    route=route,
+                    key=key,
+                    handler=handler,
+                    concurrency=concurrency,
+                    topology=self.topology,
+                    republish=self._republish,
+                    close_timeout=self.settings.close_timeout,
+                    on_closed=self._subscriptions.discard,
+                )
+                await subscription.start()
+                self._subscriptions.add(subscription)
+        except BROKER_ERRORS as exc:
+            if channel is not None:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
+            raise transport_error(f"subscribing to {route.value}/{key}", exc) from exc
+        _log.debug("consuming %s with concurrency %d", subscription.queue_name, concurrency)
+        return subscription
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    head, sep, tail = url.rpartition("@")
+    if not sep:
+        return url
+    scheme, _, credentials = head.partition("://")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{tail}"

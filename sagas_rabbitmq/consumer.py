@@ -1,0 +1,264 @@
+"""One subscription: its own channel, QoS, a consumer, and handlers with bounded concurrency.
+
+Handlers run in tasks the subscription owns, not in aiormq's consumer tasks: closing a channel
+(say, when the connection drops) cancels aiormq's tasks, and a handler cancelled halfway through
+its database transaction is worse than one that finishes and then fails to ack (the broker
+redelivers that message and the receiver deduplicates it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+import aio_pika
+
+from sagas_abstractions import Envelope, MessageDecodeError, RouteKind
+from sagas_rabbitmq.errors import BROKER_ERRORS
+from sagas_rabbitmq.topology import (
+    DEAD_LETTER_REASON_HEADER,
+    DELIVERY_COUNT_HEADER,
+    ROUTING_KEY_HEADER,
+    Topology,
+)
+from sagas_rabbitmq.wire import from_amqp, header_text, to_amqp
+
+if TYPE_CHECKING:
+    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+
+    from sagas_abstractions import MessageHandler
+
+__all__ = ["RabbitSubscription", "Republish"]
+
+_log = logging.getLogger("sagas.rabbitmq.consumer")
+
+Republish = Callable[[str, str, aio_pika.Message], Awaitable[None]]
+"""Publishes ``message`` to exchange ``[0]`` with routing key ``[1]``, confirmed, or raises."""
+
+_SETTLE_TIMEOUT = 5.0
+
+
+def _routing_key(message: AbstractIncomingMessage) -> str:
+    """The routing key the message was first published with (a classic retry keeps it)."""
+    original = (message.headers or {}).get(ROUTING_KEY_HEADER)
+    if original:
+        return header_text(original)
+    return message.routing_key or ""
+
+
+class RabbitSubscription:
+    """A running consumer of one queue (implements :class:`~sagas_abstractions.Subscription`).
+
+    It keeps strong references to its channel and queue so the robust connection can restore
+    the consumer after a reconnection (a consumer whose queue object was garbage-collected
+    silently never comes back).
+
+    Attributes:
+        route: The route consumed.
+        key: The key (destination, reply address, topic pattern) consumed.
+        queue_name: The queue consumed.
+        concurrency: Handlers run at once, at most.
+        handled: Messages acked after their handler returned.
+        failed: Handler failures (each one a redelivery or a dead-lettering).
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: AbstractRobustChannel,
+        queue: AbstractRobustQueue,
+        route: RouteKind,
+        key: str,
+        handler: MessageHandler,
+        concurrency: int,
+        topology: Topology,
+        republish: Republish,
+        close_timeout: float,
+        on_closed: Callable[[RabbitSubscription], None],
+    ) -> None:
+        self.route = route
+        self.key = key
+        self.queue_name = queue.name
+        self.concurrency = concurrency
+        self.handled = 0
+        self.failed = 0
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._topology = topology
+        self._republish = republish
+        self._close_timeout = close_timeout
+        self._on_closed = on_closed
+        self._slots = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._consumer_tag: str | None = None
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        """Messages received and not settled yet."""
+        return len(self._tasks)
+
+    async def start(self) -> None:
+        """Start consuming (manual acks)."""
+        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def is_consuming(self) -> bool:
+        """Whether the broker currently knows this consumer (false while reconnecting)."""
+        if self._closing or self._consumer_tag is None or self._channel.is_closed:
+            return False
+        try:
+            async with asyncio.timeout(0.5):
+                underlay = await self._channel.get_underlay_channel()
+        except BROKER_ERRORS:
+            return False
+        return self._consumer_tag in getattr(underlay, "consumers", {})
+
+    # ------------------------------------------------------------------ deliveries
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        if self._closing:
+            await self._settle(message.nack(requeue=True), message, "nack")
+            return
+        task = asyncio.create_task(
+            self._handle(message), name=f"sagas-rabbitmq:{self.queue_name}:{message.message_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _envelope_key(self, message: AbstractIncomingMessage) -> str:
+        if self.route in (RouteKind.EVENT, RouteKind.DEAD_LETTER):
+            return _routing_key(message) or self.key
+        return self.key
+
+    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        async with self._slots:
+            try:
+                envelope = from_amqp(message, self.route, self._envelope_key(message))
+            except MessageDecodeError:
+                _log.exception("dead-lettering a message on %s that breaks the protocol", self.key)
+                await self._settle(message.reject(requeue=False), message, "reject")
+                return
+            try:
+                await self._handler(envelope)
+            except asyncio.CancelledError:
+                # Cancelled by close() after its grace period: hand the message back.
+                with contextlib.suppress(*BROKER_ERRORS):
+                    async with asyncio.timeout(1.0):
+                        await message.nack(requeue=True)
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
+                self.failed += 1
+                await self._failed(message, envelope, exc)
+                return
+            if await self._settle(message.ack(), message, "ack"):
+                self.handled += 1
+
+    async def _settle(
+        self, action: Awaitable[None], message: AbstractIncomingMessage, what: str
+    ) -> bool:
+        try:
+            async with asyncio.timeout(_SETTLE_TIMEOUT):
+                await action
+        except BROKER_ERRORS as exc:
+            # The channel went away (a reconnection): the broker redelivers the message, and
+            # the receiver deduplicates it by message_id.
+            _log.warning(
+                "%s of %s on %s lost (%s); the broker will redeliver it",
+                what,
+                message.message_id,
+                self.queue_name,
+                exc,
+            )
+            return False
+        return True
+
+    async def _failed(
+        self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
+    ) -> None:
+        if self._topology.quorum:
+            # The quorum queue counts deliveries and dead-letters past x-delivery-limit.
+            _log.warning(
+                "handler failed for %s on %s (delivery count %s), handing it back: %s",
+                envelope.message_id,
+                self.queue_name,
+                envelope.headers.get("x-delivery-count", "0"),
+                exc,
+            )
+            await self._settle(message.nack(requeue=True), message, "nack")
+            return
+        await self._failed_classic(message, envelope, exc)
+
+    async def _failed_classic(
+        self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
+    ) -> None:
+        # Classic queues do not count deliveries: republish a copy carrying the count (at the
+        # tail of the queue), or, past the limit, to the dead-letter exchange with the reason.
+        # Only then ack the original, so a failure in between loses nothing.
+        headers = dict(envelope.headers)
+        count = int(headers.get(DELIVERY_COUNT_HEADER, "0") or "0")
+        if count >= self._topology.delivery_limit:
+            _log.error(
+                "handler failed for %s on %s %d times, dead-lettering it: %s",
+                envelope.message_id,
+                self.queue_name,
+                count + 1,
+                exc,
+            )
+            headers[DEAD_LETTER_REASON_HEADER] = header_text(
+                f"delivery limit {self._topology.delivery_limit} reached in queue "
+                f"{self.queue_name}: {type(exc).__name__}: {exc}"
+            )
+            exchange, routing_key = self._topology.dead_letter_exchange, _routing_key(message)
+        else:
+            _log.warning(
+                "handler failed for %s on %s (redelivery %d of %d): %s",
+                envelope.message_id,
+                self.queue_name,
+                count + 1,
+                self._topology.delivery_limit,
+                exc,
+            )
+            headers[DELIVERY_COUNT_HEADER] = str(count + 1)
+            headers[ROUTING_KEY_HEADER] = _routing_key(message)
+            exchange, routing_key = "", self.queue_name
+        try:
+            await self._republish(exchange, routing_key, to_amqp(envelope, headers=headers))
+        except Exception:  # noqa: BLE001 - any failure: keep the original instead
+            _log.exception("republishing %s failed; requeueing it", envelope.message_id)
+            await self._settle(message.nack(requeue=True), message, "nack")
+            return
+        await self._settle(message.ack(), message, "ack")
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(self) -> None:
+        """Cancel the consumer, let handlers in flight finish (bounded), close the channel."""
+        if self._closing:
+            return
+        self._closing = True
+        try:
+            if self._consumer_tag is not None:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    async with asyncio.timeout(self._close_timeout):
+                        await self._queue.cancel(self._consumer_tag)
+            if self._tasks:
+                _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    _log.warning(
+                        "%d handler(s) on %s did not finish in %.1fs; cancelled, to be redelivered",
+                        len(pending),
+                        self.queue_name,
+                        self._close_timeout,
+                    )
+                    await asyncio.gather(*pending, return_exceptions=True)
+            with contextlib.suppress(*BROKER_ERRORS):
+                async with asyncio.timeout(self._close_timeout):
+                    await self._channel.close()
+        finally:
+            self._on_closed(self)

@@ -1,0 +1,41 @@
+"""Translate aio-pika/aiormq errors into the sagas error tree (``TransportError`` and below)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiormq.exceptions
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from sagas_abstractions import Envelope, PublishError, TransportError
+
+__all__ = ["BROKER_ERRORS", "publish_error", "transport_error"]
+
+BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, TimeoutError)
+"""What the client raises when the broker or the connection fails."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        return f"unroutable (returned by the broker: {exc.args[0] if exc.args else exc})"
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return "rejected by the broker (nack)"
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+        return "not confirmed in time (the connection may be recovering)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def publish_error(envelope: Envelope, exc: BaseException) -> PublishError:
+    """A :class:`PublishError` naming the envelope and what went wrong."""
+    return PublishError(
+        f"message {envelope.message_id!r} to {envelope.route.value}/{envelope.key} was not "
+        f"accepted: {_describe(exc)}; publishing it again is safe (receivers dedupe)",
+        saga_id=envelope.correlation_id,
+        saga_type=envelope.headers.get("x-saga-type"),
+        step=envelope.headers.get("x-saga-step"),
+    )
+
+
+def transport_error(what: str, exc: BaseException) -> TransportError:
+    """A :class:`TransportError` saying what failed; chain ``exc`` with ``raise ... from``."""
+    return TransportError(f"RabbitMQ: {what} failed: {_describe(exc)}")

@@ -1,0 +1,63 @@
+"""Settings of the RabbitMQ transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["RabbitSettings"]
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitSettings:
+    """How :class:`~sagas_rabbitmq.RabbitBus` connects and names its topology.
+
+    Attributes:
+        url: The AMQP URL, for example ``amqp://guest:guest@localhost:5672/``.
+        prefix: Prefix of every exchange and queue name (``<prefix>.commands`` ...); give each
+            environment, or each test run, its own.
+        quorum: Declare quorum queues (the default); ``False`` falls back to classic queues,
+            where the bus counts redeliveries itself (docs/protocol.md, "Redelivery").
+        delivery_limit: How many times a failing message is handed back for redelivery before
+            it goes to the dead-letter queue (RabbitMQ's ``x-delivery-limit``): a message is
+            delivered at most ``delivery_limit + 1`` times.
+        prefetch: Messages the broker sends a subscription ahead of its handlers; ``None``
+            means equal to the subscription's concurrency.
+        publish_timeout: Seconds a publish may take, confirm included, before it counts as
+            failed (aio-pika can otherwise wait for a reconnection indefinitely).
+        connect_timeout: Seconds the first connection may take.
+        reconnect_interval: Seconds between reconnection attempts after the connection drops.
+        close_timeout: Seconds :meth:`~sagas_rabbitmq.RabbitBus.close` waits for handlers in
+            flight before cancelling them (their messages are redelivered).
+        group: The consumer group; it names event subscription queues, so the processes of
+            one group share them (competing consumers) and other groups get their own copies.
+        connection_name: Shown by ``rabbitmqctl list_connections``; defaults to
+            ``sagas:<prefix>:<group>``.
+    """
+
+    url: str = "amqp://guest:guest@localhost:5672/"
+    prefix: str = "sagas"
+    quorum: bool = True
+    delivery_limit: int = 5
+    prefetch: int | None = None
+    publish_timeout: float = 5.0
+    connect_timeout: float = 10.0
+    reconnect_interval: float = 1.0
+    close_timeout: float = 10.0
+    group: str = "default"
+    connection_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ValueError(f"prefix must be a non-empty word, got {self.prefix!r}")
+        if self.delivery_limit < 0:
+            raise ValueError(f"delivery_limit must be >= 0, got {self.delivery_limit}")
+        if self.prefetch is not None and self.prefetch < 1:
+            raise ValueError(f"prefetch must be >= 1 or None, got {self.prefetch}")
+        for name in ("publish_timeout", "connect_timeout", "reconnect_interval", "close_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def client_name(self) -> str:
+        """The connection name the broker shows."""
+        return self.connection_name or f"sagas:{self.prefix}:{self.group}"

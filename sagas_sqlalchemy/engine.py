@@ -1,0 +1,108 @@
+"""Engines for the sagas store: URL normalisation and the SQLite connection setup.
+
+PostgreSQL goes through psycopg 3 by default: the same ``postgresql+psycopg://`` URL serves the
+async runtime and the synchronous Alembic migrations, and psycopg has no statement cache that
+goes stale when another process runs DDL (asyncpg's does). asyncpg URLs work too.
+
+SQLite goes through aiosqlite with WAL journaling (readers never block the writer), a busy
+timeout (writers wait for each other instead of failing) and foreign keys on. Python's sqlite3
+module would open transactions lazily and only before DML; we switch that off and emit ``BEGIN``
+ourselves, ``BEGIN IMMEDIATE`` for writers, so a writer takes the database lock up front and two
+writers never deadlock upgrading a read lock.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import StaticPool
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+__all__ = ["BEGIN_MODE", "async_url", "create_engine", "is_sqlite", "sync_url"]
+
+BEGIN_MODE = "sagas_sqlite_begin"
+"""Execution option naming how a SQLite transaction begins (``DEFERRED`` or ``IMMEDIATE``)."""
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_ASYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "aiosqlite"}
+_SYNC_DRIVERS = {"asyncpg": "psycopg", "aiosqlite": "pysqlite", "psycopg_async": "psycopg"}
+
+
+def async_url(url: str | URL) -> URL:
+    """The async-driver form of ``url``: psycopg for PostgreSQL, aiosqlite for SQLite.
+
+    A URL that names a driver already keeps it (``postgresql+asyncpg://`` stays asyncpg).
+    """
+    parsed = make_url(url)
+    if parsed.drivername == "postgres":
+        parsed = parsed.set(drivername="postgresql")
+    if "+" not in parsed.drivername and parsed.drivername in _ASYNC_DRIVERS:
+        parsed = parsed.set(drivername=f"{parsed.drivername}+{_ASYNC_DRIVERS[parsed.drivername]}")
+    return parsed
+
+
+def sync_url(url: str | URL) -> URL:
+    """The synchronous-driver form of ``url`` (for Alembic): psycopg or pysqlite."""
+    parsed = async_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    if driver in _SYNC_DRIVERS:
+        parsed = parsed.set(drivername=f"{backend}+{_SYNC_DRIVERS[driver]}")
+    return parsed
+
+
+def is_sqlite(url: str | URL) -> bool:
+    """Whether ``url`` points at SQLite."""
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def _is_memory(url: URL) -> bool:
+    return url.database in (None, "", ":memory:")
+
+
+def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
+    """Create the async engine of one store (``pool_pre_ping`` on).
+
+    Args:
+        url: Database URL; ``postgresql://`` means psycopg 3, ``sqlite:///path`` aiosqlite.
+        **kwargs: Passed to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
+    """
+    parsed = async_url(url)
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if parsed.get_backend_name() == "sqlite" and _is_memory(parsed):
+        # Every connection to :memory: is its own database: share exactly one.
+        options = {"poolclass": StaticPool}
+    options.update(kwargs)
+    engine = create_async_engine(parsed, **options)
+    if parsed.get_backend_name() == "sqlite":
+        install_sqlite_hooks(engine.sync_engine)
+    return engine
+
+
+def install_sqlite_hooks(engine: Engine) -> None:
+    """Set WAL, busy timeout and foreign keys on every connection; emit ``BEGIN`` explicitly.
+
+    Works for the async engine's ``sync_engine`` and for the sync engine Alembic uses.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we emit BEGIN ourselves (see module docstring)
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        mode = connection.get_execution_options().get(BEGIN_MODE, "DEFERRED")
+        connection.exec_driver_sql(f"BEGIN {mode}")

@@ -1,0 +1,701 @@
+"""The SQL saga store: every state port over four tables, with optimistic concurrency.
+
+One :meth:`SqlSagaStore.save` is one database transaction: the saga rows (inserted, or updated
+``WHERE saga_id = :id AND version = :v``), the history rows, the outbox rows and the inbox row
+commit together or not at all. Driver errors never leak: they are translated into
+:mod:`sagas_abstractions.errors` with the saga named and the driver error as ``__cause__``.
+
+Outbox claims keep each saga's messages in order across competing relays. A claim first locks
+the *head* (earliest unsent record) of each saga it takes (``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL, the database write lock of ``BEGIN IMMEDIATE`` on SQLite), then leases the saga's
+following records up to the first one it may not take. Whoever holds a saga's head holds the
+saga, so two relays never lease records of one saga at the same time.
+
+Inbox pruning policy: an inbox row only has to outlive every redelivery of its message. Brokers
+redeliver within minutes to hours; keep a generous margin (default advice: 7 days) and call
+:meth:`SqlSagaStore.prune_inbox` periodically. A reply that arrives after its inbox row was
+pruned is still harmless for the orchestrator: its attempt number is no longer current, so the
+engine records it as stale and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import TYPE_CHECKING, Any
+
+import sqlalchemy as sa
+from pydantic import ValidationError
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+
+from sagas_abstractions import (
+    ConcurrencyConflict,
+    DuplicateMessage,
+    Envelope,
+    HistoryEntry,
+    InvalidSagaData,
+    OutboxRecord,
+    RouteKind,
+    SagaChange,
+    SagaInstance,
+    SagaStatus,
+    StoreError,
+)
+from sagas_sqlalchemy.engine import BEGIN_MODE, create_engine
+from sagas_sqlalchemy.migrate import upgrade_engine
+from sagas_sqlalchemy.tables import DEFAULT_TABLE_PREFIX, SagaTables, build_tables
+
+if TYPE_CHECKING:
+    import builtins
+    from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+    from datetime import datetime, timedelta
+
+    from sqlalchemy.engine import URL, RowMapping
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+__all__ = ["SqlSagaStore", "create_store"]
+
+# PostgreSQL SQLSTATEs that mean "another transaction got in the way; try again".
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+_JSON_FIELDS = frozenset({"data", "steps", "error", "trace_context"})
+
+
+class SqlSagaStore:
+    """A :class:`~sagas_abstractions.SagaRepository` over PostgreSQL or SQLite.
+
+    Build it with :func:`create_store` (or :meth:`from_url`), which owns its engine; close it
+    with :meth:`close`. It can also wrap an engine the caller owns (then :meth:`close` leaves
+    the engine alone).
+
+    Args:
+        engine: An async engine (see :func:`sagas_sqlalchemy.engine.create_engine` for the
+            SQLite setup it needs).
+        table_prefix: Prefix of every table and index name.
+        create_tables: Create missing tables from the metadata on first use (no Alembic
+            history; handy for tests and throwaway databases).
+        migrate: Run the Alembic migrations to head on first use.
+        owns_engine: Whether :meth:`close` disposes the engine.
+    """
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        create_tables: bool = False,
+        migrate: bool = False,
+        owns_engine: bool = False,
+    ) -> None:
+        self._engine = engine
+        self._tables = build_tables(table_prefix)
+        self._dialect = engine.dialect.name
+        self._create_tables = create_tables
+        self._migrate = migrate
+        self._owns_engine = owns_engine
+        self._ready = not (create_tables or migrate)
+        self._ready_lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        create_tables: bool = False,
+        migrate: bool | None = None,
+        **engine_options: Any,
+    ) -> SqlSagaStore:
+        """Create a store with its own engine (``pool_pre_ping`` on).
+
+        Args:
+            url: ``postgresql+psycopg://...`` (``postgresql://`` means psycopg too),
+                ``postgresql+asyncpg://...`` or ``sqlite+aiosqlite:///path``.
+            table_prefix: Prefix of every table and index name.
+            create_tables: Create missing tables from the metadata on first use.
+            migrate: Run the migrations to head on first use. ``None`` (the default) migrates
+                SQLite, the embedded default, and never a server database: opt in for those.
+            **engine_options: Passed to ``create_async_engine``.
+        """
+        engine = create_engine(url, **engine_options)
+        if migrate is None:
+            migrate = engine.dialect.name == "sqlite"
+        return cls(
+            engine,
+            table_prefix=table_prefix,
+            create_tables=create_tables,
+            migrate=migrate,
+            owns_engine=True,
+        )
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this store uses."""
+        return self._engine
+
+    @property
+    def tables(self) -> SagaTables:
+        """The tables this store uses."""
+        return self._tables
+
+    async def close(self) -> None:
+        """Release the store's connections (disposes the engine if the store owns it)."""
+        if self._owns_engine:
+            await self._engine.dispose()
+
+    async def initialize(self) -> None:
+        """Create or migrate the tables now, if asked to, instead of on first use."""
+        if self._ready:
+            return
+        async with self._ready_lock:
+            if not self._ready:  # another task may have prepared the tables while we waited
+                await self._prepare()
+                self._ready = True
+
+    async def _prepare(self) -> None:
+        with self._translate("preparing the sagas tables failed"):
+            if self._migrate:
+                await upgrade_engine(self._engine, table_prefix=self._tables.prefix)
+            if self._create_tables:
+                async with self._write() as conn:
+                    await conn.run_sync(self._tables.metadata.create_all)
+
+    async def drop_tables(self) -> None:
+        """Drop the four tables and the Alembic version table of this prefix (tests, teardown)."""
+        with self._translate("dropping the sagas tables failed"):
+            async with self._write() as conn:
+                await conn.run_sync(self._tables.metadata.drop_all)
+                await conn.execute(sa.text(f'DROP TABLE IF EXISTS "{self._tables.version_table}"'))
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncConnection]:
+        await self.initialize()
+        async with self._engine.connect() as conn, conn.begin():
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncConnection]:
+        async with self._engine.connect() as conn:
+            if self._dialect == "sqlite":
+                await conn.execution_options(**{BEGIN_MODE: "IMMEDIATE"})
+            async with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def _translate(
+        self, message: str, *, saga_id: str | None = None, saga_type: str | None = None
+    ) -> Iterator[None]:
+        try:
+            yield
+        except (SQLAlchemyError, OSError) as error:
+            raise StoreError(
+                f"{message}: {type(error).__name__}: {_first_line(error)}",
+                saga_id=saga_id,
+                saga_type=saga_type,
+            ) from error
+
+    def _insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
+        if self._dialect == "postgresql":
+            return postgresql.insert(table).on_conflict_do_nothing()
+        if self._dialect == "sqlite":
+            return sqlite.insert(table).on_conflict_do_nothing()
+        return sa.insert(table)  # elsewhere a duplicate raises IntegrityError (translated)
+
+    # ------------------------------------------------------------------ SagaStore
+
+    async def load(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``.
+
+        Raises:
+            InvalidSagaData: The stored row no longer parses as a saga instance.
+            StoreError: The database failed.
+        """
+        return await self.get(saga_id)
+
+    async def save(self, changes: Sequence[SagaChange]) -> None:
+        """Write all changes in one transaction: all of them, or none.
+
+        Raises:
+            ConcurrencyConflict: A saga changed since it was loaded, or a saga to insert exists.
+            DuplicateMessage: An inbox entry was recorded before.
+            StoreError: The database failed.
+        """
+        if not changes:
+            return
+        await self.initialize()
+        current = changes[0]
+        try:
+            async with self._write() as conn:
+                for change in changes:
+                    current = change
+                    await self._save_one(conn, change)
+        except (SQLAlchemyError, OSError) as error:
+            saga = current.instance
+            if isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES:
+                # A deadlock or serialization failure: the writer should reload and reapply.
+                raise ConcurrencyConflict(
+                    saga_id=saga.saga_id,
+                    expected_version=current.expected_version,
+                    actual_version=None,
+                    saga_type=saga.saga_type,
+                ) from error
+            batch = f" (in a batch of {len(changes)} changes)" if len(changes) > 1 else ""
+            raise StoreError(
+                f"saving the saga failed{batch}, nothing was written: "
+                f"{type(error).__name__}: {_first_line(error)}",
+                saga_id=saga.saga_id,
+                saga_type=saga.saga_type,
+            ) from error
+
+    async def _save_one(self, conn: AsyncConnection, change: SagaChange) -> None:
+        instance = change.instance
+        table = self._tables.instances
+        if change.expected_version is None:
+            # RETURNING, not rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
+            inserted = await conn.scalar(
+                self._insert_ignoring_duplicates(table)
+                .values(_instance_row(instance))
+                .returning(table.c.version)
+            )
+            if inserted is None:
+                await self._conflict(conn, change)
+        else:
+            values: Mapping[str, Any] = (
+                _instance_row(instance)
+                if instance.version > change.expected_version
+                # The saga row stays as it is, but the version check (and its row lock) holds.
+                else {"version": table.c.version}
+            )
+            updated = await conn.execute(
+                sa.update(table)
+                .where(
+                    table.c.saga_id == instance.saga_id,
+                    table.c.version == change.expected_version,
+                )
+                .values(values)
+            )
+            if updated.rowcount != 1:
+                await self._conflict(conn, change)
+        if change.history:
+            await conn.execute(
+                sa.insert(self._tables.history), [_history_row(entry) for entry in change.history]
+            )
+        if change.outbox:
+            await conn.execute(
+                sa.insert(self._tables.outbox),
+                [_outbox_row(instance, envelope) for envelope in change.outbox],
+            )
+        if change.inbox is not None:
+            inbox = self._tables.inbox
+            recorded = await conn.scalar(
+                self._insert_ignoring_duplicates(inbox)
+                .values(
+                    consumer=change.inbox.consumer,
+                    message_id=change.inbox.message_id,
+                    processed_at=instance.updated_at,
+                )
+                .returning(inbox.c.consumer)
+            )
+            if recorded is None:
+                raise DuplicateMessage(
+                    consumer=change.inbox.consumer,
+                    message_id=change.inbox.message_id,
+                    saga_id=instance.saga_id,
+                )
+
+    async def _conflict(self, conn: AsyncConnection, change: SagaChange) -> None:
+        table = self._tables.instances
+        actual = await conn.scalar(
+            sa.select(table.c.version).where(table.c.saga_id == change.instance.saga_id)
+        )
+        raise ConcurrencyConflict(
+            saga_id=change.instance.saga_id,
+            expected_version=change.expected_version,
+            actual_version=actual,
+            saga_type=change.instance.saga_type,
+        )
+
+    async def is_processed(self, consumer: str, message_id: str) -> bool:
+        """Whether the inbox records this message id for this consumer."""
+        inbox = self._tables.inbox
+        with self._translate(f"reading the inbox of {consumer!r} failed"):
+            async with self._read() as conn:
+                found = await conn.scalar(
+                    sa.select(sa.literal(1)).where(
+                        inbox.c.consumer == consumer, inbox.c.message_id == message_id
+                    )
+                )
+        return found is not None
+
+    async def prune_inbox(self, older_than: datetime, *, consumer: str | None = None) -> int:
+        """Delete inbox rows processed before ``older_than``; returns how many went.
+
+        See the module docstring for the pruning policy (keep at least the broker's redelivery
+        window; a week is a safe default).
+
+        Args:
+            older_than: Rows processed strictly before this moment are deleted.
+            consumer: Only prune this consumer's rows.
+        """
+        inbox = self._tables.inbox
+        statement = sa.delete(inbox).where(inbox.c.processed_at < older_than)
+        if consumer is not None:
+            statement = statement.where(inbox.c.consumer == consumer)
+        await self.initialize()
+        with self._translate("pruning the inbox failed"):
+            async with self._write() as conn:
+                result = await conn.execute(statement)
+        return int(result.rowcount)
+
+    async def prune_outbox(self, sent_before: datetime) -> int:
+        """Delete outbox records that were published before ``sent_before``; returns the count."""
+        outbox = self._tables.outbox
+        await self.initialize()
+        with self._translate("pruning the outbox failed"):
+            async with self._write() as conn:
+                result = await conn.execute(
+                    sa.delete(outbox).where(
+                        outbox.c.sent_at.is_not(None), outbox.c.sent_at < sent_before
+                    )
+                )
+        return int(result.rowcount)
+
+    # ------------------------------------------------------------------ SagaReader
+
+    async def get(self, saga_id: str) -> SagaInstance | None:
+        """Return the saga with this id, or ``None``.
+
+        Raises:
+            InvalidSagaData: The stored row no longer parses as a saga instance.
+            StoreError: The database failed.
+        """
+        table = self._tables.instances
+        with self._translate("loading the saga failed", saga_id=saga_id):
+            async with self._read() as conn:
+                row = (
+                    (await conn.execute(sa.select(table).where(table.c.saga_id == saga_id)))
+                    .mappings()
+                    .first()
+                )
+        return None if row is None else _instance(row)
+
+    async def find(
+        self,
+        *,
+        status: SagaStatus | None = None,
+        saga_type: str | None = None,
+        updated_before: datetime | None = None,
+        limit: int = 100,
+    ) -> builtins.list[SagaInstance]:
+        """Return sagas matching every given filter, least recently updated first."""
+        table = self._tables.instances
+        query = sa.select(table).order_by(table.c.updated_at, table.c.saga_id).limit(limit)
+        if status is not None:
+            query = query.where(table.c.status == status.value)
+        if saga_type is not None:
+            query = query.where(table.c.saga_type == saga_type)
+        if updated_before is not None:
+            query = query.where(table.c.updated_at < updated_before)
+        with self._translate("finding sagas failed", saga_type=saga_type):
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+        return [_instance(row) for row in rows]
+
+    async def history(self, saga_id: str) -> builtins.list[HistoryEntry]:
+        """Return the saga's audit trail, oldest first."""
+        table = self._tables.history
+        query = sa.select(table).where(table.c.saga_id == saga_id).order_by(table.c.id)
+        with self._translate("reading the saga's history failed", saga_id=saga_id):
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+        return [_history(row) for row in rows]
+
+    # ------------------------------------------------------------------ DeadlineStore
+
+    async def due(self, now: datetime, limit: int) -> builtins.list[SagaInstance]:
+        """Return up to ``limit`` active sagas with ``next_deadline_at <= now``, earliest first.
+
+        ``next_deadline_at`` is written from :attr:`SagaInstance.next_deadline_at` on every
+        change (``NULL`` for inactive sagas), so this is one range scan of its index.
+        """
+        table = self._tables.instances
+        query = (
+            sa.select(table)
+            .where(table.c.next_deadline_at <= now)
+            .order_by(table.c.next_deadline_at, table.c.saga_id)
+            .limit(limit)
+        )
+        with self._translate("finding due sagas failed"):
+            async with self._read() as conn:
+                rows = (await conn.execute(query)).mappings().all()
+        return [_instance(row) for row in rows]
+
+    # ------------------------------------------------------------------ OutboxStore
+
+    async def claim(
+        self, *, owner: str, limit: int, lease: timedelta, now: datetime
+    ) -> builtins.list[OutboxRecord]:
+        """Lease up to ``limit`` unsent records to ``owner``, oldest first, in order per saga.
+
+        A record leased by another owner (lease not expired) or waiting for its retry time
+        blocks itself and every later record of its saga.
+        """
+        if limit <= 0:
+            return []
+        await self.initialize()
+        outbox = self._tables.outbox
+        earlier = outbox.alias("earlier")
+        claimable = sa.and_(
+            sa.or_(
+                outbox.c.claimed_until.is_(None),
+                outbox.c.claimed_until <= now,
+                outbox.c.claimed_by == owner,
+            ),
+            sa.or_(outbox.c.available_at.is_(None), outbox.c.available_at <= now),
+        )
+        has_earlier = (
+            sa.exists()
+            .where(
+                earlier.c.saga_id == outbox.c.saga_id,
+                earlier.c.sent_at.is_(None),
+                earlier.c.id < outbox.c.id,
+            )
+            .correlate(outbox)
+        )
+        heads = (
+            sa.select(outbox.c.saga_id)
+            .where(outbox.c.sent_at.is_(None), ~has_earlier, claimable)
+            .order_by(outbox.c.id)
+            .limit(limit)
+        )
+        if self._dialect == "postgresql":
+            heads = heads.with_for_update(skip_locked=True, of=outbox)
+        with self._translate(f"claiming outbox records for {owner!r} failed"):
+            async with self._write() as conn:
+                saga_ids = list((await conn.scalars(heads)).all())
+                if not saga_ids:
+                    return []
+                candidates = (
+                    await conn.execute(
+                        sa.select(outbox)
+                        .where(outbox.c.sent_at.is_(None), outbox.c.saga_id.in_(saga_ids))
+                        .order_by(outbox.c.id)
+                        .limit(limit)
+                    )
+                ).mappings()
+                chosen: list[RowMapping] = []
+                blocked: set[str] = set()
+                for row in candidates:
+                    if row["saga_id"] in blocked:
+                        continue
+                    if not _claimable(row, owner=owner, now=now):
+                        blocked.add(row["saga_id"])  # later messages of this saga must wait
+                        continue
+                    chosen.append(row)
+                if not chosen:
+                    return []
+                await conn.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.id.in_([row["id"] for row in chosen]))
+                    .values(claimed_by=owner, claimed_until=now + lease)
+                )
+        return [_outbox_record(row) for row in chosen]
+
+    async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
+        """Mark records as published (after the bus confirmed them)."""
+        if not ids:
+            return
+        outbox = self._tables.outbox
+        with self._translate("marking outbox records sent failed"):
+            async with self._write() as conn:
+                await conn.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.id.in_(list(ids)))
+                    .values(sent_at=now, claimed_by=None, claimed_until=None)
+                )
+
+    async def release(self, ids: Sequence[int], *, retry_at: datetime, error: str) -> None:
+        """Give leased records back after a failed publish; they are claimable at ``retry_at``."""
+        if not ids:
+            return
+        outbox = self._tables.outbox
+        with self._translate("releasing outbox records failed"):
+            async with self._write() as conn:
+                await conn.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.id.in_(list(ids)), outbox.c.sent_at.is_(None))
+                    .values(
+                        attempts=outbox.c.attempts + 1,
+                        available_at=retry_at,
+                        last_error=error,
+                        claimed_by=None,
+                        claimed_until=None,
+                    )
+                )
+
+    async def pending_count(self) -> int:
+        """How many records wait to be published."""
+        outbox = self._tables.outbox
+        with self._translate("counting pending outbox records failed"):
+            async with self._read() as conn:
+                count = await conn.scalar(
+                    sa.select(sa.func.count()).select_from(outbox).where(outbox.c.sent_at.is_(None))
+                )
+        return int(count or 0)
+
+
+def create_store(
+    url: str | URL,
+    *,
+    table_prefix: str = DEFAULT_TABLE_PREFIX,
+    create_tables: bool = False,
+    migrate: bool | None = None,
+    **engine_options: Any,
+) -> SqlSagaStore:
+    """Create a :class:`SqlSagaStore` with its own engine; ``await store.close()`` disposes it.
+
+    ``create_store("sqlite+aiosqlite:///sagas.db")`` is the embedded default: the file and its
+    tables are created and migrated on first use. Server databases are migrated only when asked
+    (``migrate=True``, or ``sagas migrate`` / :func:`sagas_sqlalchemy.migrate.upgrade`).
+
+    Args:
+        url: Database URL (see :meth:`SqlSagaStore.from_url`).
+        table_prefix: Prefix of every table and index name.
+        create_tables: Create missing tables from the metadata on first use (no migrations).
+        migrate: Migrate to head on first use; ``None`` means "SQLite only".
+        **engine_options: Passed to ``create_async_engine``.
+    """
+    return SqlSagaStore.from_url(
+        url,
+        table_prefix=table_prefix,
+        create_tables=create_tables,
+        migrate=migrate,
+        **engine_options,
+    )
+
+
+# ---------------------------------------------------------------------- rows <-> models
+
+
+def _instance_row(instance: SagaInstance) -> dict[str, Any]:
+    # Fresh JSON values on every write: nothing mutated in place can be lost.
+    dumped = instance.model_dump(mode="json", include=set(_JSON_FIELDS))
+    return {
+        "saga_id": instance.saga_id,
+        "saga_type": instance.saga_type,
+        "definition_version": instance.definition_version,
+        "status": instance.status.value,
+        "current_step": instance.current_step,
+        "attempt": instance.attempt,
+        "attempt_base": instance.attempt_base,
+        "wait": None if instance.wait is None else instance.wait.value,
+        "deadline_at": instance.deadline_at,
+        "saga_deadline_at": instance.saga_deadline_at,
+        "next_deadline_at": instance.next_deadline_at,
+        "data": dumped["data"],
+        "steps": dumped["steps"],
+        "error": dumped["error"],
+        "version": instance.version,
+        "created_at": instance.created_at,
+        "updated_at": instance.updated_at,
+        "correlation_id": instance.correlation_id,
+        "trace_context": dumped["trace_context"],
+    }
+
+
+def _instance(row: RowMapping) -> SagaInstance:
+    fields = {key: value for key, value in row.items() if key != "next_deadline_at"}
+    try:
+        return SagaInstance.model_validate(fields)
+    except ValidationError as error:
+        raise InvalidSagaData(
+            "the stored saga row does not parse as a saga instance: "
+            f"{error.error_count()} problem(s), first: {error.errors()[0]['msg']}; "
+            "fix the row or resolve the saga by hand",
+            saga_id=str(row.get("saga_id")),
+            saga_type=str(row.get("saga_type")),
+            errors=[dict(problem) for problem in error.errors()],
+        ) from error
+
+
+def _history_row(entry: HistoryEntry) -> dict[str, Any]:
+    return {
+        "saga_id": entry.saga_id,
+        "version": entry.version,
+        "at": entry.at,
+        "input": entry.input,
+        "outcome": entry.outcome,
+        "from_status": None if entry.from_status is None else entry.from_status.value,
+        "to_status": entry.to_status.value,
+        "step": entry.step,
+        "attempt": entry.attempt,
+        "kind": None if entry.kind is None else entry.kind.value,
+        "reason": entry.reason,
+        "actor": entry.actor,
+        "message_id": entry.message_id,
+    }
+
+
+def _history(row: RowMapping) -> HistoryEntry:
+    return HistoryEntry.model_validate({key: value for key, value in row.items() if key != "id"})
+
+
+def _outbox_row(instance: SagaInstance, envelope: Envelope) -> dict[str, Any]:
+    return {
+        "saga_id": instance.saga_id,
+        "route": envelope.route.value,
+        "key": envelope.key,
+        "message_id": envelope.message_id,
+        "message_type": envelope.message_type,
+        "correlation_id": envelope.correlation_id,
+        "reply_to": envelope.reply_to,
+        "headers": dict(envelope.headers),
+        "body": envelope.body,
+        "timestamp": envelope.timestamp,
+        "created_at": instance.updated_at,
+        "attempts": 0,
+    }
+
+
+def _outbox_record(row: RowMapping) -> OutboxRecord:
+    return OutboxRecord(
+        id=row["id"],
+        saga_id=row["saga_id"],
+        envelope=Envelope(
+            route=RouteKind(row["route"]),
+            key=row["key"],
+            message_id=row["message_id"],
+            message_type=row["message_type"],
+            correlation_id=row["correlation_id"],
+            reply_to=row["reply_to"],
+            headers=row["headers"],
+            body=bytes(row["body"]),
+            timestamp=row["timestamp"],
+        ),
+        created_at=row["created_at"],
+        attempts=row["attempts"],
+    )
+
+
+def _claimable(row: RowMapping, *, owner: str, now: datetime) -> bool:
+    claimed_until: datetime | None = row["claimed_until"]
+    available_at: datetime | None = row["available_at"]
+    leased_elsewhere = (
+        claimed_until is not None and claimed_until > now and row["claimed_by"] != owner
+    )
+    waiting = available_at is not None and available_at > now
+    return not (leased_elsewhere or waiting)
+
+
+def _sqlstate(error: DBAPIError) -> str | None:
+    original = error.orig
+    code = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
+    return code if isinstance(code, str) else None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no details"

@@ -9,6 +9,7 @@ from sagas_core.clock import SystemClock
 from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
 from sagas_core.di import Dependencies, MissingDependency, Resolver
 from sagas_core.engine import Decision, decide, due_input
+from sagas_core.host import SagaHost, SagaHostBuilder, load_host
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, SagaRegistry, reply_queue
 from sagas_core.participant import (
     CachedOutcome,
@@ -28,6 +29,7 @@ from sagas_core.retry import (
     no_retry,
 )
 from sagas_core.runtime import SagaRuntime
+from sagas_core.settings import SagasSettings, SettingsError, load_settings
 from sagas_core.timeouts import TimeoutService
 
 __version__ = "0.1.0"
@@ -53,8 +55,12 @@ __all__ = [
     "RetryPolicy",
     "SagaBuilder",
     "SagaDefinition",
+    "SagaHost",
+    "SagaHostBuilder",
     "SagaRegistry",
     "SagaRuntime",
+    "SagasSettings",
+    "SettingsError",
     "StepBuilder",
     "StepDefinition",
     "SystemClock",
@@ -64,6 +70,8 @@ __all__ = [
     "due_input",
     "exponential",
     "fixed",
+    "load_host",
+    "load_settings",
     "local_destination",
     "no_retry",
     "reply_queue",

@@ -1,12 +1,30 @@
-"""The ``sagas`` command line."""
+"""The ``sagas`` command line: run workers and participants, inspect and repair sagas."""
 
 from __future__ import annotations
 
+import asyncio
+import getpass
 import importlib
+import re
+from datetime import timedelta
+from typing import TYPE_CHECKING, TypeVar
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from sagas_abstractions import SagaError, SagaStatus
 from sagas_core import __version__
+from sagas_core.clock import SystemClock
+from sagas_core.host import SagaHost, load_host, open_store
+from sagas_core.orchestrator import Orchestrator
+from sagas_core.settings import SagasSettings, SettingsError, load_settings
+from sagas_core.worker import configure_logging, run_worker
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sagas_abstractions import HistoryEntry, SagaInstance, SagaRepository
 
 app = typer.Typer(
     name="sagas",
@@ -14,6 +32,69 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
+console = Console()
+errors = Console(stderr=True)
+
+T = TypeVar("T")
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhd])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+APP_HELP = "The host, as module:attribute (like uvicorn's module:app). Env: SAGAS_APP."
+DB_HELP = "Database URL (default: SAGAS_DATABASE_URL, else the embedded SQLite file)."
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``10m``, ``2h`` or ``1d`` as a timedelta."""
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"expected a duration like 90s, 10m, 2h or 1d; got {text!r}")
+    return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+
+
+def _load(target: str) -> SagaHost:
+    try:
+        return load_host(target)
+    except SettingsError as exc:
+        raise _fail(str(exc)) from exc
+    except (ValueError, TypeError) as exc:
+        raise _fail(f"cannot load the host {target!r}: {exc}") from exc
+
+
+def _settings(target: str | None, database_url: str | None) -> SagasSettings:
+    try:
+        settings = _load(target).settings if target else load_settings()
+        if database_url:
+            settings = load_settings(**{**settings.model_dump(), "database_url": database_url})
+    except SettingsError as exc:
+        raise _fail(str(exc)) from exc
+    return settings
+
+
+async def _with_store(
+    settings: SagasSettings, action: Callable[[SagaRepository], Awaitable[T]]
+) -> T:
+    store = open_store(settings)
+    try:
+        return await action(store)
+    finally:
+        close = getattr(store, "close", None)
+        if close is not None:
+            await close()
+
+
+def _run(coroutine: Awaitable[T]) -> T:
+    try:
+        return asyncio.run(coroutine)  # type: ignore[arg-type]
+    except SagaError as exc:
+        raise _fail(str(exc), 1) from exc
+    except ImportError as exc:
+        raise _fail(str(exc)) from exc
 
 
 @app.command()
@@ -23,17 +104,49 @@ def version() -> None:
 
 
 @app.command()
-def demo() -> None:
-    """Run the order-processing sample (needs a checkout: the samples are not in the wheel)."""
+def worker(
+    target: str = typer.Argument(..., help=APP_HELP, envvar="SAGAS_APP"),
+    concurrency: int | None = typer.Option(None, min=1, help="Messages handled at once."),
+    prefetch: int | None = typer.Option(None, min=1, help="Messages the broker sends ahead."),
+    graceful_timeout: float | None = typer.Option(
+        None, min=0.1, help="Seconds to finish in-flight work at shutdown."
+    ),
+    health_port: int | None = typer.Option(
+        None, min=1, max=65535, help="Serve /health and /ready on 127.0.0.1:PORT."
+    ),
+    log_level: str | None = typer.Option(None, help="DEBUG, INFO, WARNING, ERROR."),
+    log_format: str | None = typer.Option(None, help="text or json (one object a line)."),
+) -> None:
+    """Run the host's sagas and participants until SIGTERM/SIGINT."""
+    overrides = {
+        "concurrency": concurrency,
+        "prefetch": prefetch,
+        "graceful_timeout": graceful_timeout,
+        "health_port": health_port,
+        "log_level": log_level,
+        "log_format": log_format,
+    }
+    given = {key: value for key, value in overrides.items() if value is not None}
+    host = _load(target)
     try:
-        module = importlib.import_module("samples.order_processing.__main__")
-    except ModuleNotFoundError as exc:
-        typer.echo(
-            f"the samples live in the source checkout: run this from the repository root ({exc})",
-            err=True,
-        )
-        raise typer.Exit(2) from exc
-    raise typer.Exit(module.main())
+        host.settings = load_settings(**{**host.settings.model_dump(), **given})
+    except SettingsError as exc:
+        raise _fail(str(exc)) from exc
+    configure_logging(host.settings.log_level, host.settings.log_format)
+    raise typer.Exit(asyncio.run(run_worker(host)))
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def participant(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="Participants as module:attribute."),
+) -> None:
+    """Run participants (module:attribute) as their own process over RabbitMQ."""
+    try:
+        host = importlib.import_module("sagas_rabbitmq.host")
+    except ImportError as exc:
+        raise _fail(str(exc)) from exc
+    raise typer.Exit(host.main([target, *ctx.args]))
 
 
 @app.command()
@@ -46,21 +159,194 @@ def migrate(
     try:
         from sagas_sqlalchemy.migrate import upgrade  # noqa: PLC0415 - optional extra
     except ImportError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
+        raise _fail(str(exc)) from exc
     upgrade(url, revision, table_prefix=table_prefix)
     typer.echo(f"sagas tables migrated to {revision}")
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def participant(ctx: typer.Context, target: str) -> None:
-    """Run participants (module:attribute) as their own process over RabbitMQ."""
+def _status_table(sagas: list[SagaInstance], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("saga id", "type", "status", "step", "attempt", "updated", "error"):
+        table.add_column(column)
+    for saga in sagas:
+        table.add_row(
+            saga.saga_id,
+            saga.saga_type,
+            saga.status.value,
+            saga.current_step_name or "-",
+            str(saga.attempt),
+            saga.updated_at.isoformat(timespec="seconds"),
+            "" if saga.error is None else f"{saga.error.code}: {saga.error.message}"[:60],
+        )
+    return table
+
+
+@app.command("list")
+def list_sagas(
+    status: SagaStatus | None = typer.Option(None, help="Only sagas in this status."),
+    saga_type: str | None = typer.Option(None, "--type", help="Only sagas of this type."),
+    stuck_for: str | None = typer.Option(
+        None, help="Only active sagas that have not moved for this long (90s, 10m, 2h)."
+    ),
+    limit: int = typer.Option(50, min=1, max=10_000),
+    app_target: str | None = typer.Option(None, "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """List sagas, least recently updated first (--stuck-for finds the ones that hang)."""
+    settings = _settings(app_target, database_url)
+    threshold = parse_duration(stuck_for) if stuck_for else None
+
+    async def query(store: SagaRepository) -> list[SagaInstance]:
+        before = None if threshold is None else SystemClock().now() - threshold
+        statuses = (
+            [status]
+            if status
+            else ([SagaStatus.RUNNING, SagaStatus.COMPENSATING] if threshold else [None])
+        )
+        found: list[SagaInstance] = []
+        for wanted in statuses:
+            found += await store.find(
+                status=wanted, saga_type=saga_type, updated_before=before, limit=limit
+            )
+        return sorted(found, key=lambda s: s.updated_at)[:limit]
+
+    sagas = _run(_with_store(settings, query))
+    title = f"sagas not moved for {stuck_for}" if stuck_for else "sagas"
+    console.print(_status_table(sagas, f"{title} ({len(sagas)})"))
+
+
+@app.command()
+def show(
+    saga_id: str,
+    app_target: str | None = typer.Option(None, "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Show one saga: status, steps, data and its full history."""
+    settings = _settings(app_target, database_url)
+
+    async def query(store: SagaRepository) -> tuple[SagaInstance | None, list[HistoryEntry]]:
+        return await store.get(saga_id), await store.history(saga_id)
+
+    saga, history = _run(_with_store(settings, query))
+    if saga is None:
+        raise _fail(f"no saga with id {saga_id!r}", 1)
+    console.print(_status_table([saga], f"saga {saga_id}"))
+    steps = Table(title="steps")
+    for column in ("step", "status", "attempts", "compensation attempts", "error"):
+        steps.add_column(column)
+    for step in saga.steps:
+        steps.add_row(
+            step.name,
+            step.status.value,
+            str(step.attempts),
+            str(step.compensation_attempts),
+            "" if step.error is None else f"{step.error.code}: {step.error.message}"[:60],
+        )
+    console.print(steps)
+    console.print_json(data=saga.data)
+    trail = Table(title="history")
+    for column in ("version", "at", "input", "outcome", "from", "to", "step", "reason", "actor"):
+        trail.add_column(column)
+    for entry in history:
+        trail.add_row(
+            str(entry.version),
+            entry.at.isoformat(timespec="milliseconds"),
+            entry.input,
+            entry.outcome,
+            str(entry.from_status or "-"),
+            str(entry.to_status),
+            entry.step or "-",
+            (entry.reason or "")[:50],
+            entry.actor or "",
+        )
+    console.print(trail)
+
+
+def _operate(
+    target: str,
+    database_url: str | None,
+    action: Callable[[Orchestrator], Awaitable[SagaInstance]],
+) -> SagaInstance:
+    host = _load(target)
+    settings = _settings(None, database_url) if database_url else host.settings
+
+    async def apply(store: SagaRepository) -> SagaInstance:
+        orchestrator = Orchestrator(
+            store=store, definitions=host.sagas, clock=SystemClock(), group=settings.group
+        )
+        return await action(orchestrator)
+
+    return _run(_with_store(settings, apply))
+
+
+def _actor(actor: str | None) -> str:
+    if actor:
+        return actor
     try:
-        host = importlib.import_module("sagas_rabbitmq.host")
-    except ImportError as exc:
-        typer.echo(str(exc), err=True)
-        raise typer.Exit(2) from exc
-    raise typer.Exit(host.main([target, *ctx.args]))
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):
+        return "cli"
+
+
+@app.command()
+def retry(
+    saga_id: str,
+    reason: str = typer.Option("", help="Why, for the history."),
+    actor: str | None = typer.Option(None, help="Who (default: cli:<user>)."),
+    app_target: str = typer.Option(..., "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Retry the failed compensation of a parked saga (a fresh round of attempts)."""
+    saga = _operate(
+        app_target,
+        database_url,
+        lambda o: o.retry_compensation(saga_id, actor=_actor(actor), reason=reason),
+    )
+    console.print(f"saga {saga_id} is {saga.status.value}: compensation retried")
+
+
+@app.command()
+def resolve(
+    saga_id: str,
+    note: str = typer.Option(..., help="What was done by hand (kept in the history)."),
+    actor: str | None = typer.Option(None, help="Who (default: cli:<user>)."),
+    app_target: str = typer.Option(..., "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Close a parked (failed) saga by hand, with a note."""
+    saga = _operate(
+        app_target, database_url, lambda o: o.resolve(saga_id, actor=_actor(actor), note=note)
+    )
+    console.print(f"saga {saga_id} is {saga.status.value}")
+
+
+@app.command()
+def compensate(
+    saga_id: str,
+    reason: str = typer.Option("", help="Why, for the history."),
+    actor: str | None = typer.Option(None, help="Who (default: cli:<user>)."),
+    app_target: str = typer.Option(..., "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Stop a running saga and compensate what it has done."""
+    saga = _operate(
+        app_target,
+        database_url,
+        lambda o: o.compensate(saga_id, actor=_actor(actor), reason=reason),
+    )
+    console.print(f"saga {saga_id} is {saga.status.value}")
+
+
+@app.command()
+def demo() -> None:
+    """Run the order-processing sample (needs a checkout: the samples are not in the wheel)."""
+    try:
+        module = importlib.import_module("samples.order_processing.__main__")
+    except ModuleNotFoundError as exc:
+        raise _fail(
+            f"the samples live in the source checkout: run this from its root ({exc})"
+        ) from exc
+    raise typer.Exit(module.main())
 
 
 def main() -> None:

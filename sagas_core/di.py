@@ -69,6 +69,9 @@ class Dependencies:
             self._factories[dependency] = factory
         return self
 
+    def __len__(self) -> int:
+        return len(self._instances.keys() | self._factories.keys())
+
     def __contains__(self, dependency: object) -> bool:
         return dependency in self._instances or dependency in self._factories
 

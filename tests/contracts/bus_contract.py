@@ -85,7 +85,7 @@ class Recorder:
 async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
     """Poll ``condition`` until it holds; ``TimeoutError`` after ``timeout`` seconds."""
     async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - conditions are plain predicates, not events
+        while not condition():
             await asyncio.sleep(0.005)
 
 

@@ -122,7 +122,7 @@ async def test_a_kick_that_arrives_during_an_empty_round_is_not_lost() -> None:
             await fill(store, "saga-1", "m-1")  # committed while the relay was claiming...
             outbox.kick()  # ...and the commit kicked it
             store.let_go.set()
-            while not bus.published:  # noqa: ASYNC110 - polls the bus record
+            while not bus.published:
                 await asyncio.sleep(0.005)
     finally:
         outbox.stop()

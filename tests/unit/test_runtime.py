@@ -150,7 +150,7 @@ async def running(**kwargs: Any) -> AsyncIterator[SagaRuntime]:
 
 async def wait_until(condition: Callable[[], Any]) -> None:
     async with asyncio.timeout(WAIT):
-        while not await condition():  # noqa: ASYNC110 - polls the store, not an event
+        while not await condition():
             await asyncio.sleep(0.01)
 
 

@@ -44,7 +44,7 @@ def envelope(route: RouteKind, key: str, **changes: object) -> Envelope:
 
 async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
     async with asyncio.timeout(timeout):
-        while not condition():  # noqa: ASYNC110 - plain predicates
+        while not condition():
             await asyncio.sleep(0.01)
 
 

@@ -42,7 +42,7 @@ TRIPS = 30
 
 async def until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
     async with asyncio.timeout(timeout):
-        while not await condition():  # noqa: ASYNC110 - polls the broker, nothing to wait on
+        while not await condition():
             await asyncio.sleep(0.1)
 
 
@@ -68,7 +68,7 @@ async def _run_with_fault(
         ]
         waiting = asyncio.gather(*(runtime.wait_for(saga.saga_id, timeout=45) for saga in started))
         async with asyncio.timeout(10):
-            while len(ledger.effects) < TRIPS:  # noqa: ASYNC110 - mid-run: some steps done
+            while len(ledger.effects) < TRIPS:
                 await asyncio.sleep(0.01)
         in_flight = len(ledger.effects)
 

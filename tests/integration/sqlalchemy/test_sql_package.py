@@ -32,7 +32,7 @@ def test_a_missing_sqlalchemy_raises_an_import_error_with_the_install_hint() -> 
         "try:\n    import sagas_sqlalchemy\n"
         "except ImportError as error:\n    print(error)\n"
     )
-    result = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
+    result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="."
     )
     assert "pip install 'sagas[sqlalchemy]'" in result.stdout

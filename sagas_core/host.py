@@ -19,6 +19,7 @@ bus is in-process, so participants must be registered on the host too.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -33,7 +34,7 @@ from sagas_core.testing.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Callable, Mapping
+    from collections.abc import AsyncIterator, Callable, Mapping
     from datetime import datetime
     from types import TracebackType
 
@@ -286,6 +287,21 @@ class SagaHost:
         traceback: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, _app: object = None) -> AsyncIterator[None]:
+        """An ASGI lifespan (FastAPI, Starlette): the host runs while the web app does.
+
+        Example:
+            ```python
+            app = FastAPI(lifespan=host.lifespan)
+            ```
+        """
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
 
     async def _open_store(self) -> SagaRepository:
         if self._given_store is not None:

@@ -24,6 +24,8 @@ alone tells an operator which saga to look at and what to do next::
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 __all__ = [
     "ConcurrencyConflict",
     "DefinitionChanged",
@@ -120,9 +122,15 @@ class InvalidDefinition(SagaError):  # noqa: N818 - reads as a sentence: raise I
 class InvalidSagaData(SagaError):  # noqa: N818
     """Saga data (at start, from a reply, or loaded from the store) does not fit the data model.
 
+    A stored saga that no longer parses is parked by the orchestrator: status ``failed``, error
+    code :attr:`park_code`.
+
     Attributes:
         errors: pydantic's list of field errors, when validation produced them.
     """
+
+    park_code: ClassVar[str] = "unreadable_state"
+    """The error code of a saga parked because its stored state does not parse."""
 
     def __init__(
         self,
@@ -138,16 +146,29 @@ class InvalidSagaData(SagaError):  # noqa: N818
 
 
 class UnknownSagaType(SagaError):  # noqa: N818
-    """No saga definition is registered under the requested type."""
+    """No saga definition is registered under the requested type.
+
+    A stored saga of an unregistered type is parked by the orchestrator: status ``failed``,
+    error code :attr:`park_code`.
+    """
+
+    park_code: ClassVar[str] = "unknown_saga_type"
+    """The error code of a saga parked because its type is not registered."""
 
 
 class DefinitionChanged(SagaError):  # noqa: N818
     """A saga instance started under a definition whose fingerprint differs from the current one.
 
+    The orchestrator parks such a saga instead of guessing: status ``failed``, error code
+    :attr:`park_code`.
+
     Attributes:
         started_with: Fingerprint stored on the instance.
         current: Fingerprint of the definition registered now.
     """
+
+    park_code: ClassVar[str] = "definition_changed"
+    """The error code of a saga parked because its definition changed under it."""
 
     def __init__(
         self,

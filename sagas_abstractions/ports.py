@@ -56,6 +56,11 @@ class SagaChange:
         inbox: The incoming message id to record as processed, if the input came as a message
             (a second record of the same id raises
             :class:`~sagas_abstractions.errors.DuplicateMessage`).
+        status_only: Write only the instance's status, error, wait, deadlines, version and
+            ``updated_at``; its data, steps and every other stored field stay as they are. This
+            is how the orchestrator parks (or resolves) a saga it cannot decide: a stored row
+            that no longer parses, an unregistered saga type, a changed definition. The row is
+            never rewritten from a partial view of it. Updates only (``expected_version`` set).
     """
 
     instance: SagaInstance
@@ -63,6 +68,7 @@ class SagaChange:
     outbox: Sequence[Envelope] = field(default=())
     history: Sequence[HistoryEntry] = field(default=())
     inbox: InboxEntry | None = None
+    status_only: bool = False
 
 
 @runtime_checkable
@@ -70,7 +76,13 @@ class SagaStore(Protocol):
     """Loads saga instances and writes the effects of inputs atomically."""
 
     async def load(self, saga_id: str) -> SagaInstance | None:
-        """Return the saga with this id, or ``None``."""
+        """Return the saga with this id, or ``None``.
+
+        Raises:
+            InvalidSagaData: The stored saga no longer parses (naming the saga); the orchestrator
+                parks it. Readers (:class:`SagaReader`, :class:`DeadlineStore`) show such a row
+                as best they can instead of failing (see the backend's documentation).
+        """
         ...
 
     async def save(self, changes: Sequence[SagaChange]) -> None:

@@ -8,6 +8,7 @@ from sagas_core.builder import SagaBuilder, StepBuilder, local_destination
 from sagas_core.clock import SystemClock
 from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
 from sagas_core.di import Dependencies, MissingDependency, Resolver
+from sagas_core.embedded import close_store, open_store
 from sagas_core.engine import Decision, decide, due_input
 from sagas_core.host import SagaHost, SagaHostBuilder, load_host
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, SagaRegistry, reply_queue
@@ -66,6 +67,7 @@ __all__ = [
     "SystemClock",
     "TimeoutService",
     "__version__",
+    "close_store",
     "decide",
     "due_input",
     "exponential",
@@ -74,5 +76,6 @@ __all__ = [
     "load_settings",
     "local_destination",
     "no_retry",
+    "open_store",
     "reply_queue",
 ]

@@ -16,7 +16,8 @@ from rich.table import Table
 from sagas_abstractions import SagaError, SagaStatus
 from sagas_core import __version__
 from sagas_core.clock import SystemClock
-from sagas_core.host import SagaHost, load_host, open_store
+from sagas_core.embedded import close_store
+from sagas_core.host import SagaHost, load_host, open_settings_store
 from sagas_core.orchestrator import Orchestrator
 from sagas_core.settings import SagasSettings, SettingsError, load_settings
 from sagas_core.worker import configure_logging, run_worker
@@ -79,13 +80,11 @@ def _settings(target: str | None, database_url: str | None) -> SagasSettings:
 async def _with_store(
     settings: SagasSettings, action: Callable[[SagaRepository], Awaitable[T]]
 ) -> T:
-    store = open_store(settings)
+    store = await open_settings_store(settings)
     try:
         return await action(store)
     finally:
-        close = getattr(store, "close", None)
-        if close is not None:
-            await close()
+        await close_store(store)
 
 
 def _run(coroutine: Awaitable[T]) -> T:

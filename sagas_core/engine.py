@@ -68,6 +68,8 @@ __all__ = [
     "decide",
     "due_input",
     "idempotency_key",
+    "parked",
+    "resolved_without_definition",
 ]
 
 SAGA_TIMEOUT_CODE = "saga_timeout"
@@ -162,6 +164,123 @@ def decide(definition: SagaDefinition, instance: SagaInstance | None, event: Sag
             saga_type=instance.saga_type,
         )
     return _Transition(definition, instance, event).run()
+
+
+def parked(
+    instance: SagaInstance,
+    *,
+    error: ErrorInfo,
+    at: datetime,
+    reason: str,
+    message_id: str | None = None,
+) -> Decision:
+    """Park a saga the orchestrator cannot move: ``failed`` with ``error``, deadlines cleared.
+
+    Needs no definition: it is for sagas whose definition is missing or changed, or whose
+    stored state does not parse (``instance`` may then be a reader's partial view; the store
+    writes such a decision with a ``status_only`` change). History records the input ``Park``.
+
+    Args:
+        instance: The saga as stored (or as a reader shows it).
+        error: Why it is parked (``code`` is the park code of the problem).
+        at: When.
+        reason: The problem in words, for history.
+        message_id: The incoming message that found the problem, if any.
+    """
+    return _forced(
+        instance,
+        status=SagaStatus.FAILED,
+        error=error,
+        at=at,
+        input_name="Park",
+        reason=reason,
+        actor=None,
+        message_id=message_id,
+        event_kind=EventKind.FAILED,
+        detail=reason,
+    )
+
+
+def resolved_without_definition(instance: SagaInstance, event: Resolve) -> Decision:
+    """Resolve a failed saga by hand without its definition (exactly as ``decide`` would).
+
+    Operators can close a parked saga whose type is unregistered, whose definition changed or
+    whose stored state does not parse.
+
+    Raises:
+        InvalidOperation: The saga is not ``failed``.
+    """
+    if instance.status is not SagaStatus.FAILED:
+        raise InvalidOperation(
+            f"cannot resolve a {instance.status.value} saga (only a failed one)",
+            saga_id=instance.saga_id,
+            saga_type=instance.saga_type,
+        )
+    return _forced(
+        instance,
+        status=SagaStatus.RESOLVED,
+        error=instance.error,
+        at=event.at,
+        input_name=type(event).__name__,
+        reason=event.reason or None,
+        actor=event.actor,
+        message_id=None,
+        event_kind=EventKind.RESOLVED,
+        detail=f"resolved by {event.actor}: {event.reason}",
+    )
+
+
+def _forced(
+    instance: SagaInstance,
+    *,
+    status: SagaStatus,
+    error: ErrorInfo | None,
+    at: datetime,
+    input_name: str,
+    reason: str | None,
+    actor: str | None,
+    message_id: str | None,
+    event_kind: EventKind,
+    detail: str | None,
+) -> Decision:
+    version = instance.version + 1
+    changed = instance.model_copy(
+        update={
+            "status": status,
+            "error": error,
+            "wait": None,
+            "deadline_at": None,
+            "version": version,
+            "updated_at": at,
+        }
+    )
+    event = SagaEvent(
+        event_id=f"{instance.saga_id}:{version}:0",
+        saga_id=instance.saga_id,
+        saga_type=instance.saga_type,
+        kind=event_kind,
+        status=status,
+        step=instance.current_step_name,
+        attempt=None,
+        version=version,
+        at=at,
+        error=error,
+        detail=detail,
+    )
+    history = HistoryEntry(
+        saga_id=instance.saga_id,
+        version=version,
+        at=at,
+        input=input_name,
+        outcome="applied",
+        from_status=instance.status,
+        to_status=status,
+        step=instance.current_step_name,
+        reason=reason,
+        actor=actor,
+        message_id=message_id,
+    )
+    return Decision(instance=changed, changed=True, events=(event,), history=(history,))
 
 
 def _start(definition: SagaDefinition, event: Start) -> Decision:

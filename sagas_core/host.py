@@ -26,6 +26,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import SagaError
+from sagas_core import embedded
 from sagas_core.di import Dependencies
 from sagas_core.runtime import SagaRuntime
 from sagas_core.settings import SagasSettings, load_settings, redact_url
@@ -50,7 +51,7 @@ if TYPE_CHECKING:
     from sagas_core.definition import SagaDefinition
     from sagas_core.participant import Participant
 
-__all__ = ["HostNotStarted", "SagaHost", "SagaHostBuilder", "load_host", "open_store"]
+__all__ = ["HostNotStarted", "SagaHost", "SagaHostBuilder", "load_host", "open_settings_store"]
 
 _log = logging.getLogger("sagas.host")
 
@@ -308,15 +309,8 @@ class SagaHost:
             return self._given_store
         if self._memory_store:
             return InMemorySagaStore()
-        store = open_store(self.settings)
-        close = getattr(store, "close", None)
-        if close is not None:
-            self._closers.append(close)
-        initialize = getattr(store, "initialize", None)
-        if initialize is not None:
-            # Migrate (when allowed) and check the database answers now, not at the first saga:
-            # a worker that cannot reach its database must fail at start.
-            await initialize()
+        store = await open_settings_store(self.settings)
+        self._closers.append(lambda: embedded.close_store(store))
         return store
 
     async def _open_bus(self) -> MessageBus:
@@ -398,31 +392,28 @@ class SagaHost:
         return await self.runtime.wait_for(saga_id, timeout=timeout)
 
 
-def open_store(settings: SagasSettings) -> SagaRepository:
-    """The SQL store the settings name: ``database_url``, else the embedded SQLite file.
+async def open_settings_store(settings: SagasSettings) -> SagaRepository:
+    """Open the store the settings name (``database_url``, else the embedded SQLite file).
 
     SQLite is created and migrated on first use; a server database only with ``auto_migrate``.
-    Close it with ``await store.close()``.
+    The database is asked once, so an unreachable one fails here. Close the store with
+    :func:`sagas_core.close_store`.
 
     Raises:
         ImportError: the SQL store is not installed (with the install hint).
+        StoreError: the database does not answer.
     """
-    try:
-        sql = importlib.import_module("sagas_sqlalchemy")
-    except ImportError as exc:
-        raise ImportError(
-            "durable state needs the SQL store: pip install 'sagas[sqlalchemy]' "
-            "(or call use_memory() to keep state in memory)"
-        ) from exc
-    url = settings.database_url
-    if url is None:
-        path = settings.sqlite_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite+aiosqlite:///{path}"
-    migrate = True if url.startswith("sqlite") else settings.auto_migrate
-    store: SagaRepository = sql.create_store(
-        url, table_prefix=settings.table_prefix, migrate=migrate
+    store = await embedded.open_store(
+        settings.database_url,
+        sqlite_path=settings.sqlite_path,
+        migrate=True if settings.auto_migrate else None,
+        table_prefix=settings.table_prefix,
     )
+    try:
+        await store.pending_count()
+    except BaseException:
+        await embedded.close_store(store)
+        raise
     return store
 
 

@@ -25,8 +25,10 @@ from sagas_abstractions import (
     DefinitionChanged,
     DuplicateMessage,
     Envelope,
+    ErrorInfo,
     HistoryEntry,
     InboxEntry,
+    InvalidSagaData,
     MessageDecodeError,
     ReplyMessage,
     ReplyStatus,
@@ -34,6 +36,7 @@ from sagas_abstractions import (
     RetryCompensation,
     SagaAlreadyExists,
     SagaChange,
+    SagaError,
     SagaInput,
     SagaInstance,
     SagaNotFound,
@@ -50,7 +53,13 @@ from sagas_core.codec import (
     encode_dead_letter,
     encode_event,
 )
-from sagas_core.engine import Decision, decide, due_input
+from sagas_core.engine import (
+    Decision,
+    decide,
+    due_input,
+    parked,
+    resolved_without_definition,
+)
 
 if TYPE_CHECKING:
     import builtins
@@ -68,6 +77,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.orchestrator")
+
+_UNDECIDABLE = (InvalidSagaData, UnknownSagaType, DefinitionChanged)
+"""What keeps the orchestrator from deciding a stored saga: it parks that saga instead."""
 
 CommitListener = Callable[[Sequence[SagaInstance]], None]
 """Called (synchronously) with the sagas of every committed unit of work."""
@@ -245,8 +257,13 @@ class Orchestrator:
         await self.handle_reply(reply)
 
     async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
-        """Apply a participant's reply; returns the decision, or ``None`` for a duplicate/orphan."""
-        definition = self.registry.get(reply.saga_type, saga_id=reply.saga_id)
+        """Apply a participant's reply; returns the decision, or ``None`` when none was made.
+
+        ``None`` covers a duplicate, an orphan (the saga does not exist, or is not of the type
+        the reply names) and a saga this orchestrator cannot decide (a stored row that does
+        not parse, an unregistered type, a changed definition): that saga is parked and the
+        reply recorded, so it is acked, not redelivered.
+        """
         if await self.store.is_processed(self.consumer, reply.message_id):
             _log.debug("duplicate reply %s ignored", reply.message_id)
             return None
@@ -274,16 +291,14 @@ class Orchestrator:
         def make(_: SagaInstance) -> SagaInput:
             return event.model_copy(update={"at": self.clock.now()})
 
+        inbox = InboxEntry(self.consumer, reply.message_id)
         try:
-            return await self._apply(
-                reply.saga_id,
-                definition,
-                make,
-                inbox=InboxEntry(self.consumer, reply.message_id),
-            )
+            return await self._apply(reply.saga_id, make, inbox=inbox, saga_type=reply.saga_type)
         except SagaNotFound:
             await self._orphan(reply)
-            return None
+        except _UNDECIDABLE as problem:
+            await self._park(reply.saga_id, problem, inbox=inbox, message_id=reply.message_id)
+        return None
 
     async def _orphan(self, reply: ReplyMessage) -> None:
         _log.warning(
@@ -311,8 +326,11 @@ class Orchestrator:
         Safe to run in several workers at once: a deadline that another worker fired first is
         no longer due after the reload, so it fires once.
 
+        A due saga this orchestrator cannot decide (its stored row does not parse, its type is
+        not registered, its definition changed) is parked instead, which clears its deadlines.
+
         Returns:
-            How many inputs were applied.
+            How many inputs were applied (parks included).
         """
         moment = now or self.clock.now()
         fired = 0
@@ -322,9 +340,13 @@ class Orchestrator:
                 return due_input(current, self.clock.now() if now is None else moment)
 
             try:
-                definition = self.registry.get(instance.saga_type, saga_id=instance.saga_id)
-                decision = await self._apply(instance.saga_id, definition, make, inbox=None)
-            except (UnknownSagaType, DefinitionChanged, ConcurrencyConflict) as exc:
+                try:
+                    decision = await self._apply(instance.saga_id, make, inbox=None)
+                except _UNDECIDABLE as problem:
+                    # Park it: its deadline is cleared, so it stops coming back here.
+                    fired += await self._park(instance.saga_id, problem, inbox=None)
+                    continue
+            except ConcurrencyConflict as exc:
                 # One saga this worker cannot move must not hold up the others behind it.
                 _log.error("deadline of saga %s not applied: %s", instance.saga_id, exc)
                 continue
@@ -355,14 +377,152 @@ class Orchestrator:
         )
 
     async def _operator(self, saga_id: str, make: Callable[[], SagaInput]) -> SagaInstance:
-        instance = await self.store.load(saga_id)
-        if instance is None:
-            raise SagaNotFound("no saga with this id", saga_id=saga_id)
-        definition = self.registry.get(instance.saga_type, saga_id=saga_id)
-        decision = await self._apply(saga_id, definition, lambda _: make(), inbox=None)
+        try:
+            decision = await self._apply(saga_id, lambda _: make(), inbox=None)
+        except _UNDECIDABLE:
+            event = make()
+            if not isinstance(event, Resolve):
+                raise  # compensating needs the definition the saga runs under
+            # A parked saga the engine cannot decide can still be closed by hand.
+            decision = await self._resolve_without_definition(saga_id, event)
         if decision is None:  # pragma: no cover - operator inputs always decide
             raise SagaNotFound("no saga with this id", saga_id=saga_id)
         return decision.instance
+
+    # ------------------------------------------------------------------ sagas it cannot decide
+
+    async def _park(
+        self,
+        saga_id: str,
+        problem: InvalidSagaData | UnknownSagaType | DefinitionChanged,
+        *,
+        inbox: InboxEntry | None,
+        message_id: str | None = None,
+    ) -> int:
+        """Park a saga that cannot be decided and record the message that found it.
+
+        Returns:
+            1 if the saga was parked now, else 0 (already parked or finished, gone, or parked
+            by another worker first).
+        """
+        for attempt in range(self.max_conflict_retries + 1):
+            instance, readable = await self._view(saga_id)
+            if instance is None:
+                _log.warning("saga %s to park is gone: %s", saga_id, problem)
+                return 0
+            if instance.status.is_terminal or (readable and instance.status is SagaStatus.FAILED):
+                await self._record_unmoved(
+                    instance, problem, readable=readable, inbox=inbox, message_id=message_id
+                )
+                return 0
+            reason = f"parked: {problem}"
+            decision = parked(
+                instance,
+                error=ErrorInfo(code=problem.park_code, message=str(problem)),
+                at=self.clock.now(),
+                reason=reason,
+                message_id=message_id,
+            )
+            try:
+                await self.store.save(
+                    [
+                        SagaChange(
+                            instance=decision.instance,
+                            expected_version=instance.version,
+                            outbox=self._envelopes(decision),
+                            history=decision.history,
+                            inbox=inbox,
+                            status_only=True,
+                        )
+                    ]
+                )
+            except ConcurrencyConflict:
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                continue
+            except DuplicateMessage:
+                return 0
+            _log.error("saga %s parked as failed (%s): %s", saga_id, problem.park_code, problem)
+            self._committed([decision.instance])
+            return 1
+        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
+
+    async def _record_unmoved(
+        self,
+        instance: SagaInstance,
+        problem: SagaError,
+        *,
+        readable: bool,
+        inbox: InboxEntry | None,
+        message_id: str | None,
+    ) -> None:
+        """A finished or parked saga stays as it is; a message for it is recorded as stale."""
+        if inbox is None:
+            return
+        if not readable:
+            _log.warning(
+                "message %s for %s saga %s dropped: %s",
+                message_id,
+                instance.status.value,
+                instance.saga_id,
+                problem,
+            )
+            return
+        entry = HistoryEntry(
+            saga_id=instance.saga_id,
+            version=instance.version,
+            at=self.clock.now(),
+            input="Park",
+            outcome="stale",
+            from_status=instance.status,
+            to_status=instance.status,
+            reason=f"saga is {instance.status.value}, left as it is: {problem}",
+            message_id=message_id,
+        )
+        with contextlib.suppress(DuplicateMessage, ConcurrencyConflict):
+            await self.store.save(
+                [
+                    SagaChange(
+                        instance=instance,
+                        expected_version=instance.version,
+                        history=[entry],
+                        inbox=inbox,
+                    )
+                ]
+            )
+
+    async def _resolve_without_definition(self, saga_id: str, event: Resolve) -> Decision:
+        for attempt in range(self.max_conflict_retries + 1):
+            instance, _ = await self._view(saga_id)
+            if instance is None:
+                raise SagaNotFound("no saga with this id", saga_id=saga_id)
+            decision = resolved_without_definition(instance, event)
+            try:
+                await self.store.save(
+                    [
+                        SagaChange(
+                            instance=decision.instance,
+                            expected_version=instance.version,
+                            outbox=self._envelopes(decision),
+                            history=decision.history,
+                            status_only=True,
+                        )
+                    ]
+                )
+            except ConcurrencyConflict:
+                self.conflicts += 1
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                continue
+            self._committed([decision.instance])
+            return decision
+        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
+
+    async def _view(self, saga_id: str) -> tuple[SagaInstance | None, bool]:
+        """The saga as loaded, or as readers show it when its stored state does not parse."""
+        try:
+            return await self.store.load(saga_id), True
+        except InvalidSagaData:
+            return await self.store.get(saga_id), False
 
     # ------------------------------------------------------------------ status API
 
@@ -422,17 +582,25 @@ class Orchestrator:
     async def _apply(
         self,
         saga_id: str,
-        definition: SagaDefinition,
         make: Callable[[SagaInstance], SagaInput | None],
         *,
         inbox: InboxEntry | None,
+        saga_type: str | None = None,
     ) -> Decision | None:
+        """Load, decide and save one input, reloading and reapplying on a version conflict.
+
+        Raises:
+            SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
+            InvalidSagaData: The stored saga does not parse (as a saga, or its data).
+            UnknownSagaType: The saga's type is not registered.
+            DefinitionChanged: The saga started under another definition.
+            ConcurrencyConflict: The conflicts outlasted the retries.
+        """
         for attempt in range(self.max_conflict_retries + 1):
             instance = await self.store.load(saga_id)
-            if instance is None:
-                raise SagaNotFound(
-                    "no saga with this id", saga_id=saga_id, saga_type=definition.name
-                )
+            if instance is None or (saga_type is not None and instance.saga_type != saga_type):
+                raise SagaNotFound("no saga with this id", saga_id=saga_id, saga_type=saga_type)
+            definition = self.registry.get(instance.saga_type, saga_id=saga_id)
             if instance.definition_version != definition.fingerprint:
                 raise DefinitionChanged(
                     saga_id=saga_id,
@@ -464,7 +632,7 @@ class Orchestrator:
             saga_id=saga_id,
             expected_version=None,
             actual_version=None,
-            saga_type=definition.name,
+            saga_type=saga_type,
         )
 
     def _change(

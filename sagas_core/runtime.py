@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Self
 
 from sagas_abstractions import (
@@ -59,6 +60,9 @@ class SagaRuntime:
         concurrency: Replies handled at once.
         timeout_interval: Seconds between deadline polls.
         relay_poll_interval: Seconds between outbox polls when idle and not kicked.
+        relay_lease: Seconds an outbox claim keeps other relays away: after a crash, what the
+            dead process had claimed goes out again this long after (an in-process bus
+            publishes at once, so a few seconds are plenty there).
         orphan_replies: What to do with replies for sagas that do not exist.
 
     Example:
@@ -82,6 +86,7 @@ class SagaRuntime:
         concurrency: int = 16,
         timeout_interval: float = 0.05,
         relay_poll_interval: float = 0.5,
+        relay_lease: float = 10.0,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
     ) -> None:
         self.definitions = tuple(sagas)
@@ -100,7 +105,11 @@ class SagaRuntime:
             orphan_replies=orphan_replies,
         )
         self.relay = OutboxRelay(
-            store=self.store, bus=self.bus, clock=self.clock, poll_interval=relay_poll_interval
+            store=self.store,
+            bus=self.bus,
+            clock=self.clock,
+            poll_interval=relay_poll_interval,
+            lease=timedelta(seconds=relay_lease),
         )
         self.timeouts = TimeoutService(self.orchestrator, interval=timeout_interval)
         self.orchestrator.add_listener(lambda _: self.relay.kick())

@@ -13,6 +13,7 @@ writers never deadlock upgrading a read lock.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
@@ -23,7 +24,15 @@ from sqlalchemy.pool import StaticPool
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection
 
-__all__ = ["BEGIN_MODE", "async_url", "create_engine", "is_sqlite", "sync_url"]
+__all__ = [
+    "BEGIN_MODE",
+    "UnparseableJSON",
+    "async_url",
+    "create_engine",
+    "is_sqlite",
+    "lenient_json_loads",
+    "sync_url",
+]
 
 BEGIN_MODE = "sagas_sqlite_begin"
 """Execution option naming how a SQLite transaction begins (``DEFERRED`` or ``IMMEDIATE``)."""
@@ -77,11 +86,29 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite" and _is_memory(parsed):
         # Every connection to :memory: is its own database: share exactly one.
         options = {"poolclass": StaticPool}
+    if parsed.get_backend_name() == "sqlite":
+        # SQLite keeps JSON as text, which a hand edit can break: let the row fail to parse
+        # (InvalidSagaData naming the saga) instead of the whole query.
+        options["json_deserializer"] = lenient_json_loads
     options.update(kwargs)
     engine = create_async_engine(parsed, **options)
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_hooks(engine.sync_engine)
     return engine
+
+
+class UnparseableJSON(str):
+    """Stored JSON text that does not parse, handed on as it is so validation names it."""
+
+    __slots__ = ()
+
+
+def lenient_json_loads(text: str) -> Any:
+    """``json.loads``, but text that is not JSON comes back as :class:`UnparseableJSON`."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return UnparseableJSON(text)
 
 
 def install_sqlite_hooks(engine: Engine) -> None:

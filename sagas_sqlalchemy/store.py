@@ -33,6 +33,7 @@ from sagas_abstractions import (
     ConcurrencyConflict,
     DuplicateMessage,
     Envelope,
+    ErrorInfo,
     HistoryEntry,
     InvalidSagaData,
     OutboxRecord,
@@ -213,7 +214,8 @@ class SqlSagaStore:
             InvalidSagaData: The stored row no longer parses as a saga instance.
             StoreError: The database failed.
         """
-        return await self.get(saga_id)
+        row = await self._row(saga_id)
+        return None if row is None else _instance(row)
 
     async def save(self, changes: Sequence[SagaChange]) -> None:
         """Write all changes in one transaction: all of them, or none.
@@ -253,7 +255,20 @@ class SqlSagaStore:
     async def _save_one(self, conn: AsyncConnection, change: SagaChange) -> None:
         instance = change.instance
         table = self._tables.instances
-        if change.expected_version is None:
+        if change.status_only:
+            if change.expected_version is None:
+                raise ValueError("a status_only change updates a saga: set expected_version")
+            updated = await conn.execute(
+                sa.update(table)
+                .where(
+                    table.c.saga_id == instance.saga_id,
+                    table.c.version == change.expected_version,
+                )
+                .values(_status_row(instance))
+            )
+            if updated.rowcount != 1:
+                await self._conflict(conn, change)
+        elif change.expected_version is None:
             # RETURNING, not rowcount: psycopg reports -1 for INSERT ... ON CONFLICT.
             inserted = await conn.scalar(
                 self._insert_ignoring_duplicates(table)
@@ -368,19 +383,25 @@ class SqlSagaStore:
     async def get(self, saga_id: str) -> SagaInstance | None:
         """Return the saga with this id, or ``None``.
 
+        A stored row that no longer parses is shown with neutral values in place of the fields
+        that do not parse and an ``unreadable_state`` error (the row is not changed); so are
+        the rows :meth:`find` and :meth:`due` return.
+
         Raises:
-            InvalidSagaData: The stored row no longer parses as a saga instance.
             StoreError: The database failed.
         """
+        row = await self._row(saga_id)
+        return None if row is None else _readable(row)
+
+    async def _row(self, saga_id: str) -> RowMapping | None:
         table = self._tables.instances
         with self._translate("loading the saga failed", saga_id=saga_id):
             async with self._read() as conn:
-                row = (
+                return (
                     (await conn.execute(sa.select(table).where(table.c.saga_id == saga_id)))
                     .mappings()
                     .first()
                 )
-        return None if row is None else _instance(row)
 
     async def find(
         self,
@@ -402,7 +423,7 @@ class SqlSagaStore:
         with self._translate("finding sagas failed", saga_type=saga_type):
             async with self._read() as conn:
                 rows = (await conn.execute(query)).mappings().all()
-        return [_instance(row) for row in rows]
+        return [_readable(row) for row in rows]
 
     async def history(self, saga_id: str) -> builtins.list[HistoryEntry]:
         """Return the saga's audit trail, oldest first."""
@@ -431,7 +452,7 @@ class SqlSagaStore:
         with self._translate("finding due sagas failed"):
             async with self._read() as conn:
                 rows = (await conn.execute(query)).mappings().all()
-        return [_instance(row) for row in rows]
+        return [_readable(row) for row in rows]
 
     # ------------------------------------------------------------------ OutboxStore
 
@@ -606,6 +627,19 @@ def _instance_row(instance: SagaInstance) -> dict[str, Any]:
     }
 
 
+def _status_row(instance: SagaInstance) -> dict[str, Any]:
+    # A status_only change: everything else in the row stays as stored (it may not parse).
+    return {
+        "status": instance.status.value,
+        "error": None if instance.error is None else instance.error.model_dump(mode="json"),
+        "wait": None if instance.wait is None else instance.wait.value,
+        "deadline_at": instance.deadline_at,
+        "next_deadline_at": instance.next_deadline_at,
+        "version": instance.version,
+        "updated_at": instance.updated_at,
+    }
+
+
 def _instance(row: RowMapping) -> SagaInstance:
     fields = {key: value for key, value in row.items() if key != "next_deadline_at"}
     try:
@@ -619,6 +653,56 @@ def _instance(row: RowMapping) -> SagaInstance:
             saga_type=str(row.get("saga_type")),
             errors=[dict(problem) for problem in error.errors()],
         ) from error
+
+
+# What a reader shows in place of a stored field that does not parse.
+_NEUTRAL: dict[str, Any] = {
+    "saga_type": "unknown",
+    "definition_version": "",
+    "status": SagaStatus.FAILED,
+    "current_step": 0,
+    "attempt": 0,
+    "attempt_base": 0,
+    "wait": None,
+    "deadline_at": None,
+    "saga_deadline_at": None,
+    "data": {},
+    "steps": (),
+    "error": None,
+    "version": 1,
+    "correlation_id": None,
+    "trace_context": {},
+}
+
+
+def _readable(row: RowMapping) -> SagaInstance:
+    """The saga for readers: a row that does not parse is shown, not raised.
+
+    Each field that does not parse is replaced by a neutral value (``{}`` data, no steps, an
+    unparseable status shows as ``failed``) and, unless the row carries an error of its own,
+    ``error`` says ``unreadable_state`` and why. The row itself is left alone for a human to
+    repair; :meth:`SqlSagaStore.load` still raises, so the orchestrator parks the saga.
+    """
+    try:
+        return _instance(row)
+    except InvalidSagaData as problem:
+        fields = {key: value for key, value in row.items() if key != "next_deadline_at"}
+        broken = {
+            str(loc[0])
+            for error in problem.errors
+            if isinstance(loc := error.get("loc"), tuple | list) and loc
+        }
+        for name in broken:
+            if name in _NEUTRAL:
+                fields[name] = _NEUTRAL[name]
+            elif name in ("created_at", "updated_at"):
+                fields[name] = fields["created_at" if name == "updated_at" else "updated_at"]
+        if fields["error"] is None:
+            fields["error"] = ErrorInfo(code=InvalidSagaData.park_code, message=problem.reason)
+        try:
+            return SagaInstance.model_validate(fields)
+        except ValidationError:
+            raise problem from None
 
 
 def _history_row(entry: HistoryEntry) -> dict[str, Any]:

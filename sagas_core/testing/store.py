@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 __all__ = ["InMemorySagaStore"]
 
+_STATUS_FIELDS = ("status", "error", "wait", "deadline_at", "version", "updated_at")
+"""The fields a ``status_only`` :class:`~sagas_abstractions.SagaChange` writes."""
+
 
 @dataclass
 class _OutboxRow:
@@ -91,6 +94,8 @@ class InMemorySagaStore:
                     if saga_id in versions
                     else (self._sagas[saga_id].version if saga_id in self._sagas else None)
                 )
+                if change.status_only and change.expected_version is None:
+                    raise ValueError("a status_only change updates a saga: set expected_version")
                 if change.expected_version is None:
                     if stored is not None:
                         raise ConcurrencyConflict(
@@ -114,6 +119,10 @@ class InMemorySagaStore:
                     seen_inbox.add(key)
             for change in changes:
                 instance = change.instance
+                if change.status_only:
+                    instance = self._sagas[instance.saga_id].model_copy(
+                        update={field: getattr(instance, field) for field in _STATUS_FIELDS}
+                    )
                 if change.expected_version is None or instance.version > change.expected_version:
                     self._sagas[instance.saga_id] = instance
                 self._history.setdefault(instance.saga_id, []).extend(change.history)

@@ -1,16 +1,32 @@
-"""``python -m samples.order_processing``: run the demo batch and print a table."""
+"""``python -m samples.order_processing``: run the demo batch and print a table.
+
+Saga state lives in a SQLite file (``.sagas/sagas.sqlite3``, ``$SAGAS_SQLITE_PATH`` or
+``--db PATH``), so a run killed mid-batch is finished by the next one; ``--memory`` keeps it in
+memory instead.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from sagas_abstractions import SagaStatus
-from samples.order_processing.demo import run_demo
+from sagas_core import close_store, open_store
+from sagas_core.embedded import default_sqlite_path
+from sagas_core.testing import InMemorySagaStore
+from samples.order_processing.demo import OrderResult, run_demo
 from samples.order_processing.saga import order_saga
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sagas_abstractions import SagaRepository
 
 _STYLE = {
     SagaStatus.COMPLETED: "green",
@@ -19,22 +35,58 @@ _STYLE = {
 }
 
 
-def main() -> int:
-    """Run the demo; exit status 1 if any order ended differently than its scenario expects."""
-    console = Console(width=max(Console().width, 110))
-    console.print(
-        "[bold]sagas[/bold] order-processing demo: embedded runtime "
-        "(in-memory state and bus, participants in this process)\n"
+def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m samples.order_processing",
+        description="Run the order saga demo batch on the embedded runtime.",
     )
-    results, _ = asyncio.run(run_demo())
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--db",
+        type=Path,
+        metavar="PATH",
+        help="SQLite file holding saga state (default: $SAGAS_SQLITE_PATH or .sagas/sagas.sqlite3)",
+    )
+    where.add_argument(
+        "--memory", action="store_true", help="keep saga state in memory (lost on exit)"
+    )
+    return parser.parse_args(argv)
+
+
+async def _run(args: argparse.Namespace, console: Console) -> list[OrderResult]:
+    def resumed(count: int) -> None:
+        if count:
+            console.print(f"Resuming {count} saga(s) left active by a previous run.\n")
+
+    store: SagaRepository = (
+        InMemorySagaStore() if args.memory else await open_store(sqlite_path=args.db)
+    )
+    try:
+        results, _ = await run_demo(store=store, on_resume=resumed)
+    finally:
+        await close_store(store)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; exit status 1 if any order ended differently than its scenario expects."""
+    args = _arguments(argv)
+    console = Console(width=max(Console().width, 110))
+    state = "in-memory state" if args.memory else f"state in {args.db or default_sqlite_path()}"
+    console.print(
+        f"[bold]sagas[/bold] order-processing demo: embedded runtime "
+        f"({state}, in-memory bus, participants in this process)\n"
+    )
+    results = asyncio.run(_run(args, console))
     table = Table(title="Order sagas", show_lines=False)
     for column in ("order", "scenario", "final status", "steps done", "compensations run", "time"):
         table.add_column(column, justify="right" if column == "time" else "left")
     for result in results:
-        style = _STYLE.get(result.status, "")
+        style = _STYLE.get(result.status, "magenta")
         mark = "" if result.as_expected else " [red](unexpected)[/red]"
+        order = result.scenario.order.order_id
         table.add_row(
-            result.scenario.order.order_id,
+            f"{order} [cyan](resumed)[/cyan]" if result.resumed else order,
             result.scenario.name,
             f"[{style}]{result.status.value}[/{style}]{mark}",
             f"{len(result.steps_done)}/{len(order_saga.steps)}",
@@ -49,7 +101,9 @@ def main() -> int:
     if unexpected:
         console.print(f"[red]{len(unexpected)} order(s) ended unexpectedly[/red]")
         return 1
-    console.print(f"\nAll {len(results)} orders ended as expected.")
+    resumed = sum(1 for r in results if r.resumed)
+    also = f" ({resumed} resumed from a previous run)" if resumed else ""
+    console.print(f"\nAll {len(results)} orders ended as expected{also}.")
     return 0
 
 

@@ -27,6 +27,10 @@ order_saga = (
     SagaBuilder("order-processing", data=OrderData)
     .step("price-order")
     .run(price_order)
+    # A local step's command travels over the in-process bus: one in flight when the process
+    # dies is lost, and this timeout is what sends it again after a restart.
+    .timeout(seconds=1)
+    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
     .step("reserve-inventory")
     .send(ReserveInventory, to="inventory", reply=InventoryReserved)
     .compensate_with(ReleaseInventory)
@@ -36,13 +40,14 @@ order_saga = (
     .send(ProcessPayment, to="payments", reply=PaymentProcessed)
     .compensate_with(RefundPayment)
     .timeout(seconds=2)
-    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
+    # Four: the flaky card fails once per gateway process, and a restart can lose one attempt.
+    .retry(attempts=4, backoff=exponential(0.05, max=0.5))
     .step("create-shipment")
     .send(CreateShipment, to="shipping", reply=ShipmentCreated)
     .compensate_with(CancelShipment)
     .timeout(seconds=0.3)
     .retry(attempts=2, backoff=exponential(0.05, max=0.2))
-    .saga_timeout(seconds=30)
+    .saga_timeout(minutes=5)  # long enough for a killed demo to be started again and finish
     .build()
 )
 """The order saga definition."""

@@ -267,6 +267,75 @@ class SagaStoreContract:
         assert await store.pending_count() == 1
         assert await store.is_processed("orchestrator", "r-1")
 
+    async def test_a_status_only_change_moves_status_error_and_deadlines_and_keeps_the_data(
+        self, store: SagaRepository
+    ) -> None:
+        first = make_instance(deadline_at=T0 + timedelta(seconds=5), data={"order_id": "kept"})
+        await store.save([insert(first)])
+        error = ErrorInfo(code="unknown_saga_type", message="not registered")
+        parked = first.model_copy(
+            update={
+                "status": SagaStatus.FAILED,
+                "error": error,
+                "wait": None,
+                "deadline_at": None,
+                "version": 2,
+                "updated_at": T0 + timedelta(seconds=1),
+                "data": {"order_id": "from a partial view"},
+                "current_step": 1,
+            }
+        )
+        entry = make_history(parked, "Park", from_status=SagaStatus.RUNNING)
+
+        await store.save(
+            [
+                SagaChange(
+                    instance=parked,
+                    expected_version=1,
+                    outbox=[make_envelope("park-event")],
+                    history=[entry],
+                    inbox=InboxEntry("orchestrator", "reply-1"),
+                    status_only=True,
+                )
+            ]
+        )
+
+        loaded = await store.load("saga-1")
+        assert loaded is not None
+        assert (loaded.status, loaded.error, loaded.version) == (SagaStatus.FAILED, error, 2)
+        assert (loaded.wait, loaded.deadline_at) == (None, None)
+        assert loaded.updated_at == T0 + timedelta(seconds=1)
+        assert (loaded.data, loaded.current_step) == ({"order_id": "kept"}, 0)
+        assert await store.due(T0 + timedelta(days=1), 10) == []
+        assert (await store.history("saga-1"))[-1] == entry
+        assert await store.is_processed("orchestrator", "reply-1")
+        assert await store.pending_count() == 1
+
+    async def test_a_status_only_change_checks_the_version_and_writes_nothing_on_conflict(
+        self, store: SagaRepository
+    ) -> None:
+        first = make_instance()
+        await store.save([insert(first)])
+        await store.save([update(first)])
+        parked = first.model_copy(update={"status": SagaStatus.FAILED, "version": 2})
+
+        with pytest.raises(ConcurrencyConflict):
+            await store.save(
+                [
+                    SagaChange(
+                        instance=parked,
+                        expected_version=1,
+                        history=[make_history(parked, "Park")],
+                        status_only=True,
+                    )
+                ]
+            )
+
+        loaded = await store.load("saga-1")
+        assert loaded is not None
+        assert loaded.status is SagaStatus.RUNNING
+        assert len(await store.history("saga-1")) == 2
+
     async def test_writes_changes_to_several_sagas_in_one_batch(
         self, store: SagaRepository
     ) -> None:

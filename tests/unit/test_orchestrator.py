@@ -13,9 +13,9 @@ from pydantic import BaseModel, Field
 from sagas_abstractions import (
     CommandMessage,
     ConcurrencyConflict,
-    DefinitionChanged,
     ErrorInfo,
     EventKind,
+    HistoryEntry,
     InvalidOperation,
     InvalidSagaData,
     ReplyMessage,
@@ -377,14 +377,16 @@ async def test_an_orphan_reply_under_the_dead_letter_policy_raises_saga_not_foun
     assert (caught.value.saga_id, caught.value.step) == ("ghost", "reserve")
 
 
-async def test_a_reply_for_an_unregistered_saga_type_raises_unknown_saga_type(
+async def test_a_reply_naming_another_saga_type_than_its_saga_is_dropped_as_an_orphan(
     orchestrator: Orchestrator, store: RecordingStore
 ) -> None:
     await start(orchestrator)
     stranger = answer(commands(store)[0]).model_copy(update={"saga_type": "shipping"})
 
-    with pytest.raises(UnknownSagaType):
-        await orchestrator.handle_reply(stranger)
+    assert await orchestrator.handle_reply(stranger) is None
+
+    saga = await orchestrator.get("saga-1")
+    assert (saga.status, saga.version) == (SagaStatus.RUNNING, 1)
 
 
 # ---------------------------------------------------------------------- conflicts and failures
@@ -479,7 +481,7 @@ async def test_a_store_failure_during_start_writes_nothing(
     assert await store.pending_count() == 0
 
 
-async def test_an_instance_started_under_another_definition_raises_definition_changed(
+async def test_a_reply_for_a_saga_started_under_another_definition_parks_it(
     orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
 ) -> None:
     await start(orchestrator)
@@ -487,13 +489,13 @@ async def test_an_instance_started_under_another_definition_raises_definition_ch
         store=store, definitions=[order_saga(reserve_timeout=20)], clock=clock
     )
 
-    with pytest.raises(DefinitionChanged) as caught:
-        await redeployed.handle_reply(answer(commands(store)[0]))
+    assert await redeployed.handle_reply(answer(commands(store)[0])) is None
 
-    assert caught.value.saga_id == "saga-1"
-    assert caught.value.started_with == ORDER_SAGA.fingerprint
-    assert caught.value.current != ORDER_SAGA.fingerprint
-    assert (await orchestrator.get("saga-1")).version == 1
+    saga = await redeployed.get("saga-1")
+    assert saga.status is SagaStatus.FAILED
+    assert saga.error is not None
+    assert saga.error.code == "definition_changed"
+    assert ORDER_SAGA.fingerprint in saga.error.message
 
 
 # ---------------------------------------------------------------------- deadlines
@@ -726,7 +728,7 @@ async def test_commit_listeners_see_each_commit_and_cannot_undo_it(
     assert await store.load("saga-1") is not None
 
 
-async def test_a_due_saga_under_a_changed_definition_does_not_stop_other_deadlines(
+async def test_a_due_saga_under_a_changed_definition_is_parked_and_other_deadlines_fire(
     store: RecordingStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     old = Orchestrator(store=store, definitions=[order_saga(reserve_timeout=5)], clock=clock)
@@ -735,8 +737,141 @@ async def test_a_due_saga_under_a_changed_definition_does_not_stop_other_deadlin
     await start(current, "saga-new")
     clock.advance(10)
 
-    assert await current.fire_due() == 1
+    assert await current.fire_due() == 2
 
     assert (await current.get("saga-new")).wait is WaitKind.RETRY
-    assert (await current.get("saga-old")).version == 1
+    assert (await current.get("saga-old")).status is SagaStatus.FAILED
     assert "saga-old" in caplog.text
+
+
+# ---------------------------------------------------------------------- sagas it cannot decide
+
+
+def unregistered_saga(store: RecordingStore, clock: FakeClock) -> Orchestrator:
+    """An orchestrator that runs the order saga but not the refund saga."""
+    return Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock)
+
+
+async def start_refund(orchestrator: Orchestrator) -> SagaInstance:
+    return await orchestrator.start("refund", RefundData(order_id="o-9"), saga_id="refund-1")
+
+
+def history_inputs(entries: Sequence[HistoryEntry]) -> list[tuple[str, str]]:
+    return [(entry.input, entry.outcome) for entry in entries]
+
+
+async def test_a_reply_for_a_saga_of_an_unregistered_type_parks_it_and_is_acked_once(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start_refund(orchestrator)
+    reply = answer(commands(store)[0])
+    worker = unregistered_saga(store, clock)
+
+    assert await worker.handle_reply(reply) is None
+
+    saga = await worker.get("refund-1")
+    assert saga.status is SagaStatus.FAILED
+    assert saga.error is not None
+    assert saga.error.code == "unknown_saga_type"
+    assert "registered: order" in saga.error.message
+    assert saga.next_deadline_at is None
+    last = (await worker.history("refund-1"))[-1]
+    assert (last.input, last.to_status, last.message_id) == (
+        "Park",
+        SagaStatus.FAILED,
+        reply.message_id,
+    )
+    assert last.reason is not None
+    assert "no saga definition registered" in last.reason
+    assert await store.is_processed(worker.consumer, reply.message_id)
+    assert event_kinds(store)[-1] is EventKind.FAILED
+    # A redelivery of the same reply is a duplicate: it changes nothing.
+    assert await worker.handle_reply(reply) is None
+    assert (await worker.get("refund-1")).version == saga.version
+
+
+async def test_a_parked_saga_leaves_the_deadline_scan_and_other_sagas_keep_moving(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    timed_refund = (
+        SagaBuilder("refund", data=RefundData)
+        .step("pay")
+        .send(RefundPayment, to="payments")
+        .timeout(seconds=3)
+        .build()
+    )
+    before = Orchestrator(store=store, definitions=[ORDER_SAGA, timed_refund], clock=clock)
+    await start_refund(before)
+    await start(before)
+    worker = unregistered_saga(store, clock)
+    clock.advance(11)
+
+    assert await worker.fire_due() == 2  # the refund parked, the order's attempt timed out
+    clock.advance(5)
+    await worker.fire_due()
+
+    later = await store.due(clock.now() + timedelta(days=1), 10)
+    assert [saga.saga_id for saga in later] == ["saga-1"]  # the parked saga is never due again
+    await worker.handle_reply(answer(commands(store)[-1], data={"reservation_id": "r-1"}))
+    assert (await worker.get("saga-1")).current_step == 1
+    assert [saga.saga_id for saga in await worker.list(status=SagaStatus.FAILED)] == ["refund-1"]
+    assert history_inputs(await worker.history("refund-1")) == [
+        ("Start", "applied"),
+        ("Park", "applied"),
+    ]
+
+
+async def test_a_finished_saga_under_a_changed_definition_stays_finished_and_records_the_reply(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start(orchestrator)
+    await orchestrator.compensate("saga-1", actor="alice")
+    await orchestrator.handle_reply(answer(commands(store)[-1]))
+    assert (await orchestrator.get("saga-1")).status is SagaStatus.COMPENSATED
+    late = answer(commands(store)[0])
+    redeployed = Orchestrator(
+        store=store, definitions=[order_saga(reserve_timeout=20)], clock=clock
+    )
+
+    assert await redeployed.handle_reply(late) is None
+
+    assert (await redeployed.get("saga-1")).status is SagaStatus.COMPENSATED
+    assert (await redeployed.history("saga-1"))[-1].outcome == "stale"
+    assert await store.is_processed(redeployed.consumer, late.message_id)
+
+
+async def test_an_operator_resolves_a_saga_parked_for_an_unregistered_type(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start_refund(orchestrator)
+    worker = unregistered_saga(store, clock)
+    await worker.handle_reply(answer(commands(store)[0]))
+
+    saga = await worker.resolve("refund-1", actor="dora", note="refunded by hand")
+
+    assert saga.status is SagaStatus.RESOLVED
+    assert saga.error is not None
+    assert saga.error.code == "unknown_saga_type"
+    last = (await worker.history("refund-1"))[-1]
+    assert (last.input, last.actor, last.reason) == ("Resolve", "dora", "refunded by hand")
+    assert event_kinds(store)[-1] is EventKind.RESOLVED
+
+
+async def test_retrying_the_compensation_of_a_saga_parked_for_an_unregistered_type_raises(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start_refund(orchestrator)
+    worker = unregistered_saga(store, clock)
+    await worker.handle_reply(answer(commands(store)[0]))
+
+    with pytest.raises(UnknownSagaType):
+        await worker.retry_compensation("refund-1", actor="dora")
+
+
+async def test_resolving_a_running_saga_of_an_unregistered_type_is_an_invalid_operation(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start_refund(orchestrator)
+
+    with pytest.raises(InvalidOperation, match="only a failed one"):
+        await unregistered_saga(store, clock).resolve("refund-1", actor="dora", note="-")

@@ -102,6 +102,7 @@ SAGAS_CORE = [
     "SystemClock",
     "TimeoutService",
     "__version__",
+    "close_store",
     "decide",
     "due_input",
     "exponential",
@@ -110,6 +111,7 @@ SAGAS_CORE = [
     "load_settings",
     "local_destination",
     "no_retry",
+    "open_store",
     "reply_queue",
 ]
 

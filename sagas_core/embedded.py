@@ -1,0 +1,121 @@
+"""The embedded default store: a SQLite file, so sagas survive a restart with nothing to set up.
+
+``await open_store()`` gives a store over ``./.sagas/sagas.sqlite3`` (or ``SAGAS_SQLITE_PATH``),
+created and migrated on first use; ``await open_store(url)`` one over any database the SQL store
+supports (a server database is migrated only with ``migrate=True``: run ``sagas migrate`` in
+deploys). The SQL store is imported here, when a store is opened, never when ``sagas_core`` is
+imported: the core stays free of SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sagas_core.testing.store import InMemorySagaStore
+
+if TYPE_CHECKING:
+    from sagas_abstractions import SagaRepository
+
+__all__ = [
+    "DEFAULT_SQLITE_PATH",
+    "INSTALL_SQL_STORE",
+    "SQLITE_PATH_ENV",
+    "close_store",
+    "default_sqlite_path",
+    "open_store",
+]
+
+_log = logging.getLogger("sagas.embedded")
+
+DEFAULT_SQLITE_PATH = Path(".sagas") / "sagas.sqlite3"
+"""Where the embedded store keeps its file, relative to the working directory."""
+
+SQLITE_PATH_ENV = "SAGAS_SQLITE_PATH"
+"""The environment variable that moves the embedded SQLite file."""
+
+INSTALL_SQL_STORE = """
+Durable saga state needs the SQL store; install the SQLAlchemy extra:
+
+    pip install 'sagas[sqlalchemy]'
+
+(or keep state in memory, lost on exit: open_store(allow_memory=True))
+"""
+
+
+def default_sqlite_path() -> Path:
+    """The embedded SQLite file: ``$SAGAS_SQLITE_PATH``, else ``./.sagas/sagas.sqlite3``."""
+    configured = os.environ.get(SQLITE_PATH_ENV)
+    return Path(configured) if configured else DEFAULT_SQLITE_PATH
+
+
+async def open_store(
+    url: str | None = None,
+    *,
+    sqlite_path: str | Path | None = None,
+    migrate: bool | None = None,
+    allow_memory: bool = False,
+    **options: Any,
+) -> SagaRepository:
+    """Open the state store: the database at ``url``, else the embedded SQLite file.
+
+    The store's tables are ready when this returns: SQLite (the file and its directory
+    included) is created and migrated on first use; a server database is migrated only when
+    ``migrate=True``. Close the store with :func:`close_store`.
+
+    Args:
+        url: A database URL (``postgresql+psycopg://...``, ``sqlite+aiosqlite:///...``).
+        sqlite_path: The SQLite file when there is no ``url``; default
+            :func:`default_sqlite_path`.
+        migrate: Migrate to the latest schema now; ``None`` migrates SQLite only.
+        allow_memory: When the SQL store is not installed, log a warning and return an
+            in-memory store (nothing survives the process) instead of raising.
+        **options: Passed to ``sagas_sqlalchemy.create_store`` (``table_prefix``, engine
+            options).
+
+    Raises:
+        ImportError: The SQL store is not installed (the message says what to install).
+        StoreError: The database cannot be opened or migrated.
+
+    Example:
+        ```python
+        store = await open_store()  # ./.sagas/sagas.sqlite3
+        try:
+            async with SagaRuntime(sagas=[order_saga], store=store) as runtime:
+                ...
+        finally:
+            await close_store(store)
+        ```
+    """
+    try:
+        sql = importlib.import_module("sagas_sqlalchemy")
+    except ImportError as missing:
+        if not allow_memory:
+            raise ImportError(INSTALL_SQL_STORE) from missing
+        _log.warning(
+            "the SQL store is not installed (pip install 'sagas[sqlalchemy]'): "
+            "saga state is kept in memory and lost when the process exits"
+        )
+        return InMemorySagaStore()
+    if url is None:
+        path = Path(sqlite_path) if sqlite_path is not None else default_sqlite_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        url = f"sqlite+aiosqlite:///{path}"
+    created: Any = sql.create_store(url, migrate=migrate, **options)
+    try:
+        await created.initialize()  # ready now: a bad URL or path fails here, not mid-saga
+    except BaseException:
+        await created.close()
+        raise
+    store: SagaRepository = created
+    return store
+
+
+async def close_store(store: SagaRepository) -> None:
+    """Release what :func:`open_store` opened (connections; nothing for an in-memory store)."""
+    close = getattr(store, "close", None)
+    if close is not None:
+        await close()

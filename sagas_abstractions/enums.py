@@ -110,6 +110,7 @@ class EventKind(StrEnum):
     STEP_COMPLETED = "step_completed"
     STEP_FAILED = "step_failed"
     STEP_RETRY_SCHEDULED = "step_retry_scheduled"
+    STEP_DEFERRED = "step_deferred"
     COMPENSATING = "compensating"
     STEP_COMPENSATED = "step_compensated"
     COMPLETED = "completed"

@@ -70,7 +70,13 @@ class Timeout(_StepInput):
 
 
 class RetryDue(_StepInput):
-    """The backoff before this attempt is over: send the command again."""
+    """The wait after this attempt is over: send the next one.
+
+    ``attempt`` is the last attempt made, 0 when a step's first command was deferred (its
+    destination's circuit was open) before any was sent.
+    """
+
+    attempt: int = Field(ge=0)
 
 
 class SagaTimeout(BaseModel):

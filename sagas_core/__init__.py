@@ -5,6 +5,7 @@ This package never imports a broker client or a database driver: those live in
 """
 
 from sagas_core.builder import SagaBuilder, StepBuilder, local_destination
+from sagas_core.circuit import CircuitBreaker, CircuitState
 from sagas_core.clock import SystemClock
 from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
 from sagas_core.di import Dependencies, MissingDependency, Resolver
@@ -40,6 +41,8 @@ __all__ = [
     "ActionSpec",
     "Backoff",
     "CachedOutcome",
+    "CircuitBreaker",
+    "CircuitState",
     "CommandContext",
     "Decision",
     "Dependencies",

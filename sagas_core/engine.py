@@ -54,6 +54,7 @@ from sagas_core.definition import describe_validation
 from sagas_core.retry import TIMEOUT_CODE
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
     from datetime import datetime
 
     from sagas_core.definition import ActionSpec, SagaDefinition, StepDefinition
@@ -137,13 +138,22 @@ def due_input(instance: SagaInstance, now: datetime) -> Timeout | RetryDue | Sag
     return RetryDue(step=step, attempt=instance.attempt, kind=kind, at=now)
 
 
-def decide(definition: SagaDefinition, instance: SagaInstance | None, event: SagaInput) -> Decision:
+def decide(
+    definition: SagaDefinition,
+    instance: SagaInstance | None,
+    event: SagaInput,
+    *,
+    circuits: Mapping[str, datetime] | None = None,
+) -> Decision:
     """Apply one input to one saga and return the decision. Pure: no I/O, no clock, no random.
 
     Args:
         definition: The saga's definition.
         instance: The saga as loaded; ``None`` only for :class:`Start` of a new saga.
         event: The input.
+        circuits: Destinations whose circuit is open, each with when a command may be sent
+            again: a command for one of them is deferred to that moment (the saga waits with a
+            retry deadline and no attempt is used) instead of being sent.
 
     Raises:
         InvalidSagaData: ``Start`` data does not fit the data model.
@@ -154,7 +164,7 @@ def decide(definition: SagaDefinition, instance: SagaInstance | None, event: Sag
     if isinstance(event, Start):
         if instance is not None:
             return _ignored(instance, event, "saga already started", outcome="duplicate")
-        return _start(definition, event)
+        return _start(definition, event, circuits or {})
     if instance is None:
         raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
     if instance.saga_type != definition.name:
@@ -163,7 +173,7 @@ def decide(definition: SagaDefinition, instance: SagaInstance | None, event: Sag
             saga_id=instance.saga_id,
             saga_type=instance.saga_type,
         )
-    return _Transition(definition, instance, event).run()
+    return _Transition(definition, instance, event, circuits=circuits or {}).run()
 
 
 def parked(
@@ -283,7 +293,7 @@ def _forced(
     return Decision(instance=changed, changed=True, events=(event,), history=(history,))
 
 
-def _start(definition: SagaDefinition, event: Start) -> Decision:
+def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, datetime]) -> Decision:
     data = definition.parse_data(event.data, saga_id=event.saga_id)
     saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
     seed = SagaInstance(
@@ -302,7 +312,7 @@ def _start(definition: SagaDefinition, event: Start) -> Decision:
         correlation_id=event.correlation_id,
         trace_context=dict(event.trace_context),
     )
-    transition = _Transition(definition, seed, event, created=True)
+    transition = _Transition(definition, seed, event, created=True, circuits=circuits)
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
     return transition.finish()
@@ -379,7 +389,9 @@ class _Transition:
         event: SagaInput,
         *,
         created: bool = False,
+        circuits: Mapping[str, datetime] | None = None,
     ) -> None:
+        self.circuits: Mapping[str, datetime] = circuits or {}
         self.definition = definition
         self.before = instance
         self.event = event
@@ -668,6 +680,15 @@ class _Transition:
         made = state.attempts if kind is StepKind.EXECUTE else state.compensation_attempts
         if new_round:
             self.attempt_base = made
+        reopens = self.circuits.get(spec.destination)
+        if reopens is not None and reopens > self.at:
+            # The destination's circuit is open: wait for it without using an attempt.
+            self.attempt = made
+            self.wait = WaitKind.RETRY
+            self.deadline_at = reopens
+            self.reason = f"circuit of {spec.destination!r} is open until {reopens.isoformat()}"
+            self.emit(EventKind.STEP_DEFERRED, step=step_def.name, detail=self.reason)
+            return
         attempt = made + 1
         self.attempt = attempt
         if kind is StepKind.EXECUTE:

@@ -44,6 +44,7 @@ from sagas_abstractions import (
     SagaStatus,
     Start,
     StepFailed,
+    StepKind,
     StepSucceeded,
     UnknownSagaType,
 )
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from sagas_abstractions import Clock
+    from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import SagaDefinition
 
 __all__ = [
@@ -117,6 +119,10 @@ class SagaRegistry:
             )
         self._definitions[definition.name] = definition
 
+    def find(self, saga_type: str) -> SagaDefinition | None:
+        """The definition for ``saga_type``, or ``None``."""
+        return self._definitions.get(saga_type)
+
     def get(self, saga_type: str, *, saga_id: str | None = None) -> SagaDefinition:
         """The definition for ``saga_type``.
 
@@ -151,6 +157,7 @@ class Orchestrator:
         max_conflict_retries: How often a version conflict is reloaded and reapplied.
         orphan_replies: What to do with replies for sagas that do not exist.
         id_factory: Makes new saga ids.
+        breaker: Defers commands to destinations whose circuit is open (off when ``None``).
     """
 
     def __init__(
@@ -163,8 +170,10 @@ class Orchestrator:
         max_conflict_retries: int = 20,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
         id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.store = store
+        self.breaker = breaker
         self.registry = (
             definitions if isinstance(definitions, SagaRegistry) else SagaRegistry(definitions)
         )
@@ -218,7 +227,7 @@ class Orchestrator:
             correlation_id=correlation_id,
             trace_context=dict(trace_context or {}),
         )
-        decision = decide(definition, None, event)
+        decision = decide(definition, None, event, circuits=self._circuits())
         try:
             await self.store.save([self._change(decision, expected_version=None, inbox=None)])
         except ConcurrencyConflict:
@@ -228,6 +237,7 @@ class Orchestrator:
                 raise
             return self._existing(raced, definition)
         self._committed([decision.instance])
+        self._observe_decision(decision)
         _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
         return decision.instance
 
@@ -267,6 +277,7 @@ class Orchestrator:
         if await self.store.is_processed(self.consumer, reply.message_id):
             _log.debug("duplicate reply %s ignored", reply.message_id)
             return None
+        self._observe_reply(reply)
         event: SagaInput
         if reply.status is ReplyStatus.SUCCEEDED:
             event = StepSucceeded(
@@ -514,6 +525,7 @@ class Orchestrator:
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
                 continue
             self._committed([decision.instance])
+            self._observe_decision(decision)
             return decision
         raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
 
@@ -611,7 +623,7 @@ class Orchestrator:
             event = make(instance)
             if event is None:
                 return None
-            decision = decide(definition, instance, event)
+            decision = decide(definition, instance, event, circuits=self._circuits())
             if not decision.changed and inbox is None:
                 return decision  # e.g. a deadline another worker fired first: nothing to record
             try:
@@ -627,6 +639,7 @@ class Orchestrator:
                 _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
                 return None
             self._committed([decision.instance])
+            self._observe_decision(decision)
             return decision
         raise ConcurrencyConflict(
             saga_id=saga_id,
@@ -654,6 +667,43 @@ class Orchestrator:
         envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
         envelopes.extend(encode_event(event) for event in decision.events)
         return envelopes
+
+    def _circuits(self) -> dict[str, datetime] | None:
+        return None if self.breaker is None else self.breaker.blocked(self.clock.now())
+
+    def _destination(self, saga_type: str, step: str, kind: StepKind) -> str | None:
+        definition = self.registry.find(saga_type)
+        step_def = None if definition is None else definition.step(step)
+        spec = None if step_def is None else step_def.spec(kind)
+        return None if spec is None else spec.destination
+
+    def _observe_reply(self, reply: ReplyMessage) -> None:
+        """Tell the breaker how the destination behaved: answered, or failed transiently."""
+        if self.breaker is None:
+            return
+        destination = self._destination(reply.saga_type, reply.step, reply.kind)
+        if destination is None:
+            return
+        if reply.error is not None and reply.error.retryable:
+            self.breaker.record_failure(destination, self.clock.now())
+        else:
+            self.breaker.record_success(destination)
+
+    def _observe_decision(self, decision: Decision) -> None:
+        if self.breaker is None:
+            return
+        for command in decision.commands:
+            self.breaker.record_sent(command.destination)
+        for entry in decision.history:
+            if (
+                entry.input == "Timeout"
+                and entry.outcome == "applied"
+                and entry.step
+                and entry.kind
+            ):
+                destination = self._destination(decision.instance.saga_type, entry.step, entry.kind)
+                if destination is not None:
+                    self.breaker.record_failure(destination, self.clock.now())
 
     def _committed(self, instances: Sequence[SagaInstance]) -> None:
         self._changed.set()

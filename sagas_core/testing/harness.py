@@ -56,6 +56,7 @@ from sagas_core.testing.store import InMemorySagaStore
 if TYPE_CHECKING:
     from datetime import datetime
 
+    from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import SagaDefinition
 
 __all__ = ["SagaTestHarness", "StubParticipant", "StubScript"]
@@ -157,6 +158,7 @@ class SagaTestHarness:
         dependencies: Supplies local step parameters by type.
         strict: Fail on a command for a destination nobody handles (default), instead of
             leaving it unanswered.
+        breaker: A circuit breaker for the orchestrator (none by default).
     """
 
     def __init__(
@@ -165,13 +167,14 @@ class SagaTestHarness:
         clock: FakeClock | None = None,
         dependencies: Dependencies | None = None,
         strict: bool = True,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.clock = clock or FakeClock()
         self.store = InMemorySagaStore()
         self.dependencies = dependencies or Dependencies()
         self.strict = strict
         self.orchestrator = Orchestrator(
-            store=self.store, definitions=definitions, clock=self.clock
+            store=self.store, definitions=definitions, clock=self.clock, breaker=breaker
         )
         self.stubs: dict[str, StubParticipant] = {}
         self.participants: dict[str, Participant] = {}

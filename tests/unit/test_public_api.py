@@ -75,6 +75,8 @@ SAGAS_CORE = [
     "ActionSpec",
     "Backoff",
     "CachedOutcome",
+    "CircuitBreaker",
+    "CircuitState",
     "CommandContext",
     "Decision",
     "Dependencies",

@@ -8,7 +8,13 @@ from sagas_core.builder import SagaBuilder, StepBuilder, local_destination
 from sagas_core.circuit import CircuitBreaker, CircuitState
 from sagas_core.clock import SystemClock
 from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
-from sagas_core.di import Dependencies, MissingDependency, Resolver
+from sagas_core.di import (
+    Dependencies,
+    MessageScope,
+    MissingDependency,
+    Resolver,
+    ScopedResolver,
+)
 from sagas_core.embedded import close_store, open_store
 from sagas_core.engine import Decision, decide, due_input
 from sagas_core.host import SagaHost, SagaHostBuilder, load_host
@@ -50,6 +56,7 @@ __all__ = [
     "FixedBackoff",
     "IdempotencyStore",
     "InMemoryIdempotencyStore",
+    "MessageScope",
     "MissingDependency",
     "Orchestrator",
     "OrphanReplyPolicy",
@@ -64,6 +71,7 @@ __all__ = [
     "SagaRegistry",
     "SagaRuntime",
     "SagasSettings",
+    "ScopedResolver",
     "SettingsError",
     "StepBuilder",
     "StepDefinition",

@@ -19,16 +19,17 @@ import contextlib
 import inspect
 import typing
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
+from typing import Any, Literal, Protocol, TypeAlias, TypeVar, runtime_checkable
 
 from sagas_abstractions import SagaError
 
 if typing.TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 __all__ = [
     "Dependencies",
     "DependencyScope",
+    "Factory",
     "MessageScope",
     "MissingDependency",
     "Resolver",
@@ -41,6 +42,12 @@ T = TypeVar("T")
 
 DependencyScope = Literal["singleton", "message"]
 """How long a provided dependency lives: the whole process, or one handled command."""
+
+Factory: TypeAlias = (
+    "Callable[[], T] | Callable[[], Awaitable[T]] | Callable[[], Iterator[T]]"
+    " | Callable[[], AsyncIterator[T]]"
+)
+"""What makes a dependency: a function, an async function, or an (async) generator function."""
 
 
 class MissingDependency(SagaError):  # noqa: N818 - reads as a sentence
@@ -139,7 +146,7 @@ class Dependencies:
         dependency: type[T],
         instance: T | None = None,
         *,
-        factory: Callable[[], Any] | None = None,
+        factory: Factory[T] | None = None,
         scope: DependencyScope = "singleton",
     ) -> Dependencies:
         """Register an instance, or a factory, for ``dependency``. Returns ``self``.

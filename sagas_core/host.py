@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import SagaError
 from sagas_core import embedded
-from sagas_core.di import Dependencies
+from sagas_core.di import Dependencies, DependencyScope, Factory, Resolver, ScopedResolver
 from sagas_core.runtime import SagaRuntime
 from sagas_core.settings import SagasSettings, load_settings, redact_url
 from sagas_core.testing.bus import InMemoryBus
@@ -70,7 +70,7 @@ class SagaHostBuilder:
         self._overrides: dict[str, object] = {}
         self._sagas: list[SagaDefinition] = []
         self._participants: list[Participant] = []
-        self._dependencies = Dependencies()
+        self._dependencies: Resolver | ScopedResolver = Dependencies()
         self._store: SagaRepository | None = None
         self._bus: MessageBus | None = None
         self._memory_store = False
@@ -139,10 +139,36 @@ class SagaHostBuilder:
         dependency: type[T],
         instance: T | None = None,
         *,
-        factory: Callable[[], T] | None = None,
+        factory: Factory[T] | None = None,
+        scope: DependencyScope = "singleton",
     ) -> Self:
-        """Make ``dependency`` injectable into local steps and hosted participants."""
-        self._dependencies.provide(dependency, instance, factory=factory)
+        """Make ``dependency`` injectable into local steps and hosted participants.
+
+        See :meth:`Dependencies.provide <sagas_core.di.Dependencies.provide>`: an instance, a
+        factory called once, or (``scope="message"``) a factory called per handled command.
+
+        Raises:
+            TypeError: :meth:`use_dependencies` set a resolver other than ``Dependencies``
+                (register the dependency in that container instead).
+        """
+        if not isinstance(self._dependencies, Dependencies):
+            raise TypeError(
+                f"provide({dependency!r}): the host uses {type(self._dependencies).__name__}; "
+                "register the dependency in that container instead"
+            )
+        self._dependencies.provide(dependency, instance, factory=factory, scope=scope)
+        return self
+
+    def use_dependencies(self, resolver: Resolver | ScopedResolver) -> Self:
+        """Resolve local step and participant parameters with ``resolver`` (a DI container).
+
+        Example:
+            ```python
+            container = make_async_container(AppProvider())
+            builder.use_dependencies(DishkaResolver(container))
+            ```
+        """
+        self._dependencies = resolver
         return self
 
     def build(self) -> SagaHost:
@@ -181,7 +207,7 @@ class SagaHost:
         settings: SagasSettings,
         sagas: tuple[SagaDefinition, ...],
         participants: tuple[Participant, ...] = (),
-        dependencies: Dependencies | None = None,
+        dependencies: Resolver | ScopedResolver | None = None,
         store: SagaRepository | None = None,
         bus: MessageBus | None = None,
         memory_store: bool = False,
@@ -189,7 +215,9 @@ class SagaHost:
         self.settings = settings
         self.sagas = sagas
         self.participants = participants
-        self.dependencies = dependencies or Dependencies()
+        self.dependencies: Resolver | ScopedResolver = (
+            dependencies if dependencies is not None else Dependencies()
+        )
         self._given_store = store
         self._given_bus = bus
         self._memory_store = memory_store

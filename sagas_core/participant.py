@@ -19,12 +19,21 @@ What the participant does for every command (docs/protocol.md, "participant rule
   late delivery), so an effect is never applied after it was undone;
 * maps exceptions to failed replies: :class:`~sagas_abstractions.RetryableError` (and
   ``TimeoutError``/``ConnectionError`` by default) are retryable, anything else is permanent;
-* replies with the handler's return value (a model, a mapping, or ``None``).
+* replies with the handler's return value (a model, a mapping, or ``None``);
+* opens one dependency scope per command (when the resolver is a
+  :class:`~sagas_core.di.ScopedResolver`): every handler parameter is resolved in it, and what it
+  created is finalized when the handler is done, even if it raised. A finalizer that fails after
+  the handler succeeded fails the command (logged, and classified like a handler error, so a
+  ``ConnectionError`` is retried): a finalizer may be where the work is committed, and a success
+  reply for uncommitted work would be a lie. After a handler error, the handler's error is the
+  outcome and a failing finalizer is only logged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
@@ -52,7 +61,16 @@ from sagas_core.codec import (
     encode_reply,
 )
 from sagas_core.definition import describe_validation
-from sagas_core.di import Dependencies, InjectPlan, Resolver, inject_plan
+from sagas_core.di import (
+    Dependencies,
+    InjectPlan,
+    MessageScope,
+    MissingDependency,
+    Resolver,
+    ScopedResolver,
+    dependency_name,
+    inject_plan,
+)
 
 if TYPE_CHECKING:
     from sagas_abstractions import Clock, MessageBus, Subscription
@@ -168,7 +186,8 @@ class Participant:
 
     Args:
         destination: The destination commands are sent to (``to=`` in the saga builder).
-        dependencies: Supplies handler parameters by type.
+        dependencies: Supplies handler parameters by type: a :class:`~sagas_core.di.Resolver`,
+            or a :class:`~sagas_core.di.ScopedResolver` for per-message dependencies.
         idempotency: Remembers outcomes; in memory by default (use a durable store when the
             participant must survive restarts without re-running effects).
         clock: The source of time.
@@ -179,13 +198,15 @@ class Participant:
         self,
         destination: str,
         *,
-        dependencies: Resolver | None = None,
+        dependencies: Resolver | ScopedResolver | None = None,
         idempotency: IdempotencyStore | None = None,
         clock: Clock | None = None,
         retryable_exceptions: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError),
     ) -> None:
         self.destination = destination
-        self.dependencies: Resolver = dependencies or Dependencies()
+        self.dependencies: Resolver | ScopedResolver = (
+            dependencies if dependencies is not None else Dependencies()
+        )
         self.idempotency = idempotency or InMemoryIdempotencyStore()
         self.clock = clock or SystemClock()
         self.retryable_exceptions = retryable_exceptions
@@ -234,11 +255,36 @@ class Participant:
         return tuple(self._handlers)
 
     def check_dependencies(self) -> None:
-        """Resolve every handler parameter once, so a missing one fails at start, not later."""
+        """Check every handler parameter can be supplied, so a missing one fails at start.
+
+        A :class:`~sagas_core.di.ScopedResolver` is asked whether it provides each type, so
+        nothing is created; a plain :class:`~sagas_core.di.Resolver` resolves each type once.
+
+        Raises:
+            MissingDependency: a handler needs a type nobody provides (the message names both).
+        """
+        resolver = self.dependencies
         for handler in self._handlers.values():
             for _, annotation in handler.plan.others:
-                if annotation is not CommandContext:
-                    self.dependencies.resolve(annotation)
+                if annotation is CommandContext:
+                    continue
+                if isinstance(resolver, ScopedResolver):
+                    if not resolver.provides(annotation):
+                        raise MissingDependency(self._missing(handler, annotation))
+                    continue
+                try:
+                    resolved = resolver.resolve(annotation)
+                except MissingDependency as exc:
+                    raise MissingDependency(self._missing(handler, annotation)) from exc
+                if inspect.iscoroutine(resolved):
+                    resolved.close()  # an async container: resolvable is all we wanted to know
+
+    def _missing(self, handler: _Handler, annotation: Any) -> str:
+        name = dependency_name(annotation)
+        return (
+            f"{self.destination}: handler {handler.function.__qualname__} needs {name}, but "
+            f"nothing provides {name}: register it with .provide({name}, ...)"
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -354,30 +400,107 @@ class Participant:
             headers=command.headers,
         )
         try:
-            kwargs = {
-                name: context
-                if annotation is CommandContext
-                else self.dependencies.resolve(annotation)
-                for name, annotation in handler.plan.others
-            }
-            result = await handler.function(parsed, **kwargs)
+            result = await self._call(handler, parsed, context, command)
             return CachedOutcome(ReplyStatus.SUCCEEDED, _result_data(result))
+        except _FinalizerFailed as failed:
+            return self._failure(failed.error, command, finalizing=True)
         except ParticipantError as exc:
             return _failed(exc.code, exc.reason, retryable=exc.retryable)
         except self.retryable_exceptions as exc:
             return _failed("transient", f"{type(exc).__name__}: {exc}", retryable=True)
         except Exception as exc:  # noqa: BLE001 - any handler bug becomes a failed reply
-            _log.exception(
-                "%s: handler for %s failed (saga %s, step %s)",
+            return self._failure(exc, command)
+
+    async def _call(
+        self, handler: _Handler, parsed: BaseModel, context: CommandContext, command: CommandMessage
+    ) -> Any:
+        """Run the handler inside one message scope; see the module docstring for errors."""
+        manager = self._message_scope()
+        scope = await manager.__aenter__()
+        try:
+            kwargs = {}
+            for name, annotation in handler.plan.others:
+                if annotation is CommandContext:
+                    kwargs[name] = context
+                else:
+                    kwargs[name] = await _resolved(scope, annotation)
+            result = await handler.function(parsed, **kwargs)
+        except BaseException as exc:
+            try:
+                await manager.__aexit__(type(exc), exc, exc.__traceback__)
+            except Exception as close_error:  # noqa: BLE001 - logged; the handler's error wins
+                if close_error is not exc:
+                    _log.exception(
+                        "%s: finalizing the dependencies of %s failed after the handler failed "
+                        "(saga %s, step %s); the handler's error is the outcome",
+                        self.destination,
+                        command.command_type,
+                        command.saga_id,
+                        command.step,
+                    )
+            raise
+        try:
+            await manager.__aexit__(None, None, None)
+        except Exception as exc:
+            raise _FinalizerFailed(exc) from exc
+        return result
+
+    def _message_scope(self) -> contextlib.AbstractAsyncContextManager[MessageScope]:
+        resolver = self.dependencies
+        if isinstance(resolver, ScopedResolver):
+            return resolver.message_scope()
+        return contextlib.nullcontext(resolver)
+
+    def _failure(
+        self, exc: Exception, command: CommandMessage, *, finalizing: bool = False
+    ) -> CachedOutcome:
+        if finalizing:
+            _log.error(
+                "%s: the handler for %s succeeded but finalizing its dependencies failed; "
+                "the command fails (saga %s, step %s)",
                 self.destination,
                 command.command_type,
                 command.saga_id,
                 command.step,
+                exc_info=exc,
             )
-            return _failed(HANDLER_ERROR_CODE, f"{type(exc).__name__}: {exc}")
+            prefix = "finalizing dependencies failed: "
+            if isinstance(exc, ParticipantError):
+                return _failed(exc.code, prefix + exc.reason, retryable=exc.retryable)
+            if isinstance(exc, self.retryable_exceptions):
+                return _failed("transient", f"{prefix}{type(exc).__name__}: {exc}", retryable=True)
+            return _failed(HANDLER_ERROR_CODE, f"{prefix}{type(exc).__name__}: {exc}")
+        _log.error(
+            "%s: handler for %s failed (saga %s, step %s)",
+            self.destination,
+            command.command_type,
+            command.saga_id,
+            command.step,
+            exc_info=exc,
+        )
+        return _failed(HANDLER_ERROR_CODE, f"{type(exc).__name__}: {exc}")
 
     def _dead_letter(self, envelope: Envelope) -> Envelope:
         return dead_lettered(envelope, f"{self.destination}: command cannot be decoded or answered")
+
+
+class _FinalizerFailed(Exception):  # noqa: N818 - private marker, never escapes _run
+    """A message scope's finalizer failed after the handler succeeded."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+async def _resolved(scope: MessageScope, annotation: Any) -> Any:
+    value = scope.resolve(annotation)
+    # An async container hands back an awaitable; a dependency that *is* awaitable (its type
+    # says so) is injected as it is.
+    if inspect.isawaitable(value) and not (
+        isinstance(annotation, type) and isinstance(value, annotation)
+    ):
+        return await value
+    return value
 
 
 def _failed(code: str, message: str, *, retryable: bool = False) -> CachedOutcome:

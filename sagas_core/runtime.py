@@ -21,7 +21,7 @@ from sagas_abstractions import (
 from sagas_core.builder import local_destination
 from sagas_core.clock import SystemClock
 from sagas_core.codec import dead_lettered
-from sagas_core.di import Dependencies, Resolver
+from sagas_core.di import Dependencies, Resolver, ScopedResolver
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
 from sagas_core.participant import Participant
 from sagas_core.relay import OutboxRelay
@@ -55,7 +55,8 @@ class SagaRuntime:
         store: The state backend; in memory by default.
         bus: The message bus; in memory by default.
         clock: The source of time.
-        dependencies: Supplies local step parameters by type.
+        dependencies: Supplies local step parameters by type (shared with the participants the
+            runtime creates for local steps; a scoped resolver gives each command its scope).
         group: The orchestrator group (names the reply queue).
         concurrency: Replies handled at once.
         timeout_interval: Seconds between deadline polls.
@@ -81,7 +82,7 @@ class SagaRuntime:
         store: SagaRepository | None = None,
         bus: MessageBus | None = None,
         clock: Clock | None = None,
-        dependencies: Resolver | None = None,
+        dependencies: Resolver | ScopedResolver | None = None,
         group: str = "default",
         concurrency: int = 16,
         timeout_interval: float = 0.05,
@@ -95,7 +96,9 @@ class SagaRuntime:
         self._owns_bus = bus is None
         self.bus: MessageBus = bus if bus is not None else InMemoryBus()
         self.clock = clock or SystemClock()
-        self.dependencies = dependencies or Dependencies()
+        self.dependencies: Resolver | ScopedResolver = (
+            dependencies if dependencies is not None else Dependencies()
+        )
         self.concurrency = concurrency
         self.orchestrator = Orchestrator(
             store=self.store,

@@ -23,10 +23,12 @@ import contextlib
 import importlib
 import inspect
 import logging
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import SagaError
 from sagas_core import embedded
+from sagas_core.circuit import CircuitBreaker
 from sagas_core.di import Dependencies, DependencyScope, Factory, Resolver, ScopedResolver
 from sagas_core.runtime import SagaRuntime
 from sagas_core.settings import SagasSettings, load_settings, redact_url
@@ -270,6 +272,7 @@ class SagaHost:
             group=self.settings.group,
             concurrency=self.settings.concurrency,
             timeout_interval=self.settings.timeout_interval,
+            breaker=self._breaker(),
         )
         try:
             await runtime.start()
@@ -365,6 +368,14 @@ class SagaHost:
         )
         self._closers.append(rabbit_bus.close)
         return rabbit_bus
+
+    def _breaker(self) -> CircuitBreaker | None:
+        if self.settings.circuit_failures is None:
+            return None
+        return CircuitBreaker(
+            failure_threshold=self.settings.circuit_failures,
+            open_for=timedelta(seconds=self.settings.circuit_open_seconds),
+        )
 
     async def ready(self) -> bool:
         """Whether the host can do its work: started, consumers registered, store answering."""

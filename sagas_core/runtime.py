@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from sagas_abstractions import Clock, MessageBus, SagaRepository
+    from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import SagaDefinition
 
 __all__ = ["SagaRuntime"]
@@ -65,6 +66,7 @@ class SagaRuntime:
             dead process had claimed goes out again this long after (an in-process bus
             publishes at once, so a few seconds are plenty there).
         orphan_replies: What to do with replies for sagas that do not exist.
+        breaker: Defers commands to destinations that keep failing (see ``sagas_core.circuit``).
 
     Example:
         ```python
@@ -89,6 +91,7 @@ class SagaRuntime:
         relay_poll_interval: float = 0.5,
         relay_lease: float = 10.0,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -106,6 +109,7 @@ class SagaRuntime:
             clock=self.clock,
             group=group,
             orphan_replies=orphan_replies,
+            breaker=breaker,
         )
         self.relay = OutboxRelay(
             store=self.store,

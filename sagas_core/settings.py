@@ -58,6 +58,9 @@ class SagasSettings(BaseSettings):
         log_level: Logging level.
         log_format: ``text`` or ``json`` (one object a line).
         health_port: Serve ``/health`` and ``/ready`` on 127.0.0.1 at this port.
+        circuit_failures: Consecutive timeouts or transient failures of one destination that
+            open its circuit (commands to it then wait instead of failing); unset: no breaker.
+        circuit_open_seconds: How long an open circuit waits before a probe goes through.
     """
 
     model_config = SettingsConfigDict(
@@ -84,6 +87,8 @@ class SagasSettings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     health_port: int | None = Field(default=None, ge=1, le=65_535)
+    circuit_failures: int | None = Field(default=None, ge=1, le=10_000)
+    circuit_open_seconds: float = Field(default=30.0, gt=0, le=86_400)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,0 +1,61 @@
+"""The host wires settings into the runtime; settings fail clearly."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from sagas_core import SagaBuilder, SagaHost, SettingsError, load_settings
+
+
+class Data(BaseModel):
+    n: int = 0
+
+
+async def noop(data: Data) -> None:
+    return None
+
+
+saga = SagaBuilder("host-demo", data=Data).step("only").run(noop).build()
+
+
+async def test_a_host_runs_without_a_breaker_unless_the_settings_ask_for_one() -> None:
+    async with SagaHost.builder().use_memory().add_saga(saga).build() as host:
+        assert host.runtime.orchestrator.breaker is None
+        done = await host.wait_for((await host.start_saga(saga, Data())).saga_id, timeout=5)
+        assert done.status.value == "completed"
+
+
+async def test_circuit_settings_give_the_orchestrator_a_breaker() -> None:
+    host = (
+        SagaHost.builder()
+        .use_memory()
+        .configure(circuit_failures=2, circuit_open_seconds=5)
+        .add_saga(saga)
+        .build()
+    )
+    async with host:
+        breaker = host.runtime.orchestrator.breaker
+        assert breaker is not None
+        assert breaker.failure_threshold == 2
+        assert breaker.open_for.total_seconds() == 5
+
+
+def test_a_zero_circuit_threshold_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAGAS_CIRCUIT_FAILURES", "0")
+    with pytest.raises(SettingsError, match="SAGAS_CIRCUIT_FAILURES"):
+        load_settings()
+
+
+def test_settings_never_show_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGAS_AMQP_URL", "amqp://app:hunter2@127.0.0.1:5672/")
+    settings = load_settings()
+    assert "hunter2" not in repr(settings)
+    assert "hunter2" not in str(settings.describe())
+
+
+def test_a_host_without_sagas_or_participants_is_refused() -> None:
+    with pytest.raises(ValueError, match="at least one saga"):
+        SagaHost.builder().use_memory().build()

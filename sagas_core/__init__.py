@@ -25,6 +25,8 @@ from sagas_core.participant import (
     IdempotencyStore,
     InMemoryIdempotencyStore,
     Participant,
+    TransactionalIdempotencyStore,
+    UnitOfWork,
 )
 from sagas_core.relay import OutboxRelay
 from sagas_core.retry import (
@@ -77,6 +79,8 @@ __all__ = [
     "StepDefinition",
     "SystemClock",
     "TimeoutService",
+    "TransactionalIdempotencyStore",
+    "UnitOfWork",
     "__version__",
     "close_store",
     "decide",

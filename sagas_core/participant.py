@@ -84,6 +84,8 @@ __all__ = [
     "IdempotencyStore",
     "InMemoryIdempotencyStore",
     "Participant",
+    "TransactionalIdempotencyStore",
+    "UnitOfWork",
 ]
 
 _log = logging.getLogger("sagas.participant")
@@ -144,6 +146,45 @@ class IdempotencyStore(Protocol):
         ...
 
 
+@runtime_checkable
+class UnitOfWork(Protocol):
+    """One transaction of a :class:`TransactionalIdempotencyStore`, around one command.
+
+    The handler's own writes (through :attr:`resources`) and the outcome commit together, or
+    not at all: a participant that crashes mid-handler applied nothing and recorded nothing, and
+    the redelivered command runs again.
+    """
+
+    resources: Mapping[type, object]
+    """What handlers may ask for by annotation (for SQL: the transaction's connection)."""
+
+    async def lock(self, key: str) -> None:
+        """Serialize with every other unit of work on ``key`` (across processes), until the end."""
+        ...
+
+    async def get(self, key: str) -> CachedOutcome | None:
+        """The outcome recorded for ``key``, read inside this transaction."""
+        ...
+
+    async def put(self, key: str, outcome: CachedOutcome) -> None:
+        """Record ``outcome`` for ``key`` in this transaction."""
+        ...
+
+
+@runtime_checkable
+class TransactionalIdempotencyStore(IdempotencyStore, Protocol):
+    """An idempotency store that can run a handler and record its outcome in one transaction."""
+
+    @property
+    def resource_types(self) -> frozenset[type]:
+        """The types its units of work hand to handlers (the keys of ``resources``)."""
+        ...
+
+    def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[UnitOfWork]:
+        """Begin a transaction: it commits when the block ends normally, else rolls back."""
+        ...
+
+
 class InMemoryIdempotencyStore:
     """A bounded, least-recently-used :class:`IdempotencyStore` in process memory.
 
@@ -175,6 +216,14 @@ class _Handler:
     model: type[BaseModel]
     function: Callable[..., Awaitable[Any]]
     plan: InjectPlan
+
+
+class _RollBack(Exception):  # noqa: N818 - control flow, never escapes the participant
+    """Carries a failed outcome out of a unit of work so its transaction rolls back."""
+
+    def __init__(self, outcome: CachedOutcome) -> None:
+        super().__init__(outcome.error.code if outcome.error else "failed")
+        self.outcome = outcome
 
 
 def _tombstone_key(saga_id: str, step: str) -> str:
@@ -264,9 +313,15 @@ class Participant:
             MissingDependency: a handler needs a type nobody provides (the message names both).
         """
         resolver = self.dependencies
+        store = self.idempotency
+        supplied: frozenset[Any] = (
+            store.resource_types
+            if isinstance(store, TransactionalIdempotencyStore)
+            else frozenset()
+        )
         for handler in self._handlers.values():
             for _, annotation in handler.plan.others:
-                if annotation is CommandContext:
+                if annotation is CommandContext or annotation in supplied:
                     continue
                 if isinstance(resolver, ScopedResolver):
                     if not resolver.provides(annotation):
@@ -341,32 +396,15 @@ class Participant:
         # waits for the first delivery and gets its outcome, and a compensation waits for an
         # execution still in flight (say, one that timed out at the orchestrator), so it undoes
         # what that execution did instead of racing it.
-        key = command.idempotency_key
         step_key = f"{command.saga_id}:{command.step}"
         lock, users = self._locks.get(step_key, (asyncio.Lock(), 0))
         self._locks[step_key] = (lock, users + 1)
         try:
             async with lock:
-                cached = await self.idempotency.get(key)
-                if cached is not None:
-                    return cached  # the truth, even if the step was compensated since
-                tombstone = _tombstone_key(command.saga_id, command.step)
-                if command.kind is StepKind.EXECUTE:
-                    if await self.idempotency.get(tombstone):
-                        return CachedOutcome(
-                            ReplyStatus.FAILED,
-                            {},
-                            ErrorInfo(
-                                code=CANCELLED_CODE,
-                                message="the step was compensated before this command arrived",
-                            ),
-                        )
-                else:
-                    await self.idempotency.put(tombstone, CachedOutcome(ReplyStatus.SUCCEEDED, {}))
-                outcome = await self._run(command)
-                if outcome.error is None or not outcome.error.retryable:
-                    await self.idempotency.put(key, outcome)
-                return outcome
+                store = self.idempotency
+                if isinstance(store, TransactionalIdempotencyStore):
+                    return await self._transactional_outcome(store, command, step_key)
+                return await self._decide_outcome(command, store, self._run)
         finally:
             lock, users = self._locks[step_key]
             if users <= 1:
@@ -374,7 +412,63 @@ class Participant:
             else:
                 self._locks[step_key] = (lock, users - 1)
 
-    async def _run(self, command: CommandMessage) -> CachedOutcome:
+    async def _decide_outcome(
+        self,
+        command: CommandMessage,
+        store: IdempotencyStore | UnitOfWork,
+        run: Callable[[CommandMessage], Awaitable[CachedOutcome]],
+    ) -> CachedOutcome:
+        key = command.idempotency_key
+        cached = await store.get(key)
+        if cached is not None:
+            return cached  # the truth, even if the step was compensated since
+        tombstone = _tombstone_key(command.saga_id, command.step)
+        if command.kind is StepKind.EXECUTE:
+            if await store.get(tombstone):
+                return CachedOutcome(
+                    ReplyStatus.FAILED,
+                    {},
+                    ErrorInfo(
+                        code=CANCELLED_CODE,
+                        message="the step was compensated before this command arrived",
+                    ),
+                )
+        else:
+            await store.put(tombstone, CachedOutcome(ReplyStatus.SUCCEEDED, {}))
+        outcome = await run(command)
+        if outcome.error is None or not outcome.error.retryable:
+            await store.put(key, outcome)
+        return outcome
+
+    async def _transactional_outcome(
+        self, store: TransactionalIdempotencyStore, command: CommandMessage, step_key: str
+    ) -> CachedOutcome:
+        """Handler effects, tombstone and outcome commit in one transaction, or none of them.
+
+        A failed handler rolls its transaction back (its partial effects with it); a permanent
+        failure is then recorded on its own, so a redelivery gets the same answer.
+        """
+        failure: CachedOutcome | None = None
+        try:
+            async with store.unit_of_work() as unit:
+                await unit.lock(step_key)  # serializes execute/compensate across processes
+
+                async def run(cmd: CommandMessage) -> CachedOutcome:
+                    outcome = await self._run(cmd, resources=unit.resources)
+                    if outcome.error is not None:
+                        raise _RollBack(outcome)  # noqa: TRY301 - leaves the transaction
+                    return outcome
+
+                return await self._decide_outcome(command, unit, run)
+        except _RollBack as rolled_back:
+            failure = rolled_back.outcome
+        if failure.error is not None and not failure.error.retryable:
+            await store.put(command.idempotency_key, failure)
+        return failure
+
+    async def _run(
+        self, command: CommandMessage, *, resources: Mapping[type, object] | None = None
+    ) -> CachedOutcome:
         handler = self._handlers.get(command.command_type)
         if handler is None:
             known = ", ".join(sorted(self._handlers)) or "none"
@@ -400,7 +494,7 @@ class Participant:
             headers=command.headers,
         )
         try:
-            result = await self._call(handler, parsed, context, command)
+            result = await self._call(handler, parsed, context, command, resources or {})
             return CachedOutcome(ReplyStatus.SUCCEEDED, _result_data(result))
         except _FinalizerFailed as failed:
             return self._failure(failed.error, command, finalizing=True)
@@ -412,16 +506,23 @@ class Participant:
             return self._failure(exc, command)
 
     async def _call(
-        self, handler: _Handler, parsed: BaseModel, context: CommandContext, command: CommandMessage
+        self,
+        handler: _Handler,
+        parsed: BaseModel,
+        context: CommandContext,
+        command: CommandMessage,
+        resources: Mapping[type, object],
     ) -> Any:
         """Run the handler inside one message scope; see the module docstring for errors."""
         manager = self._message_scope()
         scope = await manager.__aenter__()
         try:
-            kwargs = {}
+            kwargs: dict[str, object] = {}
             for name, annotation in handler.plan.others:
                 if annotation is CommandContext:
                     kwargs[name] = context
+                elif annotation in resources:
+                    kwargs[name] = resources[annotation]
                 else:
                     kwargs[name] = await _resolved(scope, annotation)
             result = await handler.function(parsed, **kwargs)

@@ -27,6 +27,7 @@ except ImportError as _missing:  # pragma: no cover - depends on the installed e
     raise ImportError(INSTALL_SAGAS_SQLALCHEMY) from _missing
 
 from sagas_sqlalchemy.engine import create_engine  # noqa: E402
+from sagas_sqlalchemy.idempotency import SqlIdempotencyStore, build_outcomes_table  # noqa: E402
 from sagas_sqlalchemy.store import SqlSagaStore, create_store  # noqa: E402
 from sagas_sqlalchemy.tables import DEFAULT_TABLE_PREFIX, SagaTables, build_tables  # noqa: E402
 
@@ -34,7 +35,9 @@ __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "INSTALL_SAGAS_SQLALCHEMY",
     "SagaTables",
+    "SqlIdempotencyStore",
     "SqlSagaStore",
+    "build_outcomes_table",
     "build_tables",
     "create_engine",
     "create_store",

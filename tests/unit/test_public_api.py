@@ -105,6 +105,8 @@ SAGAS_CORE = [
     "StepDefinition",
     "SystemClock",
     "TimeoutService",
+    "TransactionalIdempotencyStore",
+    "UnitOfWork",
     "__version__",
     "close_store",
     "decide",

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bench`` runs the side-by-side comparison (see docs/performance.md)."""

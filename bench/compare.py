@@ -1,0 +1,105 @@
+"""Ours and the raw baseline side by side, in the same run: both tables and ours/raw ratios.
+
+Each side runs in its own processes (so CPU and peak RSS are its own), interleaved level by
+level (raw, then ours, at each concurrency), with the same saga count. ``python -m bench`` runs
+this.
+
+Usage: ``python -m bench.compare [--levels 1,8,64] [--sagas 300] [--json out.json]
+[--inmemory]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from bench.support.measure import machine
+from bench.support.processes import ROOT
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+Row = dict[str, Any]
+
+
+def run_side(module: str, levels: str, sagas: int, out: Path, *extra: str) -> list[Row]:
+    command = [sys.executable, "-m", module, "--levels", levels, "--sagas", str(sagas)]
+    subprocess.run([*command, "--json", str(out), *extra], cwd=ROOT, check=True, timeout=900)  # noqa: S603
+    rows: list[Row] = json.loads(out.read_text(encoding="utf-8"))["results"]
+    return rows
+
+
+def inmemory() -> str:
+    out = subprocess.run(
+        [sys.executable, "bench/inmemory_overhead.py"],
+        cwd=ROOT,
+        check=True,
+        timeout=600,
+        capture_output=True,
+        text=True,
+    )
+    return out.stdout.strip()
+
+
+def ratio(ours: float, raw: float) -> str:
+    if math.isnan(ours) or math.isnan(raw) or raw == 0:
+        return "-"
+    return f"{ours / raw:.2f}"
+
+
+def ratios(ours: list[Row], raw: list[Row]) -> str:
+    head = (
+        f"{'in-flight':>9} {'ours/s':>8} {'raw/s':>8} {'ours/raw':>8} "
+        f"{'step p99 ours':>13} {'raw':>6} {'ratio':>6} {'cpu us/step ours':>16} {'raw':>6}"
+    )
+    lines = [head, "-" * len(head)]
+    by_level = {row["level"]: row for row in raw}
+    for row in ours:
+        base = by_level.get(row["level"])
+        if base is None:
+            continue
+        ours_cpu = row["cpu"]["orch"] / row["steps"] * 1e6
+        raw_cpu = base["cpu"]["orch"] / base["steps"] * 1e6
+        lines.append(
+            f"{row['level']:>9} {row['sagas_per_s']:>8.1f} {base['sagas_per_s']:>8.1f} "
+            f"{ratio(row['sagas_per_s'], base['sagas_per_s']):>8} "
+            f"{row['step_p99_ms']:>13.1f} {base['step_p99_ms']:>6.1f} "
+            f"{ratio(row['step_p99_ms'], base['step_p99_ms']):>6} "
+            f"{ours_cpu:>16.0f} {raw_cpu:>6.0f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,8,64")
+    parser.add_argument("--sagas", type=int, default=300)
+    parser.add_argument("--json", default=str(Path(tempfile.gettempdir()) / "sagas-bench.json"))
+    parser.add_argument("--inmemory", action="store_true", help="also run inmemory_overhead")
+    args = parser.parse_args(argv)
+    raw: list[Row] = []
+    ours: list[Row] = []
+    with tempfile.TemporaryDirectory() as directory:
+        # Interleaved level by level, so a change in the machine's load hits both sides alike.
+        for level in args.levels.split(","):
+            out = Path(directory) / f"{level}.json"
+            raw += run_side("bench.raw_baseline", level, args.sagas, out)
+            ours += run_side("bench.throughput", level, args.sagas, out)
+    print("\n== ours / raw, measured side by side")
+    print(ratios(ours, raw))
+    payload: dict[str, Any] = {"machine": machine(), "raw": raw, "ours": ours}
+    if args.inmemory:
+        payload["inmemory"] = inmemory()
+        print("\n== in-memory overhead\n" + payload["inmemory"])
+    Path(args.json).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
+    print(f"\nJSON: {args.json}")
+
+
+if __name__ == "__main__":
+    main()

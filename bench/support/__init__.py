@@ -1,0 +1,1 @@
+"""Shared pieces of the benchmarks: the bench saga, its participants, the worker host."""

@@ -1,0 +1,443 @@
+"""Throughput and latency of the real thing: a 3-step remote saga over RabbitMQ and PostgreSQL.
+
+The orchestrator runs in this process (``SagaRuntime`` with the SQL store and the RabbitMQ bus);
+the three participants run in one separate process (``python -m sagas_rabbitmq.host``).
+Everything is durable: persistent messages with publisher confirms both ways, state, outbox,
+inbox and history in PostgreSQL with ``synchronous_commit`` as the server has it (on).
+
+What is measured, per concurrency level (sagas in flight):
+
+* sagas/s and remote steps/s over the measured sagas (after a short warm-up);
+* step latency: from the relay's ``bus.publish`` call for a command (before its confirm) to
+  the moment the orchestrator's ``handle_reply`` returned for its reply, i.e. the reply's
+  transition is committed. It excludes the outbox lag (commit of the transition that made the
+  command -> relay publishes it); the saga latency includes everything;
+* saga latency: ``start_saga`` called -> the terminal transition committed;
+* with ``--fail-step``: every saga fails at its last step and compensates its two earlier
+  steps; compensation latency is from the failed reply's commit to the ``compensated`` commit;
+* CPU microseconds per remote step of this process (the orchestrator) and of the participant
+  process, peak RSS of both, SQL statements and transactions per remote step;
+* with ``--workers 2``: the same levels with this process alone, then with a second
+  orchestrator process (``python -m sagas_core.cli worker``) consuming the same reply queue;
+  completion is then detected by polling the database (20 ms), and the conflict count of
+  both orchestrators is reported;
+* with ``--memory``: RSS of this process with 100 and with 10,000 sagas waiting on replies
+  that never come.
+
+Usage: ``python -m bench.throughput [--levels 1,8,64] [--sagas 500] [--fail-step]
+[--workers 2] [--memory] [--json out.json] [--profile out.prof]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import cProfile
+import gc
+import json
+import pstats
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import sqlalchemy as sa
+
+from bench.support.measure import (
+    AMQP_URL,
+    DATABASE_URL,
+    Result,
+    cpu_seconds,
+    load_average,
+    machine,
+    rss_mib,
+    table,
+    write_json,
+)
+from bench.support.processes import Child
+from bench.support.remote import SAGA, WAITING_SAGA, BenchData, bench_saga, waiting_saga
+from sagas_abstractions import Envelope, ReplyMessage, ReplyStatus, RouteKind, SagaStatus
+from sagas_core import SagaRuntime
+from sagas_core.codec import HEADER_KIND, HEADER_STEP
+from sagas_rabbitmq import RabbitBus
+from sagas_rabbitmq.testing import sweep, unique_prefix
+from sagas_sqlalchemy import SqlSagaStore
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from sagas_core.engine import Decision
+
+PARTICIPANT_CONCURRENCY = 64
+POOL_SIZE = 16
+SAGA_TIMEOUT = 60.0
+TERMINAL = ("completed", "compensated", "failed", "resolved")
+
+
+@dataclass
+class Probe:
+    """What the instrumented bus and orchestrator observed during one level."""
+
+    published: dict[tuple[str, str, str], float] = field(default_factory=dict)
+    done: dict[str, asyncio.Future[None]] = field(default_factory=dict)
+    failed_at: dict[str, float] = field(default_factory=dict)
+    step_ms: list[float] = field(default_factory=list)
+    compensation_ms: list[float] = field(default_factory=list)
+    replies: int = 0
+
+    def finish(self, saga_id: str) -> None:
+        future = self.done.get(saga_id)
+        if future is not None and not future.done():
+            future.set_result(None)
+
+
+class StatementCounter:
+    """Counts SQL statements, commits and pool checkouts (each pings: ``pool_pre_ping``)."""
+
+    def __init__(self, store: SqlSagaStore) -> None:
+        self.statements = 0
+        self.commits = 0
+        self.checkouts = 0
+        engine = store.engine.sync_engine
+        sa.event.listen(engine, "before_cursor_execute", self._statement)
+        sa.event.listen(engine, "commit", self._commit)
+        sa.event.listen(engine.pool, "checkout", self._checkout)
+
+    def _checkout(self, *_: object) -> None:
+        self.checkouts += 1
+
+    def _statement(self, *_: object) -> None:
+        self.statements += 1
+
+    def _commit(self, *_: object) -> None:
+        self.commits += 1
+
+
+class Bench:
+    """The bench's fixtures: store, bus, participant process, and the probe they report to."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.prefix = unique_prefix("bench")
+        self.table_prefix = f"bench_{uuid.uuid4().hex[:8]}_"
+        self.store = SqlSagaStore.from_url(
+            args.database_url.replace("postgresql://", "postgresql+psycopg://", 1),
+            table_prefix=self.table_prefix,
+            create_tables=True,
+            pool_size=POOL_SIZE,
+            max_overflow=0,
+            pool_pre_ping=not args.no_pre_ping,
+        )
+        self.counter = StatementCounter(self.store)
+        self.probe = Probe()
+        self.bus: RabbitBus | None = None
+        self.participants: Child | None = None
+        self.worker: Child | None = None
+        self.runs = 0
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._open()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _open(self) -> None:
+        await self.store.initialize()
+        self.participants = await Child.start(
+            "participants",
+            "sagas_rabbitmq.host",
+            "bench.support.remote:participants",
+            "--url",
+            self.args.amqp_url,
+            "--prefix",
+            self.prefix,
+            "--concurrency",
+            str(PARTICIPANT_CONCURRENCY),
+        )
+        self.bus = await RabbitBus.connect(self.args.amqp_url, prefix=self.prefix)
+        original = self.bus.publish
+
+        async def publish(envelopes: Sequence[Envelope]) -> None:
+            now = time.perf_counter()
+            for envelope in envelopes:
+                if envelope.route is RouteKind.COMMAND and envelope.correlation_id:
+                    key = (envelope.correlation_id, envelope.headers[HEADER_STEP])
+                    self.probe.published[(*key, envelope.headers[HEADER_KIND])] = now
+            await original(envelopes)
+
+        self.bus.publish = publish  # type: ignore[method-assign]
+
+    async def __aexit__(self, *_: object) -> None:
+        for child in (self.worker, self.participants):
+            if child is not None:
+                await child.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        with contextlib.suppress(Exception):
+            await sweep(self.args.amqp_url, self.prefix)
+        await self.store.drop_tables()
+        await self.store.close()
+
+    def runtime(self, level: int) -> SagaRuntime:
+        assert self.bus is not None
+        runtime = SagaRuntime(
+            sagas=[bench_saga, waiting_saga],
+            store=self.store,
+            bus=self.bus,
+            concurrency=max(level, 8),
+            timeout_interval=self.args.timeout_interval,
+        )
+        orchestrator = runtime.orchestrator
+        original = orchestrator.handle_reply
+
+        async def handle_reply(reply: ReplyMessage) -> Decision | None:
+            decision = await original(reply)
+            now = time.perf_counter()
+            probe = self.probe
+            sent = probe.published.pop((reply.saga_id, reply.step, reply.kind.value), None)
+            if decision is None:
+                return None
+            probe.replies += 1
+            if sent is not None:
+                probe.step_ms.append((now - sent) * 1000)
+            status = decision.instance.status
+            if reply.status is ReplyStatus.FAILED and status is SagaStatus.COMPENSATING:
+                probe.failed_at[reply.saga_id] = now
+            if not status.is_active:
+                failed = probe.failed_at.pop(reply.saga_id, None)
+                if status is SagaStatus.COMPENSATED and failed is not None:
+                    probe.compensation_ms.append((now - failed) * 1000)
+                probe.finish(reply.saga_id)
+            return decision
+
+        orchestrator.handle_reply = handle_reply  # type: ignore[method-assign]
+        return runtime
+
+    async def poll_completion(self, stop: asyncio.Event) -> None:
+        """Resolve waiting sagas finished by another process (``--workers 2``)."""
+        instances = self.store.tables.instances
+        while not stop.is_set():
+            waiting = [saga_id for saga_id, f in self.probe.done.items() if not f.done()]
+            if waiting:
+                async with self.store.engine.connect() as conn:
+                    rows = await conn.scalars(
+                        sa.select(instances.c.saga_id).where(
+                            instances.c.saga_id.in_(waiting), instances.c.status.in_(TERMINAL)
+                        )
+                    )
+                    for saga_id in rows:
+                        self.probe.finish(saga_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.02)
+
+    async def drive(
+        self, runtime: SagaRuntime, level: int, count: int, saga_ms: list[float]
+    ) -> None:
+        gate = asyncio.Semaphore(level)
+        loop = asyncio.get_running_loop()
+        self.runs += 1
+        run = self.runs
+
+        async def one(index: int) -> None:
+            async with gate:
+                saga_id = f"{run}-{index}-{uuid.uuid4().hex[:8]}"
+                future: asyncio.Future[None] = loop.create_future()
+                self.probe.done[saga_id] = future
+                began = time.perf_counter()
+                await runtime.start_saga(
+                    SAGA, BenchData(order_id=saga_id, fail=self.args.fail_step), saga_id=saga_id
+                )
+                await asyncio.wait_for(future, SAGA_TIMEOUT)
+                saga_ms.append((time.perf_counter() - began) * 1000)
+                del self.probe.done[saga_id]
+
+        await asyncio.gather(*(one(index) for index in range(count)))
+
+    async def level(self, level: int, count: int, *, impl: str, poll: bool = False) -> Result:
+        runtime = self.runtime(level)
+        stop = asyncio.Event()
+        poller = asyncio.create_task(self.poll_completion(stop)) if poll else None
+        async with runtime:
+            try:
+                await self.drive(runtime, level, min(count, max(level * 2, 20)), [])  # warm-up
+                self.probe = Probe()
+                counter = self.counter
+                statements, commits, checkouts = (
+                    counter.statements,
+                    counter.commits,
+                    counter.checkouts,
+                )
+                conflicts = runtime.orchestrator.conflicts
+                pids = {"orch": None, **self._child_pids()}
+                cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                saga_ms: list[float] = []
+                began = time.perf_counter()
+                await self.drive(runtime, level, count, saga_ms)
+                elapsed = time.perf_counter() - began
+                cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            finally:
+                stop.set()
+                if poller is not None:
+                    await poller
+        per_saga = 5 if self.args.fail_step else 3
+        steps = count * per_saga
+        return Result(
+            impl=impl,
+            level=level,
+            sagas=count,
+            seconds=elapsed,
+            steps=steps,
+            step_ms=self.probe.step_ms,
+            saga_ms=saga_ms,
+            compensation_ms=self.probe.compensation_ms,
+            cpu={name: round(value, 3) for name, value in cpu.items()},
+            rss_mib={name: round(rss_mib(pid)[1], 1) for name, pid in pids.items()},
+            extra={
+                "statements_per_step": round((self.counter.statements - statements) / steps, 2),
+                "commits_per_step": round((self.counter.commits - commits) / steps, 2),
+                "checkouts_per_step": round((self.counter.checkouts - checkouts) / steps, 2),
+                "conflicts_here": runtime.orchestrator.conflicts - conflicts,
+                "replies_here": self.probe.replies,
+            },
+            load=load_average(),
+        )
+
+    def _child_pids(self) -> dict[str, int | None]:
+        pids: dict[str, int | None] = {}
+        if self.participants is not None:
+            pids["part"] = self.participants.pid
+        if self.worker is not None:
+            pids["worker2"] = self.worker.pid
+        return pids
+
+    async def start_worker(self, stats: Path) -> None:
+        env = {
+            "SAGAS_DATABASE_URL": self.args.database_url.replace(
+                "postgresql://", "postgresql+psycopg://", 1
+            ),
+            "SAGAS_TABLE_PREFIX": self.table_prefix,
+            "SAGAS_AMQP_URL": self.args.amqp_url,
+            "SAGAS_RABBITMQ_PREFIX": self.prefix,
+            "SAGAS_CONCURRENCY": str(max(self.args.levels)),
+            "SAGAS_LOG_LEVEL": "WARNING",
+            "BENCH_STATS_FILE": str(stats),
+        }
+        self.worker = await Child.start(
+            "worker2", "sagas_core.cli", "worker", "bench.support.worker_host:host", env=env
+        )
+
+    async def memory(self) -> dict[str, float]:
+        """RSS of this process with 100 and with 10,000 sagas waiting on replies."""
+        readings: dict[str, float] = {}
+        runtime = SagaRuntime(sagas=[bench_saga, waiting_saga], store=self.store, bus=self.bus)
+        gate = asyncio.Semaphore(64)
+
+        async def start(index: int) -> None:
+            async with gate:
+                await runtime.start_saga(WAITING_SAGA, BenchData(order_id=f"wait-{index}"))
+
+        async with runtime:
+            started = 0
+            for target in (100, self.args.memory_sagas):
+                await asyncio.gather(*(start(i) for i in range(started, target)))
+                started = target
+                async with asyncio.timeout(300):
+                    while await self.store.pending_count():  # noqa: ASYNC110 - polls the database
+                        await asyncio.sleep(0.2)
+                await asyncio.sleep(1)
+                gc.collect()
+                readings[f"rss_mib_at_{target}"] = round(rss_mib()[0], 1)
+        readings["growth_mib"] = round(
+            readings[f"rss_mib_at_{self.args.memory_sagas}"] - readings["rss_mib_at_100"], 1
+        )
+        return readings
+
+
+async def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
+    results: list[Result] = []
+    meta: dict[str, Any] = {}
+    async with Bench(args) as bench:
+        impl = "ours-fail" if args.fail_step else "ours"
+        if args.workers == 1:
+            for level in args.levels:
+                results.append(await bench.level(level, args.sagas, impl=impl))
+                print(f"  measured {impl} at {level} in flight", file=sys.stderr)
+        else:
+            for level in args.levels:
+                result = await bench.level(level, args.sagas, impl="1-worker", poll=True)
+                results.append(result)
+            with tempfile.TemporaryDirectory() as directory:
+                stats = Path(directory) / "worker2.json"
+                await bench.start_worker(stats)
+                for level in args.levels:
+                    result = await bench.level(level, args.sagas, impl="2-workers", poll=True)
+                    results.append(result)
+                assert bench.worker is not None
+                await bench.worker.stop()
+                bench.worker = None
+                meta["worker2"] = json.loads(stats.read_text()) if stats.exists() else {}
+        if args.memory:
+            meta["memory"] = await bench.memory()
+    return results, meta
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--levels", default="1,8,64", help="sagas in flight, comma-separated")
+    parser.add_argument("--sagas", type=int, default=300, help="measured sagas per level")
+    parser.add_argument("--fail-step", action="store_true", help="fail the last step")
+    parser.add_argument("--workers", type=int, choices=(1, 2), default=1)
+    parser.add_argument("--memory", action="store_true", help="RSS at 100 vs 10,000 waiting")
+    parser.add_argument("--memory-sagas", type=int, default=10_000)
+    parser.add_argument(
+        "--no-pre-ping", action="store_true", help="experiment: engine without pool_pre_ping"
+    )
+    parser.add_argument(
+        "--timeout-interval",
+        type=float,
+        default=0.05,
+        help="seconds between deadline polls (SagaRuntime's default: 0.05)",
+    )
+    parser.add_argument("--database-url", default=DATABASE_URL)
+    parser.add_argument("--amqp-url", default=AMQP_URL)
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", help="cProfile this process into this file")
+    args = parser.parse_args(argv)
+    args.levels = [int(level) for level in args.levels.split(",") if level]
+    return args
+
+
+def report(results: list[Result], meta: dict[str, Any]) -> None:
+    print(table(results))
+    print("cpu us/step and rss: orch = this process, part = participants, worker2 = 2nd worker")
+    for r in results:
+        print(f"  {r.impl} {r.level}: {r.extra}")
+    for key, value in meta.items():
+        print(f"{key}: {value}")
+
+
+def main(argv: Sequence[str] | None = None) -> list[Result]:
+    args = parse(argv)
+    print(f"machine: {machine()}")
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler is not None:
+        profiler.enable()
+    results, meta = asyncio.run(run(args))
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(args.profile)
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
+    report(results, meta)
+    if args.json:
+        write_json(args.json, results, bench="throughput", **meta)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -153,10 +153,37 @@ class OutboxStore(Protocol):
 
 @runtime_checkable
 class DeadlineStore(Protocol):
-    """Finds sagas whose next deadline has passed."""
+    """Finds sagas whose next deadline has passed, and lets competing workers share them.
+
+    Deadline claims are a hint that keeps competing timeout services off each other's sagas;
+    they are never what makes a deadline fire once. That is the optimistic version check of
+    :meth:`SagaStore.save`: a worker that fires a deadline another worker already fired
+    reloads, finds it no longer due, and changes nothing. So a claim may expire while its
+    owner still works (the two then race, safely), and a worker killed while holding claims
+    loses nothing: once the lease has passed, another worker claims those sagas and fires them.
+    A lease is measured on the claimers' clocks, so it must be longer than their skew.
+    """
 
     async def due(self, now: datetime, limit: int) -> list[SagaInstance]:
-        """Return up to ``limit`` active sagas with ``next_deadline_at <= now``, earliest first."""
+        """Return up to ``limit`` active sagas with ``next_deadline_at <= now``, earliest first.
+
+        Claims are ignored: this is the view of readers, tests and single workers.
+        """
+        ...
+
+    async def claim_due(
+        self, now: datetime, limit: int, *, owner: str, lease: timedelta
+    ) -> list[SagaInstance]:
+        """Claim up to ``limit`` due sagas for ``owner`` until ``now + lease``, earliest first.
+
+        Returns active sagas with ``next_deadline_at <= now`` that no other owner holds a live
+        claim on (a claim is live while ``now < claimed_until``), and records the claim, so
+        concurrent callers with different owners get disjoint sets. An owner's own live claims
+        are returned again (and extended). Writing a saga's row (:meth:`SagaStore.save`, unless
+        the change only appends history, outbox or inbox rows) releases its claim: the deadline
+        that was claimed has moved, and the next one may be taken by anyone. See the class
+        docstring for why an expired or abandoned claim never loses a deadline.
+        """
         ...
 
 

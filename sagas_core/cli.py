@@ -20,6 +20,7 @@ from sagas_core.embedded import close_store
 from sagas_core.host import SagaHost, load_host, open_settings_store
 from sagas_core.orchestrator import Orchestrator
 from sagas_core.settings import SagasSettings, SettingsError, load_settings
+from sagas_core.telemetry import configure_from_env
 from sagas_core.worker import configure_logging, run_worker
 
 if TYPE_CHECKING:
@@ -132,6 +133,7 @@ def worker(
     except SettingsError as exc:
         raise _fail(str(exc)) from exc
     configure_logging(host.settings.log_level, host.settings.log_format)
+    configure_from_env("sagas-worker")  # the standard OTEL_* variables, when they are set
     raise typer.Exit(asyncio.run(run_worker(host)))
 
 
@@ -268,6 +270,7 @@ def _operate(
 ) -> SagaInstance:
     host = _load(target)
     settings = _settings(None, database_url) if database_url else host.settings
+    configure_from_env("sagas-cli")  # operator actions are spans of the saga's trace too
 
     async def apply(store: SagaRepository) -> SagaInstance:
         orchestrator = Orchestrator(

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     )
     from sagas_core.definition import SagaDefinition
     from sagas_core.participant import Participant
+    from sagas_core.telemetry import Telemetry
 
 __all__ = ["HostNotStarted", "SagaHost", "SagaHostBuilder", "load_host", "open_settings_store"]
 
@@ -76,6 +77,7 @@ class SagaHostBuilder:
         self._store: SagaRepository | None = None
         self._bus: MessageBus | None = None
         self._memory_store = False
+        self._telemetry: Telemetry | None = None
 
     def use_settings(self, settings: SagasSettings) -> Self:
         """Use these settings instead of reading ``SAGAS_*`` variables at build time."""
@@ -121,6 +123,17 @@ class SagaHostBuilder:
     def use_bus(self, bus: MessageBus) -> Self:
         """Use this bus instance (the host does not close it)."""
         self._bus = bus
+        return self
+
+    def use_telemetry(self, telemetry: Telemetry) -> Self:
+        """Trace and measure with these providers instead of the global ones.
+
+        Example:
+            ```python
+            builder.use_telemetry(Telemetry(tracer_provider=provider, meter_provider=meters))
+            ```
+        """
+        self._telemetry = telemetry
         return self
 
     def add_saga(self, definition: SagaDefinition) -> Self:
@@ -194,6 +207,7 @@ class SagaHostBuilder:
             store=self._store if self._store is not None else None,
             bus=self._bus,
             memory_store=self._memory_store,
+            telemetry=self._telemetry,
         )
 
 
@@ -213,8 +227,10 @@ class SagaHost:
         store: SagaRepository | None = None,
         bus: MessageBus | None = None,
         memory_store: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.settings = settings
+        self.telemetry = telemetry
         self.sagas = sagas
         self.participants = participants
         self.dependencies: Resolver | ScopedResolver = (
@@ -273,6 +289,7 @@ class SagaHost:
             concurrency=self.settings.concurrency,
             timeout_interval=self.settings.timeout_interval,
             breaker=self._breaker(),
+            telemetry=self.telemetry,
         )
         try:
             await runtime.start()

@@ -14,6 +14,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -61,6 +62,7 @@ from sagas_core.engine import (
     parked,
     resolved_without_definition,
 )
+from sagas_core.telemetry import Telemetry
 
 if TYPE_CHECKING:
     import builtins
@@ -79,6 +81,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.orchestrator")
+
+DEFAULT_DEADLINE_LEASE = timedelta(seconds=5)
+"""How long :meth:`Orchestrator.fire_due` holds the deadlines it claims, by default."""
 
 _UNDECIDABLE = (InvalidSagaData, UnknownSagaType, DefinitionChanged)
 """What keeps the orchestrator from deciding a stored saga: it parks that saga instead."""
@@ -158,6 +163,8 @@ class Orchestrator:
         orphan_replies: What to do with replies for sagas that do not exist.
         id_factory: Makes new saga ids.
         breaker: Defers commands to destinations whose circuit is open (off when ``None``).
+        telemetry: Spans and metrics (:meth:`Telemetry.default`, the global providers, when
+            ``None``).
     """
 
     def __init__(
@@ -171,9 +178,15 @@ class Orchestrator:
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
         id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
         breaker: CircuitBreaker | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.store = store
         self.breaker = breaker
+        self.telemetry = telemetry or Telemetry.default()
+        self.messaging_system = "sagas"
+        """``messaging.system`` on reply spans (the runtime sets the bus's)."""
+        if breaker is not None:
+            self.telemetry.watch_breaker(breaker)
         self.registry = (
             definitions if isinstance(definitions, SagaRegistry) else SagaRegistry(definitions)
         )
@@ -220,24 +233,27 @@ class Orchestrator:
         existing = await self.store.load(new_id)
         if existing is not None:
             return self._existing(existing, definition)
-        event = Start(
-            saga_id=new_id,
-            data=raw,
-            at=self.clock.now(),
-            correlation_id=correlation_id,
-            trace_context=dict(trace_context or {}),
-        )
-        decision = decide(definition, None, event, circuits=self._circuits())
-        try:
-            await self.store.save([self._change(decision, expected_version=None, inbox=None)])
-        except ConcurrencyConflict:
-            # Someone started the same id between our load and save: that start wins.
-            raced = await self.store.load(new_id)
-            if raced is None:
-                raise
-            return self._existing(raced, definition)
-        self._committed([decision.instance])
-        self._observe_decision(decision)
+        with self.telemetry.saga_start(name, new_id, trace_context) as span:
+            event = Start(
+                saga_id=new_id,
+                data=raw,
+                at=self.clock.now(),
+                correlation_id=correlation_id,
+                # The start span's context, stored on the saga so later spans can join it.
+                trace_context=self.telemetry.trace_context(trace_context),
+            )
+            decision = decide(definition, None, event, circuits=self._circuits())
+            try:
+                await self.store.save([self._change(decision, expected_version=None, inbox=None)])
+            except ConcurrencyConflict:
+                # Someone started the same id between our load and save: that start wins.
+                raced = await self.store.load(new_id)
+                if raced is None:
+                    raise
+                return self._existing(raced, definition)
+            self.telemetry.decided(span, decision)
+            self._committed([decision.instance])
+            self._observe_decision(decision)
         _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
         return decision.instance
 
@@ -259,12 +275,14 @@ class Orchestrator:
             MessageDecodeError: the envelope does not follow the protocol (the bus retries it a
                 bounded number of times, then dead-letters it).
         """
-        try:
-            reply = decode_reply(envelope)
-        except MessageDecodeError:
-            _log.exception("undecodable reply %s", envelope.message_id)
-            raise
-        await self.handle_reply(reply)
+        with self.telemetry.consume(envelope, system=self.messaging_system) as span:
+            try:
+                reply = decode_reply(envelope)
+            except MessageDecodeError:
+                _log.exception("undecodable reply %s", envelope.message_id)
+                raise
+            self.telemetry.failed(span, reply.error)
+            await self.handle_reply(reply)
 
     async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
         """Apply a participant's reply; returns the decision, or ``None`` when none was made.
@@ -331,11 +349,29 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ deadlines
 
-    async def fire_due(self, *, now: datetime | None = None, limit: int = 100) -> int:
+    async def fire_due(
+        self,
+        *,
+        now: datetime | None = None,
+        limit: int = 100,
+        owner: str | None = None,
+        lease: timedelta = DEFAULT_DEADLINE_LEASE,
+    ) -> int:
         """Apply every passed deadline (step timeouts, retries, saga timeouts) due at ``now``.
 
         Safe to run in several workers at once: a deadline that another worker fired first is
-        no longer due after the reload, so it fires once.
+        no longer due after the reload, so it fires once. With an ``owner`` (each worker its
+        own), the due sagas are claimed for ``lease`` first
+        (:meth:`~sagas_abstractions.DeadlineStore.claim_due`), so competing workers take
+        disjoint batches instead of racing on the same sagas; a claim left by a worker that
+        died is taken over once its lease has passed. Without one, every caller sees every due
+        saga (:meth:`~sagas_abstractions.DeadlineStore.due`).
+
+        Args:
+            now: The moment to fire at (the clock's now by default).
+            limit: At most this many due sagas are handled.
+            owner: Who claims the due sagas; ``None`` reads them without claiming.
+            lease: How long a claim holds; longer than handling ``limit`` sagas takes.
 
         A due saga this orchestrator cannot decide (its stored row does not parse, its type is
         not registered, its definition changed) is parked instead, which clears its deadlines.
@@ -345,7 +381,11 @@ class Orchestrator:
         """
         moment = now or self.clock.now()
         fired = 0
-        for instance in await self.store.due(moment, limit):
+        if owner is None:
+            due = await self.store.due(moment, limit)
+        else:
+            due = await self.store.claim_due(moment, limit, owner=owner, lease=lease)
+        for instance in due:
 
             def make(current: SagaInstance) -> SagaInput | None:
                 return due_input(current, self.clock.now() if now is None else moment)
@@ -454,6 +494,7 @@ class Orchestrator:
             except DuplicateMessage:
                 return 0
             _log.error("saga %s parked as failed (%s): %s", saga_id, problem.park_code, problem)
+            self.telemetry.record_decision(decision)
             self._committed([decision.instance])
             return 1
         raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
@@ -623,24 +664,27 @@ class Orchestrator:
             event = make(instance)
             if event is None:
                 return None
-            decision = decide(definition, instance, event, circuits=self._circuits())
-            if not decision.changed and inbox is None:
-                return decision  # e.g. a deadline another worker fired first: nothing to record
-            try:
-                await self.store.save(
-                    [self._change(decision, expected_version=instance.version, inbox=inbox)]
-                )
-            except ConcurrencyConflict:
-                self.conflicts += 1
-                # A fresh load on the next loop: retrying on stale state can never succeed.
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
-                continue
-            except DuplicateMessage:
-                _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
-                return None
-            self._committed([decision.instance])
-            self._observe_decision(decision)
-            return decision
+            with self.telemetry.saga_input(instance, event) as span:
+                decision = decide(definition, instance, event, circuits=self._circuits())
+                if not decision.changed and inbox is None:
+                    # e.g. a deadline another worker fired first: nothing to record
+                    return decision
+                try:
+                    await self.store.save(
+                        [self._change(decision, expected_version=instance.version, inbox=inbox)]
+                    )
+                except ConcurrencyConflict:
+                    self.conflicts += 1
+                    # A fresh load on the next loop: retrying on stale state can never succeed.
+                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                    continue
+                except DuplicateMessage:
+                    _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
+                    return None
+                self.telemetry.decided(span, decision)
+                self._committed([decision.instance])
+                self._observe_decision(decision)
+                return decision
         raise ConcurrencyConflict(
             saga_id=saga_id,
             expected_version=None,
@@ -666,7 +710,9 @@ class Orchestrator:
         ]
         envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
         envelopes.extend(encode_event(event) for event in decision.events)
-        return envelopes
+        # The deciding span's context travels with the outbox rows (published after a restart,
+        # a message still joins its saga's trace).
+        return self.telemetry.stamp(envelopes)
 
     def _circuits(self) -> dict[str, datetime] | None:
         return None if self.breaker is None else self.breaker.blocked(self.clock.now())
@@ -690,6 +736,7 @@ class Orchestrator:
             self.breaker.record_success(destination)
 
     def _observe_decision(self, decision: Decision) -> None:
+        self.telemetry.record_decision(decision)
         if self.breaker is None:
             return
         for command in decision.commands:

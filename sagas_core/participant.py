@@ -58,6 +58,7 @@ from sagas_core.clock import SystemClock
 from sagas_core.codec import (
     dead_lettered,
     decode_command,
+    decode_reply,
     encode_reply,
 )
 from sagas_core.definition import describe_validation
@@ -71,6 +72,7 @@ from sagas_core.di import (
     dependency_name,
     inject_plan,
 )
+from sagas_core.telemetry import Telemetry, messaging_system
 
 if TYPE_CHECKING:
     from sagas_abstractions import Clock, MessageBus, Subscription
@@ -241,6 +243,7 @@ class Participant:
             participant must survive restarts without re-running effects).
         clock: The source of time.
         retryable_exceptions: Exceptions that mean "try again later".
+        telemetry: Consumer and reply spans (the global providers when ``None``).
     """
 
     def __init__(
@@ -251,8 +254,10 @@ class Participant:
         idempotency: IdempotencyStore | None = None,
         clock: Clock | None = None,
         retryable_exceptions: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError),
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.destination = destination
+        self.telemetry = telemetry or Telemetry.default()
         self.dependencies: Resolver | ScopedResolver = (
             dependencies if dependencies is not None else Dependencies()
         )
@@ -358,16 +363,33 @@ class Participant:
             raise RuntimeError("attach() the participant to a bus first")
         reply = await self.process(envelope)
         if reply is None:
+            self.telemetry.record_dead_letter(self.destination)
             await bus.publish([self._dead_letter(envelope)])
             return
-        await bus.publish([reply])
+        with self.telemetry.publishing([reply], system=messaging_system(bus)) as replies:
+            await bus.publish(replies)
 
     async def process(self, envelope: Envelope) -> Envelope | None:
         """Handle one command; returns the reply envelope, or ``None`` when it can't be answered.
 
         Commands that cannot be answered (no reply address, or not decodable) are logged; the
-        caller dead-letters them.
+        caller dead-letters them. Runs in a ``process <destination>`` consumer span (when
+        tracing is on) whose context the reply carries.
         """
+        system = messaging_system(self._bus) if self._bus is not None else "sagas"
+        with self.telemetry.consume(envelope, system=system) as span:
+            reply = await self._process(envelope)
+            if span is not None:
+                if reply is None:
+                    self.telemetry.failed(span, _UNANSWERABLE)
+                    return None
+                self.telemetry.failed(span, _reply_error(reply))
+                return reply.model_copy(
+                    update={"headers": {**reply.headers, **self.telemetry.trace_context()}}
+                )
+            return reply
+
+    async def _process(self, envelope: Envelope) -> Envelope | None:
         try:
             command = decode_command(envelope)
         except MessageDecodeError:
@@ -602,6 +624,19 @@ async def _resolved(scope: MessageScope, annotation: Any) -> Any:
     ):
         return await value
     return value
+
+
+_UNANSWERABLE = ErrorInfo(code="unanswerable", message="not decodable, or no reply address")
+
+
+def _reply_error(reply: Envelope) -> ErrorInfo | None:
+    """The error a reply envelope reports (for the span), if it failed."""
+    if b'"failed"' not in reply.body:
+        return None
+    try:
+        return decode_reply(reply).error
+    except MessageDecodeError:  # pragma: no cover - we encoded it ourselves
+        return None
 
 
 def _failed(code: str, message: str, *, retryable: bool = False) -> CachedOutcome:

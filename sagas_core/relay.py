@@ -9,14 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from sagas_abstractions import OutboxRecord, SagaError
 from sagas_core.retry import ExponentialBackoff
+from sagas_core.telemetry import Telemetry, messaging_system
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from sagas_abstractions import Clock, MessageBus, OutboxStore
 
 __all__ = ["OutboxRelay"]
@@ -36,6 +40,9 @@ class OutboxRelay:
         lease: How long a claim keeps other relays away (crash recovery delay).
         poll_interval: How long to sleep when idle and nobody kicks the relay.
         backoff: Delay before a record whose publish failed is tried again.
+        telemetry: Publish spans and outbox metrics (the global providers when ``None``).
+        sample_interval: Seconds between outbox size samples (a count query), when metrics
+            are on.
     """
 
     def __init__(
@@ -49,6 +56,8 @@ class OutboxRelay:
         lease: timedelta = timedelta(seconds=30),
         poll_interval: float = 0.5,
         backoff: ExponentialBackoff | None = None,
+        telemetry: Telemetry | None = None,
+        sample_interval: float = 5.0,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -60,6 +69,10 @@ class OutboxRelay:
         self.backoff = backoff or ExponentialBackoff(initial=0.1, maximum=10.0)
         self.published = 0
         self.failures = 0
+        self.telemetry = telemetry or Telemetry.default()
+        self.sample_interval = sample_interval
+        self._system = messaging_system(bus)
+        self._sampled_at = float("-inf")
         self._wake = asyncio.Event()
         self._stopping = False
 
@@ -73,10 +86,15 @@ class OutboxRelay:
         records = await self.store.claim(
             owner=self.owner, limit=self.batch_size, lease=self.lease, now=now
         )
+        if self.telemetry.metrics_enabled:
+            await self._sample(records, now)
         if not records:
             return 0
         try:
-            await self.bus.publish([record.envelope for record in records])
+            with self.telemetry.publishing(
+                [record.envelope for record in records], system=self._system
+            ) as envelopes:
+                await self.bus.publish(envelopes)
         except SagaError as exc:
             await self._fall_back(records, exc)
             return 0
@@ -95,7 +113,8 @@ class OutboxRelay:
                 failed.append(record)  # keep each saga's messages in order
                 continue
             try:
-                await self.bus.publish([record.envelope])
+                with self.telemetry.publishing([record.envelope], system=self._system) as one:
+                    await self.bus.publish(one)
             except SagaError as error:
                 _log.warning("publishing %s failed: %s", record.envelope.message_id, error)
                 failed_sagas.add(record.saga_id)
@@ -109,6 +128,15 @@ class OutboxRelay:
         for record in failed:
             delay = self.backoff.delay(record.attempts + 1, record.envelope.message_id)
             await self.store.release([record.id], retry_at=self.clock.now() + delay, error=str(exc))
+
+    async def _sample(self, records: list[OutboxRecord], now: datetime) -> None:
+        """Outbox metrics: the lag of this round's oldest record, the size now and then."""
+        oldest = min((record.created_at for record in records), default=None)
+        lag = 0.0 if oldest is None else max(0.0, (now - oldest).total_seconds())
+        self.telemetry.record_outbox(self.owner, lag=lag)
+        if time.monotonic() - self._sampled_at >= self.sample_interval:
+            self._sampled_at = time.monotonic()
+            self.telemetry.record_outbox(self.owner, size=await self.store.pending_count())
 
     async def flush(self, *, timeout: float = 10.0) -> int:
         """Publish until the outbox is empty or ``timeout`` passes; returns what remains."""
@@ -136,9 +164,10 @@ class OutboxRelay:
                 continue
             if published >= self.batch_size:
                 continue  # more is likely waiting
-            if published == 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            # A short batch took all there was: wait for the next kick (a commit during this
+            # round has already set it) instead of claiming again for nothing.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
 
     def stop(self) -> None:
         """Ask :meth:`run` to return after the current round."""

@@ -16,6 +16,7 @@ from sagas_abstractions import (
     RouteKind,
     SagaInstance,
     SagaNotFound,
+    SagaStatus,
     Subscription,
 )
 from sagas_core.builder import local_destination
@@ -25,6 +26,7 @@ from sagas_core.di import Dependencies, Resolver, ScopedResolver
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
 from sagas_core.participant import Participant
 from sagas_core.relay import OutboxRelay
+from sagas_core.telemetry import Telemetry, messaging_system
 from sagas_core.testing.bus import InMemoryBus
 from sagas_core.testing.store import InMemorySagaStore
 from sagas_core.timeouts import TimeoutService
@@ -67,6 +69,10 @@ class SagaRuntime:
             publishes at once, so a few seconds are plenty there).
         orphan_replies: What to do with replies for sagas that do not exist.
         breaker: Defers commands to destinations that keep failing (see ``sagas_core.circuit``).
+        telemetry: Spans and metrics for the orchestrator, relay and participants that have
+            none of their own (:meth:`Telemetry.default`, the global providers, when ``None``).
+        telemetry_interval: Seconds between samples of the oldest active saga's age (a cheap
+            store query, only while metrics are on).
 
     Example:
         ```python
@@ -92,6 +98,8 @@ class SagaRuntime:
         relay_lease: float = 10.0,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
         breaker: CircuitBreaker | None = None,
+        telemetry: Telemetry | None = None,
+        telemetry_interval: float = 15.0,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -103,6 +111,8 @@ class SagaRuntime:
             dependencies if dependencies is not None else Dependencies()
         )
         self.concurrency = concurrency
+        self.telemetry = telemetry or Telemetry.default()
+        self.telemetry_interval = telemetry_interval
         self.orchestrator = Orchestrator(
             store=self.store,
             definitions=self.definitions,
@@ -110,20 +120,28 @@ class SagaRuntime:
             group=group,
             orphan_replies=orphan_replies,
             breaker=breaker,
+            telemetry=self.telemetry,
         )
+        self.orchestrator.messaging_system = messaging_system(self.bus)
         self.relay = OutboxRelay(
             store=self.store,
             bus=self.bus,
             clock=self.clock,
             poll_interval=relay_poll_interval,
             lease=timedelta(seconds=relay_lease),
+            telemetry=self.telemetry,
         )
         self.timeouts = TimeoutService(self.orchestrator, interval=timeout_interval)
         self.orchestrator.add_listener(lambda _: self.relay.kick())
         self._subscriptions: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
         self._running = False
         self.participants.extend(self._local_participants())
+        if telemetry is not None:
+            for participant in self.participants:
+                if participant.telemetry is Telemetry.default():
+                    participant.telemetry = telemetry
 
     def _local_participants(self) -> list[Participant]:
         hosted = []
@@ -135,6 +153,7 @@ class SagaRuntime:
                 local_destination(definition.name),
                 dependencies=self.dependencies,
                 clock=self.clock,
+                telemetry=self.telemetry,
             )
             for _, _, spec in local:
                 assert spec.handler is not None  # noqa: S101 - local specs always have one
@@ -151,6 +170,7 @@ class SagaRuntime:
         """Subscribe to replies, attach participants, start the relay and the timeout service."""
         if self._running:
             return
+        self._stopped.clear()
         self._subscriptions.append(
             await self.bus.subscribe(
                 RouteKind.REPLY,
@@ -166,8 +186,28 @@ class SagaRuntime:
         self._tasks = [
             asyncio.create_task(self.relay.run(), name="sagas-outbox-relay"),
             asyncio.create_task(self.timeouts.run(), name="sagas-timeouts"),
+            asyncio.create_task(self._sample_ages(), name="sagas-telemetry"),
         ]
         self._running = True
+
+    async def _sample_ages(self) -> None:
+        """Sample the age in its state of the stalest active saga (``saga.oldest_active.age``)."""
+        while not self._stopped.is_set():
+            if self.telemetry.metrics_enabled:
+                try:
+                    for status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING):
+                        # find() returns the least recently updated first: one row is enough.
+                        stalest = await self.store.find(status=status, limit=1)
+                        age = (
+                            (self.clock.now() - stalest[0].updated_at).total_seconds()
+                            if stalest
+                            else 0.0
+                        )
+                        self.telemetry.record_oldest(status, max(0.0, age))
+                except Exception:  # noqa: BLE001 - a metric sample must never stop the worker
+                    _log.exception("sampling the oldest active saga failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), self.telemetry_interval)
 
     async def _on_reply(self, envelope: Envelope) -> None:
         try:
@@ -188,6 +228,7 @@ class SagaRuntime:
         self._subscriptions.clear()
         self.timeouts.stop()
         self.relay.stop()
+        self._stopped.set()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait_for(task, timeout=grace)

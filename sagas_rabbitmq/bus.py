@@ -62,6 +62,9 @@ class RabbitBus:
         topology: The names and queue arguments in use.
     """
 
+    messaging_system = "rabbitmq"
+    """The OpenTelemetry ``messaging.system`` of this transport."""
+
     def __init__(self, settings: RabbitSettings, connection: AbstractRobustConnection) -> None:
         self.settings = settings
         self.topology = Topology(

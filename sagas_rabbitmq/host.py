@@ -12,6 +12,9 @@ consuming, lets the commands in flight finish (bounded) and exits with status 0.
 
 Settings come from the options, else from ``SAGAS_AMQP_URL``, ``SAGAS_RABBITMQ_PREFIX``,
 ``SAGAS_RABBITMQ_DELIVERY_LIMIT`` and ``SAGAS_RABBITMQ_QUORUM`` (``0`` for classic queues).
+The standard ``OTEL_*`` variables turn on OpenTelemetry export
+(:func:`sagas_core.telemetry.configure_from_env`; service name ``sagas-participants`` unless
+``OTEL_SERVICE_NAME`` says otherwise).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from sagas_core.participant import Participant
+from sagas_core.telemetry import configure_from_env
 from sagas_rabbitmq.bus import RabbitBus
 from sagas_rabbitmq.settings import RabbitSettings
 
@@ -129,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the host; returns the process exit status."""
     options = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_from_env("sagas-participants")  # the standard OTEL_* variables, when they are set
     settings = RabbitSettings(
         url=options.url,
         prefix=options.prefix,

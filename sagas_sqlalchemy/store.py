@@ -11,6 +11,11 @@ PostgreSQL, the database write lock of ``BEGIN IMMEDIATE`` on SQLite), then leas
 following records up to the first one it may not take. Whoever holds a saga's head holds the
 saga, so two relays never lease records of one saga at the same time.
 
+Deadline claims work the same way for competing timeout services (:meth:`SqlSagaStore.claim_due`):
+one ``UPDATE ... WHERE saga_id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`` on PostgreSQL,
+the same under ``BEGIN IMMEDIATE`` on SQLite. They are a hint that spares the workers wasted
+races; the version check is what makes each deadline fire once.
+
 Inbox pruning policy: an inbox row only has to outlive every redelivery of its message. Brokers
 redeliver within minutes to hours; keep a generous margin (default advice: 7 days) and call
 :meth:`SqlSagaStore.prune_inbox` periodically. A reply that arrives after its inbox row was
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import sqlalchemy as sa
 from pydantic import ValidationError
@@ -61,6 +66,12 @@ __all__ = ["SqlSagaStore", "create_store"]
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 _JSON_FIELDS = frozenset({"data", "steps", "error", "trace_context"})
+
+# Instance columns that are the store's, not the model's.
+_STORE_COLUMNS = frozenset({"next_deadline_at", "deadline_claimed_by", "deadline_claimed_until"})
+
+# Written with every new version of a saga row: the claimed deadline has moved.
+_NO_CLAIM: dict[str, Any] = {"deadline_claimed_by": None, "deadline_claimed_until": None}
 
 
 class SqlSagaStore:
@@ -107,7 +118,7 @@ class SqlSagaStore:
         create_tables: bool = False,
         migrate: bool | None = None,
         **engine_options: Any,
-    ) -> SqlSagaStore:
+    ) -> Self:
         """Create a store with its own engine (``pool_pre_ping`` on).
 
         Args:
@@ -454,6 +465,52 @@ class SqlSagaStore:
                 rows = (await conn.execute(query)).mappings().all()
         return [_readable(row) for row in rows]
 
+    async def claim_due(
+        self, now: datetime, limit: int, *, owner: str, lease: timedelta
+    ) -> builtins.list[SagaInstance]:
+        """Claim up to ``limit`` due sagas for ``owner`` until ``now + lease``, earliest first.
+
+        One statement: ``UPDATE instances SET deadline_claimed_by = :owner,
+        deadline_claimed_until = :until WHERE saga_id IN (SELECT saga_id ... WHERE
+        next_deadline_at <= :now AND <not claimed by another owner> ORDER BY next_deadline_at
+        LIMIT :n) RETURNING *``. On PostgreSQL the inner select locks its rows ``FOR UPDATE SKIP
+        LOCKED``, so concurrent claimers pass each other by instead of waiting (a row another
+        claimer or a writer holds is left for the next poll); a row claimed by a transaction
+        that committed meanwhile is re-checked and dropped. On SQLite the statement runs under
+        the database write lock (``BEGIN IMMEDIATE``), so claims are serialized. Saving a new
+        version of a saga clears its claim.
+        """
+        if limit <= 0:
+            return []
+        await self.initialize()
+        table = self._tables.instances
+        candidates = (
+            sa.select(table.c.saga_id)
+            .where(
+                table.c.next_deadline_at <= now,
+                sa.or_(
+                    table.c.deadline_claimed_until.is_(None),
+                    table.c.deadline_claimed_until <= now,
+                    table.c.deadline_claimed_by == owner,
+                ),
+            )
+            .order_by(table.c.next_deadline_at, table.c.saga_id)
+            .limit(limit)
+        )
+        if self._dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        statement = (
+            sa.update(table)
+            .where(table.c.saga_id.in_(candidates))
+            .values(deadline_claimed_by=owner, deadline_claimed_until=now + lease)
+            .returning(*table.c)
+        )
+        with self._translate(f"claiming due sagas for {owner!r} failed"):
+            async with self._write() as conn:
+                rows = (await conn.execute(statement)).mappings().all()
+        ordered = sorted(rows, key=lambda row: (row["next_deadline_at"], row["saga_id"]))
+        return [_readable(row) for row in ordered]
+
     # ------------------------------------------------------------------ OutboxStore
 
     async def claim(
@@ -624,6 +681,7 @@ def _instance_row(instance: SagaInstance) -> dict[str, Any]:
         "updated_at": instance.updated_at,
         "correlation_id": instance.correlation_id,
         "trace_context": dumped["trace_context"],
+        **_NO_CLAIM,
     }
 
 
@@ -637,11 +695,12 @@ def _status_row(instance: SagaInstance) -> dict[str, Any]:
         "next_deadline_at": instance.next_deadline_at,
         "version": instance.version,
         "updated_at": instance.updated_at,
+        **_NO_CLAIM,
     }
 
 
 def _instance(row: RowMapping) -> SagaInstance:
-    fields = {key: value for key, value in row.items() if key != "next_deadline_at"}
+    fields = {key: value for key, value in row.items() if key not in _STORE_COLUMNS}
     try:
         return SagaInstance.model_validate(fields)
     except ValidationError as error:
@@ -686,7 +745,7 @@ def _readable(row: RowMapping) -> SagaInstance:
     try:
         return _instance(row)
     except InvalidSagaData as problem:
-        fields = {key: value for key, value in row.items() if key != "next_deadline_at"}
+        fields = {key: value for key, value in row.items() if key not in _STORE_COLUMNS}
         broken = {
             str(loc[0])
             for error in problem.errors

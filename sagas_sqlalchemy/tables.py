@@ -61,7 +61,7 @@ class SagaTables:
     Attributes:
         prefix: The table name prefix.
         metadata: Metadata holding exactly these four tables.
-        instances: One row per saga instance (optimistic ``version``).
+        instances: One row per saga instance (optimistic ``version``, deadline claims).
         history: The append-only audit trail.
         outbox: Messages committed with a state change, waiting to be published.
         inbox: Processed message ids per consumer.
@@ -121,6 +121,9 @@ def build_tables(prefix: str = DEFAULT_TABLE_PREFIX) -> SagaTables:
         sa.Column("updated_at", UTCDateTime(), nullable=False),
         sa.Column("correlation_id", sa.String(200), nullable=True),
         sa.Column("trace_context", JSONType, nullable=False),
+        # Which timeout service holds the saga's due deadline, and until when (a hint only).
+        sa.Column("deadline_claimed_by", sa.String(200), nullable=True),
+        sa.Column("deadline_claimed_until", UTCDateTime(), nullable=True),
         sa.Index(f"ix_{p}instances_status", "status"),
         sa.Index(f"ix_{p}instances_saga_type", "saga_type"),
         sa.Index(f"ix_{p}instances_updated_at", "updated_at"),

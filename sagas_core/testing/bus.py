@@ -79,6 +79,9 @@ class InMemoryBus:
     records everything accepted.
     """
 
+    messaging_system = "sagas.in_memory"
+    """The OpenTelemetry ``messaging.system`` of this transport."""
+
     def __init__(
         self,
         *,

@@ -47,7 +47,8 @@ class InMemorySagaStore:
     """Keeps sagas, history, outbox and inbox in process memory.
 
     It implements :class:`~sagas_abstractions.SagaRepository` with the semantics of the SQL store
-    (atomic ``save``, optimistic versions, inbox uniqueness, leased outbox claims), so tests and
+    (atomic ``save``, optimistic versions, inbox uniqueness, leased outbox and deadline
+    claims), so tests and
     the embedded mode behave like production. Nothing survives the process.
 
     Tests can make the next ``save`` calls fail with :meth:`fail_next_saves`.
@@ -59,6 +60,7 @@ class InMemorySagaStore:
         self._outbox: dict[int, _OutboxRow] = {}
         self._pending: dict[int, _OutboxRow] = {}  # unsent rows, in id (insertion) order
         self._inbox: set[tuple[str, str]] = set()
+        self._claims: dict[str, tuple[str, datetime]] = {}  # saga id -> (owner, claimed until)
         self._next_outbox_id = 1
         self._lock = asyncio.Lock()
         self._failures: list[BaseException] = []
@@ -125,6 +127,7 @@ class InMemorySagaStore:
                     )
                 if change.expected_version is None or instance.version > change.expected_version:
                     self._sagas[instance.saga_id] = instance
+                    self._claims.pop(instance.saga_id, None)  # the claimed deadline has moved
                 self._history.setdefault(instance.saga_id, []).extend(change.history)
                 for envelope in change.outbox:
                     row_id = self._next_outbox_id
@@ -182,6 +185,28 @@ class InMemorySagaStore:
         ]
         due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
         return [saga for _, saga in due[:limit]]
+
+    async def claim_due(
+        self, now: datetime, limit: int, *, owner: str, lease: timedelta
+    ) -> builtins.list[SagaInstance]:
+        """Claim due sagas nobody else holds a live claim on, earliest first."""
+        async with self._lock:
+            due = [
+                (deadline, saga)
+                for saga in self._sagas.values()
+                if (deadline := saga.next_deadline_at) is not None
+                and deadline <= now
+                and self._claimable(saga.saga_id, owner=owner, now=now)
+            ]
+            due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
+            claimed = [saga for _, saga in due[: max(limit, 0)]]
+            for saga in claimed:
+                self._claims[saga.saga_id] = (owner, now + lease)
+            return claimed
+
+    def _claimable(self, saga_id: str, *, owner: str, now: datetime) -> bool:
+        claim = self._claims.get(saga_id)
+        return claim is None or claim[0] == owner or claim[1] <= now
 
     # ------------------------------------------------------------------ OutboxStore
 

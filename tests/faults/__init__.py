@@ -1,0 +1,1 @@
+"""Fault-injection suite: the order saga under kills, disconnects and duplicates (issue 8)."""

@@ -47,7 +47,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sagas_abstractions import Envelope, RouteKind, SagaStatus, StepKind
 from sagas_core import Orchestrator, SystemClock
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
-from sagas_rabbitmq.testing import close_connections, list_queues, sweep, unique_prefix
+from sagas_rabbitmq.testing import (
+    close_connections,
+    list_queues,
+    rabbitmqctl,
+    sweep,
+    unique_prefix,
+)
 from sagas_rabbitmq.wire import header_text, to_amqp
 from sagas_sqlalchemy import SqlIdempotencyStore, SqlSagaStore, build_outcomes_table
 from samples.order_processing.messages import OrderData, OrderLine
@@ -76,13 +82,28 @@ ROOT = Path(__file__).resolve().parents[2]
 SEED_ENV = "SAGAS_FAULT_SEED"
 DEFAULT_SEED = 20261125
 SERVICES = ("inventory", "payments", "shipping")
-FAULT_KINDS = (
-    "kill_worker",
-    "kill_participant",
-    "close_connections",
-    "terminate_db",
-    "duplicate",
-)
+BROKER_RESTART_ENV = "SAGAS_FAULT_BROKER_RESTART"
+
+
+def fault_kinds() -> tuple[str, ...]:
+    """The fault kinds of a run: the broker restart only when ``SAGAS_FAULT_BROKER_RESTART=1``.
+
+    Restarting the broker app disturbs everything else using that broker, so it is opt-in;
+    CI, which owns the machine's broker for its run, turns it on.
+    """
+    kinds: tuple[str, ...] = (
+        "kill_worker",
+        "kill_participant",
+        "close_connections",
+        "terminate_db",
+        "duplicate",
+    )
+    if os.environ.get(BROKER_RESTART_ENV) == "1":
+        kinds += ("restart_broker",)
+    return kinds
+
+
+FAULT_KINDS = fault_kinds()
 GROUP = "faults"
 DELIVERY_LIMIT = 20  # chaos alone (kills, closed connections) must never dead-letter a command
 READY_WITHIN = 45.0
@@ -505,6 +526,7 @@ class Run:
             "close_connections": self._close_connections,
             "terminate_db": self._terminate_db,
             "duplicate": self._duplicate,
+            "restart_broker": self._restart_broker,
         }
         plan = [kind for kind in FAULT_KINDS for _ in range(config.max_per_kind)]
         self.rng.shuffle(plan)
@@ -649,6 +671,28 @@ class Run:
         self._in_background("broker", close())
         return True
 
+    async def _restart_broker(self) -> bool:
+        """Stop the broker app for a seeded moment, then start it again (in the background).
+
+        Every process keeps running and must reconnect by itself; process restarts and
+        connection faults wait for the broker to be back (they join the ``broker`` task).
+        """
+        await self._join_background()
+        down = self.rng.uniform(0.5, 2.0)
+
+        async def restart() -> None:
+            await asyncio.to_thread(rabbitmqctl, "stop_app")
+            self.event(f"broker app stopped for {down:.1f}s")
+            try:
+                await asyncio.sleep(down)
+            finally:
+                await asyncio.to_thread(rabbitmqctl, "start_app")
+                await asyncio.to_thread(rabbitmqctl, "await_startup")
+                self.event("broker app started again")
+
+        self._in_background("broker", restart())
+        return True
+
     async def _terminate_db(self) -> bool:
         await self._join_background(self.workers)
         async with self.engine.connect() as conn:
@@ -665,6 +709,7 @@ class Run:
 
     async def _duplicate(self) -> bool:
         """Publish copies of sent commands again, same message id, straight to the exchange."""
+        await self._join_background(["broker"])
         outbox = self.store.tables.outbox
         async with self.engine.connect() as conn:
             ids = sorted(

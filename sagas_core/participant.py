@@ -352,6 +352,17 @@ class Participant:
         """Consume this destination's commands from ``bus`` and reply on it."""
         self.check_dependencies()
         self._bus = bus
+        if isinstance(self.idempotency, InMemoryIdempotencyStore) and not getattr(
+            bus, "in_process", False
+        ):
+            # Over a real broker, commands outlive this process: a crash after an effect and
+            # before the reply makes the redelivered command run again.
+            _log.warning(
+                "%s keeps command outcomes in memory: after a crash, redelivered commands run "
+                "their handlers again; make effects idempotent on CommandContext.idempotency_key "
+                "or use a durable store (sagas_sqlalchemy.SqlIdempotencyStore)",
+                self.destination,
+            )
         return await bus.subscribe(
             RouteKind.COMMAND, self.destination, self.handle_envelope, concurrency=concurrency
         )

@@ -82,6 +82,9 @@ class InMemoryBus:
     messaging_system = "sagas.in_memory"
     """The OpenTelemetry ``messaging.system`` of this transport."""
 
+    in_process = True
+    """Messages never outlive the process, so in-memory outcome caches suffice."""
+
     def __init__(
         self,
         *,

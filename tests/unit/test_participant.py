@@ -558,3 +558,29 @@ async def test_a_command_that_cannot_be_answered_is_dead_lettered(envelope: Enve
 async def test_handle_envelope_before_attach_is_an_error() -> None:
     with pytest.raises(RuntimeError, match="attach"):
         await inventory().handle_envelope(command_envelope())
+
+
+class _BrokerLikeBus(InMemoryBus):
+    in_process = False  # stands for a real broker: commands outlive the process
+
+
+async def test_an_in_memory_outcome_cache_over_a_real_broker_is_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    participant = Participant("warned")
+    bus = _BrokerLikeBus()
+    with caplog.at_level("WARNING", logger="sagas.participant"):
+        subscription = await participant.attach(bus)
+    await subscription.close()
+    await bus.close()
+    assert "keeps command outcomes in memory" in caplog.text
+
+
+async def test_no_warning_over_the_in_process_bus(caplog: pytest.LogCaptureFixture) -> None:
+    participant = Participant("quiet")
+    bus = InMemoryBus()
+    with caplog.at_level("WARNING", logger="sagas.participant"):
+        subscription = await participant.attach(bus)
+    await subscription.close()
+    await bus.close()
+    assert "outcomes in memory" not in caplog.text

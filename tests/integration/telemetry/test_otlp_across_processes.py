@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from sagas_rabbitmq.testing import delete_topology, unique_prefix
+from sagas_rabbitmq.testing import sweep, unique_prefix
 from tests.integration.telemetry.test_otlp_export import ROOT, _Receiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
@@ -43,7 +43,8 @@ def _otel_env(receiver: _Receiver, service: str) -> dict[str, str]:
 def prefix(amqp_url: str) -> Iterator[str]:
     name = unique_prefix("sagas-otlp")
     yield name
-    asyncio.run(delete_topology(amqp_url, prefix=name))
+    # The processes declared the queues, so only the broker knows them all: sweep by prefix.
+    asyncio.run(sweep(amqp_url, f"{name}."))
 
 
 def _spans(receiver: _Receiver) -> list[tuple[str, str, bytes, dict[str, str]]]:

@@ -35,7 +35,20 @@ def _worker_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[str]:
+@pytest.fixture
+def spawned() -> Iterator[list[subprocess.Popen[str]]]:
+    """Worker processes a test starts; any still running at the end (a failed test) is killed."""
+    processes: list[subprocess.Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.communicate(timeout=10)
+
+
+def _start_worker(
+    env: dict[str, str], log: Path, spawned: list[subprocess.Popen[str]]
+) -> subprocess.Popen[str]:
     with log.open("a") as stderr:  # a file, not a pipe: a chatty worker must never block on it
         process = subprocess.Popen(
             [sys.executable, "-m", "sagas_core.cli", "worker", HOST, "--graceful-timeout", "20"],
@@ -45,6 +58,7 @@ def _start_worker(env: dict[str, str], log: Path) -> subprocess.Popen[str]:
             stderr=stderr,
             text=True,
         )
+    spawned.append(process)
     assert process.stdout is not None
     line = process.stdout.readline()  # "ready", or "" if it died
     if line.strip() != "ready":
@@ -81,7 +95,10 @@ def table_prefix(postgres_url: str) -> Iterator[str]:
 
 
 def test_sigterm_mid_load_loses_no_saga_and_a_restarted_worker_finishes_them(
-    postgres_url: str, table_prefix: str, tmp_path: Path
+    postgres_url: str,
+    table_prefix: str,
+    tmp_path: Path,
+    spawned: list[subprocess.Popen[str]],
 ) -> None:
     log = tmp_path / "worker.log"
     env = _worker_env(
@@ -91,7 +108,7 @@ def test_sigterm_mid_load_loses_no_saga_and_a_restarted_worker_finishes_them(
         SAGAS_LOG_LEVEL="WARNING",
     )
     batch: list[Scenario] = [s for s in scenarios() if s.name in STABLE] * 8
-    worker = _start_worker(env, log)
+    worker = _start_worker(env, log, spawned)
 
     async def load_then_stop() -> dict[str, Scenario]:
         store = SqlSagaStore.from_url(postgres_url, table_prefix=table_prefix)
@@ -122,7 +139,7 @@ def test_sigterm_mid_load_loses_no_saga_and_a_restarted_worker_finishes_them(
             await store.close()
 
     interrupted = asyncio.run(active_count())
-    worker = _start_worker(env, log)
+    worker = _start_worker(env, log, spawned)
     try:
 
         async def settle() -> dict[str, SagaStatus]:

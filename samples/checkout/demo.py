@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sagas_abstractions import SagaStatus, StepStatus
 from sagas_core import SagaRuntime
+from samples import demo_support
 from samples.checkout.messages import CartItem, CheckoutData
 from samples.checkout.saga import checkout_saga
 from samples.checkout.services import Shop, build_participants
@@ -17,7 +18,6 @@ from samples.checkout.services import Shop, build_participants
 if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository
 
-RELAY_LEASE = 1.0
 """Seconds an outbox claim lasts: what a killed run had claimed goes out again soon."""
 
 
@@ -113,23 +113,9 @@ async def finish_leftovers(store: SagaRepository, *, settle_within: float = 10.0
     Their services died with that run, so they finish against a scratch shop of their own and
     cannot touch the numbers of the new batch.
     """
-    left = [
-        saga.saga_id
-        for status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
-        for saga in await store.find(status=status, saga_type=checkout_saga.name, limit=10_000)
-    ]
-    if not left:
-        return 0
-    scratch = build_participants(Shop())
-    runtime = SagaRuntime(
-        sagas=[checkout_saga], participants=scratch, store=store, relay_lease=RELAY_LEASE
+    return await demo_support.finish_leftovers(
+        store, checkout_saga, build_participants(Shop()), settle_within=settle_within
     )
-    async with runtime:
-        await asyncio.gather(
-            *(runtime.wait_for(saga_id, timeout=settle_within) for saga_id in left),
-            return_exceptions=True,  # one that does not settle is reported by `sagas list`
-        )
-    return len(left)
 
 
 async def run_demo(
@@ -146,7 +132,7 @@ async def run_demo(
         sagas=[checkout_saga],
         participants=build_participants(shop),
         store=store,
-        relay_lease=RELAY_LEASE,
+        relay_lease=demo_support.RELAY_LEASE,
     )
     async with runtime:
 

@@ -7,43 +7,29 @@ are finished first.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from sagas_abstractions import SagaStatus
-from sagas_core import close_store, open_store
-from sagas_core.embedded import default_sqlite_path
-from sagas_core.testing import InMemorySagaStore
+from samples.demo_support import demo_parser, demo_store, describe_state
 from samples.money_transfer.demo import TransferReport, finish_leftovers, run_demo
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
-    from sagas_abstractions import SagaRepository
 
 _STYLE = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow"}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m samples.money_transfer",
-        description="Run the money-transfer saga demo on the embedded runtime.",
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--db",
-        type=Path,
-        metavar="PATH",
-        help="SQLite file holding saga state (default: $SAGAS_SQLITE_PATH or .sagas/sagas.sqlite3)",
-    )
-    where.add_argument(
-        "--memory", action="store_true", help="keep saga state in memory (lost on exit)"
+    parser = demo_parser(
+        "python -m samples.money_transfer",
+        "Run the money-transfer saga demo on the embedded runtime.",
     )
     parser.add_argument(
         "--storm", type=int, default=40, help="concurrent transfers to run (default 40)"
@@ -52,16 +38,11 @@ def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 async def _run(args: argparse.Namespace, console: Console) -> TransferReport:
-    store: SagaRepository = (
-        InMemorySagaStore() if args.memory else await open_store(sqlite_path=args.db)
-    )
-    try:
+    async with demo_store(args) as store:
         resumed = await finish_leftovers(store)
         if resumed:
             console.print(f"Finished {resumed} transfer(s) a previous run left in flight.\n")
         return await run_demo(store=store, storm=args.storm)
-    finally:
-        await close_store(store)
 
 
 def _transfers_table(report: TransferReport) -> Table:
@@ -127,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; exit status 1 if a transfer ended unexpectedly or the books do not balance."""
     args = _arguments(argv)
     console = Console(width=max(Console().width, 110))
-    state = "in-memory state" if args.memory else f"state in {args.db or default_sqlite_path()}"
+    state = describe_state(args)
     console.print(
         f"[bold]sagas[/bold] money-transfer demo: debit the source -> credit the destination "
         f"({state}, in-memory bus, the bank in this process)\n"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sagas_abstractions import SagaStatus, StepStatus
 from sagas_core import SagaRuntime
+from samples import demo_support
 from samples.money_transfer.bank import Bank, bank_participant
 from samples.money_transfer.messages import TransferData
 from samples.money_transfer.saga import transfer_saga
@@ -17,7 +18,6 @@ from samples.money_transfer.saga import transfer_saga
 if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository
 
-RELAY_LEASE = 1.0
 """Seconds an outbox claim lasts: what a killed run had claimed goes out again soon."""
 
 OPENING_BALANCES = {
@@ -146,26 +146,12 @@ async def finish_leftovers(store: SagaRepository, *, settle_within: float = 10.0
     Their bank died with that run, so they finish against a scratch bank of their own and
     cannot touch the books of the new run.
     """
-    left = [
-        saga.saga_id
-        for status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
-        for saga in await store.find(status=status, saga_type=transfer_saga.name, limit=10_000)
-    ]
-    if not left:
-        return 0
-    scratch = Bank.with_balances({})
-    runtime = SagaRuntime(
-        sagas=[transfer_saga],
-        participants=[bank_participant(scratch)],
-        store=store,
-        relay_lease=RELAY_LEASE,
+    return await demo_support.finish_leftovers(
+        store,
+        transfer_saga,
+        [bank_participant(Bank.with_balances({}))],
+        settle_within=settle_within,
     )
-    async with runtime:
-        await asyncio.gather(
-            *(runtime.wait_for(saga_id, timeout=settle_within) for saga_id in left),
-            return_exceptions=True,  # one that does not settle is reported by `sagas list`
-        )
-    return len(left)
 
 
 async def run_demo(
@@ -184,7 +170,7 @@ async def run_demo(
         sagas=[transfer_saga],
         participants=[bank_participant(bank)],
         store=store,
-        relay_lease=RELAY_LEASE,
+        relay_lease=demo_support.RELAY_LEASE,
     )
     began = time.perf_counter()
     async with runtime:

@@ -7,26 +7,22 @@ memory instead.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from sagas_abstractions import SagaStatus
-from sagas_core import close_store, open_store
-from sagas_core.embedded import default_sqlite_path
-from sagas_core.testing import InMemorySagaStore
+from samples.demo_support import demo_parser, demo_store, describe_state
 from samples.order_processing.demo import OrderResult, run_demo
 from samples.order_processing.saga import order_saga
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Sequence
 
-    from sagas_abstractions import SagaRepository
 
 _STYLE = {
     SagaStatus.COMPLETED: "green",
@@ -36,19 +32,9 @@ _STYLE = {
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m samples.order_processing",
-        description="Run the order saga demo batch on the embedded runtime.",
-    )
-    where = parser.add_mutually_exclusive_group()
-    where.add_argument(
-        "--db",
-        type=Path,
-        metavar="PATH",
-        help="SQLite file holding saga state (default: $SAGAS_SQLITE_PATH or .sagas/sagas.sqlite3)",
-    )
-    where.add_argument(
-        "--memory", action="store_true", help="keep saga state in memory (lost on exit)"
+    parser = demo_parser(
+        "python -m samples.order_processing",
+        "Run the order saga demo batch on the embedded runtime.",
     )
     return parser.parse_args(argv)
 
@@ -58,13 +44,8 @@ async def _run(args: argparse.Namespace, console: Console) -> list[OrderResult]:
         if count:
             console.print(f"Resuming {count} saga(s) left active by a previous run.\n")
 
-    store: SagaRepository = (
-        InMemorySagaStore() if args.memory else await open_store(sqlite_path=args.db)
-    )
-    try:
+    async with demo_store(args) as store:
         results, _ = await run_demo(store=store, on_resume=resumed)
-    finally:
-        await close_store(store)
     return results
 
 
@@ -72,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo; exit status 1 if any order ended differently than its scenario expects."""
     args = _arguments(argv)
     console = Console(width=max(Console().width, 110))
-    state = "in-memory state" if args.memory else f"state in {args.db or default_sqlite_path()}"
+    state = describe_state(args)
     console.print(
         f"[bold]sagas[/bold] order-processing demo: embedded runtime "
         f"({state}, in-memory bus, participants in this process)\n"

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from sagas_abstractions import SagaStatus, StepStatus
 from sagas_core import SagaRuntime
+from samples import demo_support
 from samples.order_processing.messages import OrderData, OrderLine
 from samples.order_processing.saga import order_saga
 from samples.order_processing.services import Ledger, build_participants
@@ -101,10 +102,6 @@ def scenarios() -> list[Scenario]:
     ]
 
 
-RELAY_LEASE = 1.0
-"""Seconds an outbox claim of the demo lasts (its bus is in-process: publishing is instant)."""
-
-
 async def run_demo(
     *,
     store: SagaRepository | None = None,
@@ -128,7 +125,10 @@ async def run_demo(
     by_order = {scenario.order.order_id: scenario for scenario in batch}
     # A short outbox lease: what a killed run had claimed but not published goes out soon.
     runtime = SagaRuntime(
-        sagas=[order_saga], participants=participants, store=store, relay_lease=RELAY_LEASE
+        sagas=[order_saga],
+        participants=participants,
+        store=store,
+        relay_lease=demo_support.RELAY_LEASE,
     )
     started: dict[str, tuple[Scenario, float, bool]] = {}
     began = time.perf_counter()

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from sagas_abstractions import SagaStatus, StepStatus
 from sagas_core import SagaRuntime
+from samples import demo_support
 from samples.trip_booking.participants import Agency, build_participants
 from samples.trip_booking.saga import TripData, trip_saga
 
 if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository
 
-RELAY_LEASE = 1.0
 """Seconds an outbox claim lasts: what a killed run had claimed goes out again soon."""
 
 
@@ -88,23 +88,9 @@ def scenarios() -> list[Scenario]:
 
 async def finish_leftovers(store: SagaRepository, *, settle_within: float = 10.0) -> int:
     """Finish the trips a killed run left in flight, against a scratch agency; how many."""
-    left = [
-        saga.saga_id
-        for status in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
-        for saga in await store.find(status=status, saga_type=trip_saga.name, limit=10_000)
-    ]
-    if not left:
-        return 0
-    scratch = build_participants(Agency())
-    runtime = SagaRuntime(
-        sagas=[trip_saga], participants=scratch, store=store, relay_lease=RELAY_LEASE
+    return await demo_support.finish_leftovers(
+        store, trip_saga, build_participants(Agency()), settle_within=settle_within
     )
-    async with runtime:
-        await asyncio.gather(
-            *(runtime.wait_for(saga_id, timeout=settle_within) for saga_id in left),
-            return_exceptions=True,  # one that does not settle is reported by `sagas list`
-        )
-    return len(left)
 
 
 async def run_demo(
@@ -121,7 +107,7 @@ async def run_demo(
         sagas=[trip_saga],
         participants=build_participants(agency),
         store=store,
-        relay_lease=RELAY_LEASE,
+        relay_lease=demo_support.RELAY_LEASE,
     )
     async with runtime:
 

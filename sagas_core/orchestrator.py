@@ -481,19 +481,16 @@ class Orchestrator:
             try:
                 await self.store.save(
                     [
-                        SagaChange(
-                            instance=decision.instance,
+                        self._change(
+                            decision,
                             expected_version=instance.version,
-                            outbox=self._envelopes(decision),
-                            history=decision.history,
                             inbox=inbox,
                             status_only=True,
                         )
                     ]
                 )
             except ConcurrencyConflict:
-                self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                await self._conflicted(attempt)
                 continue
             except DuplicateMessage:
                 return 0
@@ -556,18 +553,16 @@ class Orchestrator:
             try:
                 await self.store.save(
                     [
-                        SagaChange(
-                            instance=decision.instance,
+                        self._change(
+                            decision,
                             expected_version=instance.version,
-                            outbox=self._envelopes(decision),
-                            history=decision.history,
+                            inbox=None,
                             status_only=True,
                         )
                     ]
                 )
             except ConcurrencyConflict:
-                self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                await self._conflicted(attempt)
                 continue
             self._committed([decision.instance])
             self._observe_decision(decision)
@@ -678,9 +673,8 @@ class Orchestrator:
                         [self._change(decision, expected_version=instance.version, inbox=inbox)]
                     )
                 except ConcurrencyConflict:
-                    self.conflicts += 1
                     # A fresh load on the next loop: retrying on stale state can never succeed.
-                    await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
+                    await self._conflicted(attempt)
                     continue
                 except DuplicateMessage:
                     _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
@@ -697,7 +691,12 @@ class Orchestrator:
         )
 
     def _change(
-        self, decision: Decision, *, expected_version: int | None, inbox: InboxEntry | None
+        self,
+        decision: Decision,
+        *,
+        expected_version: int | None,
+        inbox: InboxEntry | None,
+        status_only: bool = False,
     ) -> SagaChange:
         return SagaChange(
             instance=decision.instance,
@@ -705,7 +704,13 @@ class Orchestrator:
             outbox=self._envelopes(decision),
             history=decision.history,
             inbox=inbox,
+            status_only=status_only,
         )
+
+    async def _conflicted(self, attempt: int) -> None:
+        """Count a version conflict and wait a little (more each attempt) before reloading."""
+        self.conflicts += 1
+        await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
 
     def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
         envelopes = [

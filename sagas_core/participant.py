@@ -38,7 +38,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
@@ -258,9 +258,7 @@ class Participant:
     ) -> None:
         self.destination = destination
         self.telemetry = telemetry or Telemetry.default()
-        self.dependencies: Resolver | ScopedResolver = (
-            dependencies if dependencies is not None else Dependencies()
-        )
+        self.dependencies = dependencies if dependencies is not None else Dependencies()
         self.idempotency = idempotency or InMemoryIdempotencyStore()
         self.clock = clock or SystemClock()
         self.retryable_exceptions = retryable_exceptions
@@ -268,6 +266,29 @@ class Participant:
         self._handlers: dict[str, _Handler] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
         self._bus: MessageBus | None = None
+
+    # Protocol isinstance checks cost microseconds each: they are made once, when the
+    # dependencies or the idempotency store are set, not for every command.
+
+    @property
+    def dependencies(self) -> Resolver | ScopedResolver:
+        """Supplies handler parameters by type."""
+        return self._dependencies
+
+    @dependencies.setter
+    def dependencies(self, resolver: Resolver | ScopedResolver) -> None:
+        self._dependencies = resolver
+        self._scoped = resolver if isinstance(resolver, ScopedResolver) else None
+
+    @property
+    def idempotency(self) -> IdempotencyStore:
+        """Remembers outcomes (transactionally, when the store supports it)."""
+        return self._idempotency
+
+    @idempotency.setter
+    def idempotency(self, store: IdempotencyStore) -> None:
+        self._idempotency = store
+        self._transactional = store if isinstance(store, TransactionalIdempotencyStore) else None
 
     # ------------------------------------------------------------------ registration
 
@@ -434,10 +455,9 @@ class Participant:
         self._locks[step_key] = (lock, users + 1)
         try:
             async with lock:
-                store = self.idempotency
-                if isinstance(store, TransactionalIdempotencyStore):
-                    return await self._transactional_outcome(store, command, step_key)
-                return await self._decide_outcome(command, store, self._run)
+                if self._transactional is not None:
+                    return await self._transactional_outcome(self._transactional, command, step_key)
+                return await self._decide_outcome(command, self._idempotency, self._run)
         finally:
             lock, users = self._locks[step_key]
             if users <= 1:
@@ -580,10 +600,10 @@ class Participant:
         return result
 
     def _message_scope(self) -> contextlib.AbstractAsyncContextManager[MessageScope]:
-        resolver = self.dependencies
-        if isinstance(resolver, ScopedResolver):
-            return resolver.message_scope()
-        return contextlib.nullcontext(resolver)
+        if self._scoped is not None:
+            return self._scoped.message_scope()
+        # Not scoped, so a plain Resolver (the setter sorted it): it serves every message.
+        return contextlib.nullcontext(cast("Resolver", self._dependencies))
 
     def _failure(
         self, exc: Exception, command: CommandMessage, *, finalizing: bool = False

@@ -18,6 +18,7 @@ from sagas_abstractions.errors import (
     DefinitionChanged,
     DuplicateMessage,
     InvalidDefinition,
+    InvalidEvent,
     InvalidOperation,
     InvalidSagaData,
     MessageDecodeError,
@@ -32,7 +33,10 @@ from sagas_abstractions.errors import (
     UnknownSagaType,
 )
 from sagas_abstractions.inputs import (
+    Cancel,
     Compensate,
+    EventInput,
+    EventReceived,
     OperatorInput,
     Resolve,
     RetryCompensation,
@@ -69,6 +73,7 @@ from sagas_abstractions.ports import (
 )
 
 __all__ = [
+    "Cancel",
     "Clock",
     "CommandMessage",
     "Compensate",
@@ -79,10 +84,13 @@ __all__ = [
     "DuplicateMessage",
     "Envelope",
     "ErrorInfo",
+    "EventInput",
     "EventKind",
+    "EventReceived",
     "HistoryEntry",
     "InboxEntry",
     "InvalidDefinition",
+    "InvalidEvent",
     "InvalidOperation",
     "InvalidSagaData",
     "MessageBus",

@@ -18,6 +18,7 @@ alone tells an operator which saga to look at and what to do next::
     ├── TransportError           the message bus failed
     │   └── PublishError         a publish was not confirmed (unroutable, nacked, timed out)
     ├── MessageDecodeError       a message on the wire does not follow the protocol
+    │   └── InvalidEvent         a bus event does not fit the event model a saga declared
     └── ParticipantError         raised by a step handler to fail its step with a code
         └── RetryableError       ... and to ask the orchestrator to retry it
 """
@@ -31,6 +32,7 @@ __all__ = [
     "DefinitionChanged",
     "DuplicateMessage",
     "InvalidDefinition",
+    "InvalidEvent",
     "InvalidOperation",
     "InvalidSagaData",
     "MessageDecodeError",
@@ -264,6 +266,14 @@ class PublishError(TransportError):
 
 class MessageDecodeError(SagaError):
     """A message on the wire does not follow the sagas protocol (docs/protocol.md)."""
+
+
+class InvalidEvent(MessageDecodeError):  # noqa: N818
+    """A bus event does not fit the event model a saga declared (or yields no usable saga id).
+
+    The event is dead-lettered (never retried: it cannot get better); the message names the
+    saga type, the event and each failing field.
+    """
 
 
 class ParticipantError(SagaError):

@@ -14,7 +14,10 @@ from sagas_abstractions.enums import StepKind
 from sagas_abstractions.models import ErrorInfo
 
 __all__ = [
+    "Cancel",
     "Compensate",
+    "EventInput",
+    "EventReceived",
     "OperatorInput",
     "Resolve",
     "RetryCompensation",
@@ -79,6 +82,33 @@ class RetryDue(_StepInput):
     attempt: int = Field(ge=0)
 
 
+class EventReceived(BaseModel):
+    """A bus event that a wait step of the saga waits for arrived.
+
+    If the saga waits at that step, the step succeeds with the event's data; if the step has
+    not begun yet, the event is kept on the step and applied when the saga gets there.
+    """
+
+    model_config = _FROZEN
+
+    step: str
+    event: str
+    at: datetime
+    message_id: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class Cancel(BaseModel):
+    """A bus event cancelled the saga: a running saga compensates what it has done."""
+
+    model_config = _FROZEN
+
+    event: str
+    at: datetime
+    message_id: str | None = None
+    reason: str = ""
+
+
 class SagaTimeout(BaseModel):
     """The saga-level deadline passed while the saga was still running forward."""
 
@@ -109,4 +139,15 @@ class Resolve(_OperatorInput):
 
 StepInput = StepSucceeded | StepFailed | Timeout | RetryDue
 OperatorInput = Compensate | RetryCompensation | Resolve
-SagaInput = Start | StepSucceeded | StepFailed | Timeout | RetryDue | SagaTimeout | OperatorInput
+EventInput = EventReceived | Cancel
+SagaInput = (
+    Start
+    | StepSucceeded
+    | StepFailed
+    | Timeout
+    | RetryDue
+    | SagaTimeout
+    | OperatorInput
+    | EventReceived
+    | Cancel
+)

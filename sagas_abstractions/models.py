@@ -42,6 +42,8 @@ class StepState(BaseModel):
         error: The last error of this step (execution or compensation).
         started_at: When the first attempt was sent.
         finished_at: When the step reached its last status.
+        early_event: For a step that waits for a bus event: the event's data when it arrived
+            before the step began; the step succeeds with it as soon as it begins.
     """
 
     model_config = _FROZEN
@@ -54,6 +56,7 @@ class StepState(BaseModel):
     error: ErrorInfo | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    early_event: dict[str, Any] | None = None
 
 
 class SagaInstance(BaseModel):

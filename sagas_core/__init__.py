@@ -7,7 +7,15 @@ This package never imports a broker client or a database driver: those live in
 from sagas_core.builder import SagaBuilder, StepBuilder, local_destination
 from sagas_core.circuit import CircuitBreaker, CircuitState
 from sagas_core.clock import SystemClock
-from sagas_core.definition import ActionKind, ActionSpec, SagaDefinition, StepDefinition
+from sagas_core.definition import (
+    ActionKind,
+    ActionSpec,
+    EventRole,
+    EventTrigger,
+    MissingSagaPolicy,
+    SagaDefinition,
+    StepDefinition,
+)
 from sagas_core.di import (
     Dependencies,
     MessageScope,
@@ -17,6 +25,7 @@ from sagas_core.di import (
 )
 from sagas_core.embedded import close_store, open_store
 from sagas_core.engine import Decision, decide, due_input
+from sagas_core.events import EventOutcome, event_envelope
 from sagas_core.host import SagaHost, SagaHostBuilder, load_host
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, SagaRegistry, reply_queue
 from sagas_core.participant import (
@@ -54,12 +63,16 @@ __all__ = [
     "CommandContext",
     "Decision",
     "Dependencies",
+    "EventOutcome",
+    "EventRole",
+    "EventTrigger",
     "ExponentialBackoff",
     "FixedBackoff",
     "IdempotencyStore",
     "InMemoryIdempotencyStore",
     "MessageScope",
     "MissingDependency",
+    "MissingSagaPolicy",
     "Orchestrator",
     "OrphanReplyPolicy",
     "OutboxRelay",
@@ -85,6 +98,7 @@ __all__ = [
     "close_store",
     "decide",
     "due_input",
+    "event_envelope",
     "exponential",
     "fixed",
     "load_host",

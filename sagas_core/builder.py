@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Generic, NoReturn, TypeVar
@@ -37,10 +37,15 @@ from sagas_abstractions import InvalidDefinition, StepKind
 from sagas_core.definition import (
     ActionKind,
     ActionSpec,
+    EventDataBuilder,
+    EventRole,
+    EventTrigger,
+    MissingSagaPolicy,
     PayloadBuilder,
     ReplyMerger,
     SagaDefinition,
     StepDefinition,
+    event_name,
     fingerprint_of,
 )
 from sagas_core.retry import Backoff, ExponentialBackoff, RetryPolicy
@@ -52,6 +57,15 @@ C = TypeVar("C", bound=BaseModel)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,99}$")
 _DESTINATION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,199}$")
+_MAX_TOPIC = 200
+_TOPIC = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
+
+SagaIds = str | Callable[[Any], str | Iterable[str]]
+"""How an event names its saga(s): a field of the event, or a callable ``event -> id(s)``."""
+
+EventData = Callable[[Any], BaseModel | Mapping[str, Any]] | Mapping[str, str] | None
+"""How an event becomes saga data: ``None`` takes fields of the same name, a mapping
+``{data_field: event_field}`` renames some, a callable ``event -> data`` builds it."""
 
 DEFAULT_COMPENSATION_RETRY = RetryPolicy(
     attempts=5, backoff=ExponentialBackoff(initial=0.5, maximum=30.0)
@@ -86,6 +100,18 @@ class _ActionDraft:
 
 
 @dataclass
+class _TriggerDraft:
+    role: EventRole
+    event: type[BaseModel]
+    saga_id: SagaIds
+    name: str | None
+    topic: str | None
+    missing: MissingSagaPolicy | str | None
+    data: EventData
+    step: str | None = None
+
+
+@dataclass
 class _StepDraft:
     name: str
     action: _ActionDraft | None = None
@@ -94,6 +120,7 @@ class _StepDraft:
     retry: RetryPolicy | None = None
     merge: Any = None
     reply_model: type[BaseModel] | None = None
+    wait: _TriggerDraft | None = None
     problems: list[InvalidDefinition] = field(default_factory=list)
 
 
@@ -111,6 +138,8 @@ class SagaBuilder(Generic[D]):
         self._steps: list[_StepDraft] = []
         self._saga_timeout: timedelta | None = None
         self._problems: list[InvalidDefinition] = []
+        self._triggers: list[_TriggerDraft] = []
+        self._missing: MissingSagaPolicy | str = MissingSagaPolicy.IGNORE
 
     @property
     def name(self) -> str:
@@ -142,6 +171,69 @@ class SagaBuilder(Generic[D]):
             self._problem(f"saga timeout must be positive, got {duration.total_seconds()}s")
         self._saga_timeout = duration
         return self
+
+    def starts_on(
+        self,
+        event: type[BaseModel],
+        *,
+        saga_id: SagaIds,
+        data: EventData = None,
+        name: str | None = None,
+        topic: str | None = None,
+    ) -> SagaBuilder[D]:
+        """Start a saga when ``event`` arrives on the bus.
+
+        The saga's id comes from the event, so a duplicate (or a second event with the same
+        id) finds the saga already there and starts nothing.
+
+        Args:
+            event: The event's pydantic model; the message body must fit it.
+            saga_id: The field of the event that holds the saga id, or a callable
+                ``event -> id`` (or several ids: one saga each).
+            data: How to build the saga data from the event (see :data:`EventData`).
+            name: The event's name (its class name by default).
+            topic: The routing key it is published with (the name by default).
+        """
+        self._triggers.append(
+            _TriggerDraft(EventRole.START, event, saga_id, name, topic, None, data)
+        )
+        return self
+
+    def cancel_on(
+        self,
+        event: type[BaseModel],
+        *,
+        saga_id: SagaIds,
+        name: str | None = None,
+        topic: str | None = None,
+        missing: MissingSagaPolicy | str | None = None,
+    ) -> SagaBuilder[D]:
+        """Compensate a running saga when ``event`` arrives (ignored once it has finished).
+
+        Args:
+            event: The event's pydantic model.
+            saga_id: The event field holding the saga id, or a callable ``event -> id(s)``.
+            name: The event's name (its class name by default).
+            topic: The routing key it is published with (the name by default).
+            missing: When no such saga exists: ``"ignore"`` or ``"dead-letter"`` (the saga's
+                :meth:`when_missing` policy by default).
+        """
+        self._triggers.append(
+            _TriggerDraft(EventRole.CANCEL, event, saga_id, name, topic, missing, None)
+        )
+        return self
+
+    def when_missing(self, policy: MissingSagaPolicy | str) -> SagaBuilder[D]:
+        """Choose what an event does when the saga it correlates to does not exist.
+
+        ``"ignore"`` (the default: a log line), ``"dead-letter"`` or ``"start"``. Applies to
+        ``wait_for`` and ``cancel_on`` events that do not set ``missing=``.
+        """
+        self._missing = policy
+        return self
+
+    def _add_wait(self, draft: _TriggerDraft) -> None:
+        self._triggers.append(draft)
 
     def compensate_with(self, *_args: object, **_kwargs: object) -> NoReturn:
         """Always raises: a compensation belongs to a step, so call it after ``.step(...)``."""
@@ -189,6 +281,9 @@ class SagaBuilder(Generic[D]):
             step = _StepCompiler(self._name, self._data, draft, index, problems).compile()
             if step is not None:
                 steps.append(step)
+        triggers = _TriggerCompiler(self._name, self._data, self._missing, problems).compile(
+            self._triggers
+        )
         if problems:
             first = problems[0]
             if len(problems) > 1:
@@ -226,6 +321,7 @@ class SagaBuilder(Generic[D]):
             steps=tuple(steps),
             saga_timeout=self._saga_timeout,
             fingerprint=fingerprint_of(description),
+            triggers=triggers,
         )
 
 
@@ -277,6 +373,42 @@ class StepBuilder(Generic[D]):
         if self._draft.action is not None:
             self._problem("a step has one action: .send() or .run() was already called")
         self._draft.action = _ActionDraft(target=handler, destination=None, mapper=None)
+        return self
+
+    def wait_for(
+        self,
+        event: type[BaseModel],
+        *,
+        saga_id: SagaIds,
+        name: str | None = None,
+        topic: str | None = None,
+        missing: MissingSagaPolicy | str | None = None,
+        data: EventData = None,
+    ) -> StepBuilder[D]:
+        """Make this a step that sends nothing and waits for ``event`` on the bus.
+
+        The event's fields are merged into the saga data like a reply's (see :meth:`merge`).
+        An event that arrives before the saga reaches this step is kept and completes the step
+        as soon as it begins. With :meth:`timeout`, a step still waiting compensates the saga.
+
+        Args:
+            event: The event's pydantic model.
+            saga_id: The event field holding the saga id, or a callable ``event -> id(s)``.
+            name: The event's name (its class name by default).
+            topic: The routing key it is published with (the name by default).
+            missing: When no such saga exists: ``"ignore"``, ``"dead-letter"`` or ``"start"``
+                (start the saga from the event's data, then apply the event); the saga's
+                :meth:`SagaBuilder.when_missing` policy by default.
+            data: For ``missing="start"``: how to build the saga data from the event.
+        """
+        if self._draft.action is not None:
+            self._problem("a step has one action: .send(), .run() or .wait_for() was already set")
+        trigger = _TriggerDraft(
+            EventRole.ADVANCE, event, saga_id, name, topic, missing, data, step=self._draft.name
+        )
+        self._draft.action = _ActionDraft(target=event, destination=None, mapper=None)
+        self._draft.wait = trigger
+        self._saga._add_wait(trigger)  # noqa: SLF001 - the builders are one unit
         return self
 
     def compensate_with(
@@ -380,6 +512,22 @@ class StepBuilder(Generic[D]):
         """See :meth:`SagaBuilder.saga_timeout`."""
         return self._saga.saga_timeout(value, seconds=seconds, minutes=minutes, hours=hours)
 
+    def cancel_on(
+        self,
+        event: type[BaseModel],
+        *,
+        saga_id: SagaIds,
+        name: str | None = None,
+        topic: str | None = None,
+        missing: MissingSagaPolicy | str | None = None,
+    ) -> SagaBuilder[D]:
+        """See :meth:`SagaBuilder.cancel_on`."""
+        return self._saga.cancel_on(event, saga_id=saga_id, name=name, topic=topic, missing=missing)
+
+    def when_missing(self, policy: MissingSagaPolicy | str) -> SagaBuilder[D]:
+        """See :meth:`SagaBuilder.when_missing`."""
+        return self._saga.when_missing(policy)
+
     def build(self) -> SagaDefinition:
         """See :meth:`SagaBuilder.build`."""
         return self._saga.build()
@@ -421,7 +569,10 @@ class _StepCompiler:
         if not _is_model(self.data):
             return None
         retry = draft.retry or RetryPolicy(attempts=1)
-        action = self.action(draft.action, StepKind.EXECUTE, None, draft.timeout, retry)
+        if draft.wait is not None:
+            action = self.wait_action(draft.wait, draft.timeout)
+        else:
+            action = self.action(draft.action, StepKind.EXECUTE, None, draft.timeout, retry)
         compensation = None
         if draft.compensation is not None:
             compensation = self.action(
@@ -441,6 +592,24 @@ class _StepCompiler:
             compensation=compensation,
             merge=merge,
             reply_model=draft.reply_model,
+        )
+
+    def wait_action(self, trigger: _TriggerDraft, timeout: timedelta | None) -> ActionSpec | None:
+        if self.draft.retry is not None:
+            self.problem("a step that waits for an event cannot be retried: there is no command")
+        if self.draft.compensation is not None:
+            self.problem("a step that waits for an event has nothing to compensate")
+        if not _is_model(trigger.event):
+            return None  # reported by the trigger compiler
+        name = trigger.name or event_name(trigger.event)
+        return ActionSpec(
+            kind=ActionKind.WAIT,
+            command_type=name,
+            destination=trigger.topic or name,
+            build_payload=_no_payload,
+            timeout=timeout,
+            retry=RetryPolicy(attempts=1),
+            command_model=trigger.event,
         )
 
     def action(
@@ -560,6 +729,202 @@ class _StepCompiler:
             return _CallableMerger(merge)
         self.problem(f"merge must be a mapping or a callable, got {merge!r}")
         return None
+
+
+class _TriggerCompiler:
+    """Turns trigger drafts into EventTriggers, reporting problems instead of raising."""
+
+    def __init__(
+        self,
+        saga: str,
+        data: type[BaseModel],
+        default_missing: MissingSagaPolicy | str,
+        problems: list[InvalidDefinition],
+    ) -> None:
+        self.saga = saga
+        self.data = data
+        self.problems = problems
+        self.default_missing = self.policy(default_missing, None, None)
+
+    def problem(self, message: str, *, step: str | None = None, field: str | None = None) -> None:
+        self.problems.append(
+            InvalidDefinition(message, saga_type=self.saga, step=step, field=field)
+        )
+
+    def policy(
+        self, value: MissingSagaPolicy | str | None, step: str | None, event: str | None
+    ) -> MissingSagaPolicy | None:
+        if value is None:
+            return None
+        try:
+            return MissingSagaPolicy(value)
+        except ValueError:
+            allowed = ", ".join(repr(p.value) for p in MissingSagaPolicy)
+            where = f" for event {event}" if event else ""
+            self.problem(
+                f"missing-saga policy{where} must be one of {allowed}, got {value!r}", step=step
+            )
+            return None
+
+    def compile(self, drafts: list[_TriggerDraft]) -> tuple[EventTrigger, ...]:
+        triggers: list[EventTrigger] = []
+        seen: dict[str, EventRole] = {}
+        for draft in drafts:
+            trigger = self.trigger(draft)
+            if trigger is None:
+                continue
+            if trigger.topic in seen:
+                self.problem(
+                    f"event topic {trigger.topic!r} is already used by this saga "
+                    f"({seen[trigger.topic].value}): one role per event",
+                    step=draft.step,
+                )
+                continue
+            seen[trigger.topic] = trigger.role
+            triggers.append(trigger)
+        return tuple(triggers)
+
+    def trigger(self, draft: _TriggerDraft) -> EventTrigger | None:
+        event = draft.event
+        if not _is_model(event):
+            self.problem(
+                f"event must be a pydantic BaseModel subclass, got {event!r}", step=draft.step
+            )
+            return None
+        name = draft.name or event_name(event)
+        topic = draft.topic or name
+        if not _TOPIC.match(topic) or len(topic) > _MAX_TOPIC:
+            self.problem(
+                "event topic must be words of letters, digits, '-' or '_' separated by '.' "
+                f"(no wildcards); got {topic!r}",
+                step=draft.step,
+            )
+            return None
+        saga_ids = self.saga_ids(event, draft)
+        if draft.role is EventRole.START:
+            missing: MissingSagaPolicy | None = MissingSagaPolicy.START
+        else:
+            missing = self.policy(draft.missing, draft.step, name) or self.default_missing
+        if missing is None:
+            return None
+        if missing is MissingSagaPolicy.START and draft.role is EventRole.CANCEL:
+            self.problem(
+                f"cancel_on({name}) cannot start a saga: use missing='ignore' or 'dead-letter'",
+                step=draft.step,
+            )
+            return None
+        build_data = None
+        if missing is MissingSagaPolicy.START:
+            build_data = self.data_builder(event, draft)
+            if build_data is None:
+                return None
+        elif draft.data is not None:
+            self.problem(
+                f"data= for event {name} is only used to start a saga (missing='start')",
+                step=draft.step,
+            )
+        if saga_ids is None:
+            return None
+        return EventTrigger(
+            role=draft.role,
+            name=name,
+            topic=topic,
+            model=event,
+            saga_ids=saga_ids,
+            missing=missing,
+            build_data=build_data,
+            step=draft.step,
+        )
+
+    def saga_ids(self, event: type[BaseModel], draft: _TriggerDraft) -> Any:
+        saga_id = draft.saga_id
+        if isinstance(saga_id, str):
+            if saga_id not in event.model_fields:
+                self.problem(
+                    f"saga_id names {saga_id!r}, which is not a field of {event.__name__}",
+                    step=draft.step,
+                    field=saga_id,
+                )
+                return None
+            return _FieldIds(saga_id)
+        if callable(saga_id):
+            return saga_id
+        self.problem(  # type: ignore[unreachable] # guards callers without a type checker
+            f"saga_id must be an event field name or a callable, got {saga_id!r}",
+            step=draft.step,
+        )
+        return None
+
+    def data_builder(self, event: type[BaseModel], draft: _TriggerDraft) -> EventDataBuilder | None:
+        mapper = draft.data
+        if callable(mapper) and not isinstance(mapper, Mapping):
+            return _CallableEventData(mapper)
+        renames: dict[str, str] = {}
+        if mapper is not None:
+            if not isinstance(mapper, Mapping):
+                self.problem(  # type: ignore[unreachable] # guards callers without a type checker
+                    f"data must be a mapping or a callable, got {mapper!r}", step=draft.step
+                )
+                return None
+            for data_field, event_field in mapper.items():
+                if data_field not in self.data.model_fields:
+                    self.problem(
+                        f"data writes {data_field!r}, which is not a field of {self.data.__name__}",
+                        step=draft.step,
+                        field=data_field,
+                    )
+                if event_field not in event.model_fields:
+                    self.problem(
+                        f"data reads {event_field!r}, which is not a field of {event.__name__}",
+                        step=draft.step,
+                        field=event_field,
+                    )
+                renames[data_field] = event_field
+        sources: dict[str, str] = {}
+        for name, info in self.data.model_fields.items():
+            source = renames.get(name, name)
+            if source in event.model_fields:
+                sources[name] = source
+            elif info.is_required():
+                self.problem(
+                    f"{self.data.__name__}.{name} is required but {event.__name__} has no field "
+                    f"{source!r}: pass data={{'{name}': '<event field>'}} or a callable",
+                    step=draft.step,
+                    field=name,
+                )
+        return _FieldEventData(sources)
+
+
+def _no_payload(_: BaseModel) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldIds:
+    field: str
+
+    def __call__(self, event: BaseModel) -> str:
+        return str(getattr(event, self.field))
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldEventData:
+    sources: dict[str, str]
+
+    def __call__(self, event: BaseModel) -> dict[str, Any]:
+        dumped = event.model_dump(mode="json")
+        return {name: dumped[source] for name, source in self.sources.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class _CallableEventData:
+    build: Callable[[Any], BaseModel | Mapping[str, Any]]
+
+    def __call__(self, event: BaseModel) -> dict[str, Any]:
+        result = self.build(event)
+        if isinstance(result, BaseModel):
+            return result.model_dump(mode="json")
+        return dict(result)
 
 
 def _describe_merge(merge: object) -> object:

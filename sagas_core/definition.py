@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -21,11 +21,15 @@ if TYPE_CHECKING:
 __all__ = [
     "ActionKind",
     "ActionSpec",
+    "EventRole",
+    "EventTrigger",
     "LocalHandler",
+    "MissingSagaPolicy",
     "PayloadBuilder",
     "ReplyMerger",
     "SagaDefinition",
     "StepDefinition",
+    "event_name",
 ]
 
 PayloadBuilder = Callable[[BaseModel], dict[str, Any]]
@@ -46,6 +50,8 @@ class ActionKind(StrEnum):
     LOCAL = "local"
     """An async callable run by the worker itself (routed through the bus all the same, so it is
     as durable as a remote step)."""
+    WAIT = "wait"
+    """Nothing is sent: the step waits for a bus event (``wait_for``) to complete it."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -126,6 +132,9 @@ class SagaDefinition:
         saga_timeout: Deadline for the whole saga to finish its forward steps, if any.
         fingerprint: Stable hash of the definition's shape; stored on every instance so a
             changed definition under in-flight sagas is detected.
+        triggers: The bus events the saga reacts to (start, wait steps, cancellation). They
+            are not part of the fingerprint: adding a ``cancel_on`` does not park running
+            sagas.
     """
 
     name: str
@@ -133,6 +142,12 @@ class SagaDefinition:
     steps: tuple[StepDefinition, ...]
     saga_timeout: timedelta | None
     fingerprint: str
+    triggers: tuple[EventTrigger, ...] = ()
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The distinct topics of the saga's event triggers, in declaration order."""
+        return tuple(dict.fromkeys(trigger.topic for trigger in self.triggers))
 
     def step(self, name: str) -> StepDefinition | None:
         """The step called ``name``, or ``None``."""
@@ -170,6 +185,79 @@ class SagaDefinition:
                 if spec is not None and spec.kind is ActionKind.LOCAL:
                     found.append((step, kind, spec))
         return tuple(found)
+
+
+class EventRole(StrEnum):
+    """What a bus event does to the sagas it correlates to."""
+
+    START = "start"
+    """Starts a saga (``starts_on``); a duplicate finds the saga already there and does nothing."""
+    ADVANCE = "advance"
+    """Completes a step that waits for it (``wait_for``)."""
+    CANCEL = "cancel"
+    """Sends a running saga into compensation (``cancel_on``)."""
+
+
+class MissingSagaPolicy(StrEnum):
+    """What happens to an event that should correlate to a saga when no such saga exists."""
+
+    IGNORE = "ignore"
+    """Log a line and acknowledge the event."""
+    DEAD_LETTER = "dead-letter"
+    """Park the event in the dead-letter queue for a human."""
+    START = "start"
+    """Start the saga from the event's data, then apply the event to it."""
+
+
+SagaIdsOf = Callable[[BaseModel], str | Iterable[str]]
+"""Derives the id(s) of the saga(s) an event belongs to from the event."""
+
+EventDataBuilder = Callable[[BaseModel], dict[str, Any]]
+"""Builds saga data (JSON-compatible) from an event, to start a saga with."""
+
+
+def event_name(model: type[BaseModel]) -> str:
+    """The name of an event model on the wire: its class name."""
+    return model.__name__
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class EventTrigger:
+    """A bus event a saga definition reacts to.
+
+    Attributes:
+        role: Start a saga, complete a waiting step, or cancel a saga.
+        name: The event's name (the model's class name unless declared).
+        topic: The routing key the event is published with (on RabbitMQ: on the events
+            exchange); the name by default.
+        model: The event's pydantic model; the message body must fit it.
+        saga_ids: The id(s) of the saga(s) the event belongs to.
+        missing: What happens when a correlated saga does not exist (``START`` for start
+            events).
+        build_data: Saga data from the event, for ``START`` (``None`` when the event cannot
+            start a saga).
+        step: For ``ADVANCE``: the step that waits for the event.
+    """
+
+    role: EventRole
+    name: str
+    topic: str
+    model: type[BaseModel]
+    saga_ids: SagaIdsOf
+    missing: MissingSagaPolicy
+    build_data: EventDataBuilder | None = None
+    step: str | None = None
+
+    def ids(self, event: BaseModel) -> list[str]:
+        """The saga ids ``event`` correlates to, in order, without repeats or empty ids."""
+        found = self.saga_ids(event)
+        values = [found] if isinstance(found, str) else list(found)
+        unique: dict[str, None] = {}
+        for value in values:
+            text = str(value)
+            if text:
+                unique.setdefault(text, None)
+        return list(unique)
 
 
 def describe_validation(exc: ValidationError) -> str:

@@ -23,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ValidationError
 
 from sagas_abstractions import (
+    Cancel,
     CommandMessage,
     Compensate,
     DeadLetterMessage,
     ErrorInfo,
     EventKind,
+    EventReceived,
     HistoryEntry,
     InvalidOperation,
     InvalidSagaData,
@@ -50,7 +52,7 @@ from sagas_abstractions import (
     UnknownSagaType,
     WaitKind,
 )
-from sagas_core.definition import describe_validation
+from sagas_core.definition import ActionKind, describe_validation
 from sagas_core.retry import TIMEOUT_CODE
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
     from sagas_core.definition import ActionSpec, SagaDefinition, StepDefinition
 
 __all__ = [
+    "CANCELLED_CODE",
     "INVALID_PAYLOAD_CODE",
     "INVALID_REPLY_CODE",
     "OPERATOR_CODE",
@@ -80,6 +83,9 @@ INVALID_REPLY_CODE = "invalid_reply"
 INVALID_PAYLOAD_CODE = "invalid_command_payload"
 """Error code recorded when a command could not be built from the saga data."""
 OPERATOR_CODE = "operator_compensate"
+"""Error code of a saga an operator sent into compensation."""
+CANCELLED_CODE = "cancelled_by_event"
+"""Error code of a saga a bus event (``cancel_on``) sent into compensation."""
 """Error code recorded when an operator compensates a running saga."""
 
 _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
@@ -333,6 +339,10 @@ def _history(
         step, attempt, kind, message_id = event.step, event.attempt, event.kind, event.message_id
     elif isinstance(event, Compensate | RetryCompensation | Resolve):
         actor = event.actor
+    elif isinstance(event, EventReceived):
+        step, message_id, actor = event.step, event.message_id, f"event:{event.event}"
+    elif isinstance(event, Cancel):
+        message_id, actor = event.message_id, f"event:{event.event}"
     return HistoryEntry(
         saga_id=instance.saga_id,
         version=version,
@@ -422,6 +432,10 @@ class _Transition:
             return _ignored(self.before, event, f"saga is {self.status.value}")
         if isinstance(event, SagaTimeout):
             return self.saga_timeout(event)
+        if isinstance(event, Cancel):
+            return self.cancelled(event)
+        if isinstance(event, EventReceived):
+            return self.event_received(event)
         if isinstance(event, Start):  # pragma: no cover - handled by decide()
             return _ignored(self.before, event, "saga already started", outcome="duplicate")
         index = self.index_of(event.step)
@@ -443,7 +457,7 @@ class _Transition:
         if isinstance(event, StepSucceeded):
             if self.wait is WaitKind.RETRY and not self.last_attempt_timed_out(index):
                 return _ignored(self.before, event, "attempt already failed")
-            return self.succeeded(index, event)
+            return self.succeeded(index, event.data)
         if isinstance(event, StepFailed):
             if self.wait is not WaitKind.REPLY:
                 return _ignored(self.before, event, "attempt already failed")
@@ -485,20 +499,25 @@ class _Transition:
 
     # ------------------------------------------------------------------ step outcomes
 
-    def succeeded(self, index: int, event: StepSucceeded) -> Decision:
+    def succeeded(self, index: int, data: Mapping[str, Any]) -> Decision:
+        self.complete(index, data)
+        return self.finish()
+
+    def complete(self, index: int, data: Mapping[str, Any]) -> None:
+        """The current step (or its compensation) succeeded with ``data``: move on."""
         step_def = self.definition.steps[index]
         if self.kind is StepKind.COMPENSATE:
             self.update_step(index, status=StepStatus.COMPENSATED, finished_at=self.at)
             self.emit(EventKind.STEP_COMPENSATED, step=step_def.name)
             self.next_compensation(index - 1)
-            return self.finish()
-        merged = self.merge(step_def, event.data)
+            return
+        merged = self.merge(step_def, dict(data))
         if isinstance(merged, ErrorInfo):
             # The participant did apply its effect: record it as applied, then compensate it too.
             self.update_step(
                 index,
                 status=StepStatus.SUCCEEDED,
-                result=dict(event.data),
+                result=dict(data),
                 error=merged,
                 finished_at=self.at,
             )
@@ -506,17 +525,54 @@ class _Transition:
             self.emit(EventKind.STEP_FAILED, step=step_def.name, error=merged)
             self.error = merged
             self.begin_compensation()
-            return self.finish()
+            return
         self.data = merged
         self.update_step(
             index,
             status=StepStatus.SUCCEEDED,
-            result=dict(event.data),
+            result=dict(data),
             error=None,
             finished_at=self.at,
         )
         self.emit(EventKind.STEP_COMPLETED, step=step_def.name)
         self.begin_step(index + 1)
+
+    # ------------------------------------------------------------------ bus events
+
+    def event_received(self, event: EventReceived) -> Decision:
+        """The event a wait step waits for: complete the step now, or keep it for later."""
+        index = self.index_of(event.step)
+        if index is None:
+            return _ignored(self.before, event, f"unknown step {event.step!r}")
+        if self.definition.steps[index].action.kind is not ActionKind.WAIT:
+            return _ignored(self.before, event, f"step {event.step!r} does not wait for an event")
+        if self.status is not SagaStatus.RUNNING:
+            return _ignored(self.before, event, f"saga is {self.status.value}")
+        state = self.steps[index]
+        if index == self.current and self.wait is WaitKind.REPLY:
+            self.reason = f"{event.event} arrived"
+            return self.succeeded(index, event.data)
+        if index > self.current and state.status is StepStatus.PENDING:
+            if state.early_event is not None:
+                return _ignored(
+                    self.before, event, f"an earlier {event.event} is already kept for this step"
+                )
+            # Arrived before the saga got to the step: keep it; the step completes on arrival.
+            self.update_step(index, early_event=dict(event.data))
+            self.reason = f"{event.event} arrived early: kept until step {event.step!r} begins"
+            return self.finish()
+        return _ignored(self.before, event, f"step {event.step!r} is {state.status.value}")
+
+    def cancelled(self, event: Cancel) -> Decision:
+        """A cancelling event: a running saga compensates; any other ignores it."""
+        if self.status is not SagaStatus.RUNNING:
+            return _ignored(self.before, event, f"saga is {self.status.value}")
+        self.error = ErrorInfo(
+            code=CANCELLED_CODE,
+            message=f"cancelled by {event.event}" + (f": {event.reason}" if event.reason else ""),
+        )
+        self.reason = self.error.message
+        self.begin_compensation()
         return self.finish()
 
     def merge(self, step_def: StepDefinition, reply: dict[str, Any]) -> dict[str, Any] | ErrorInfo:
@@ -619,7 +675,7 @@ class _Transition:
             self.status = SagaStatus.COMPENSATING
             self.error = None
             self.reason = "late reply to the last compensation attempt"
-            return self.succeeded(index, event)
+            return self.succeeded(index, event.data)
         return _ignored(self.before, event, "saga is failed: waiting for an operator")
 
     # ------------------------------------------------------------------ operator actions
@@ -680,6 +736,9 @@ class _Transition:
         made = state.attempts if kind is StepKind.EXECUTE else state.compensation_attempts
         if new_round:
             self.attempt_base = made
+        if spec.kind is ActionKind.WAIT:
+            self.wait_for_event(index, made + 1)
+            return
         reopens = self.circuits.get(spec.destination)
         if reopens is not None and reopens > self.at:
             # The destination's circuit is open: wait for it without using an attempt.
@@ -728,6 +787,23 @@ class _Transition:
                 self.park(index, error)
             return
         self.commands.append(self.command(step_def, spec, kind, attempt, payload))
+
+    def wait_for_event(self, index: int, attempt: int) -> None:
+        """Begin a step that waits for a bus event (no command); complete it if it came early."""
+        state = self.steps[index]
+        spec = self.spec(index, StepKind.EXECUTE)
+        self.attempt = attempt
+        self.update_step(
+            index,
+            status=StepStatus.RUNNING,
+            attempts=attempt,
+            started_at=state.started_at or self.at,
+            early_event=None,
+        )
+        self.wait = WaitKind.REPLY
+        self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
+        if state.early_event is not None:
+            self.complete(index, state.early_event)
 
     def command(
         self,

@@ -16,19 +16,22 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel
 
 from sagas_abstractions import (
+    Cancel,
     Compensate,
     ConcurrencyConflict,
     DefinitionChanged,
     DuplicateMessage,
     Envelope,
     ErrorInfo,
+    EventReceived,
     HistoryEntry,
     InboxEntry,
+    InvalidEvent,
     InvalidSagaData,
     MessageDecodeError,
     ReplyMessage,
@@ -55,6 +58,7 @@ from sagas_core.codec import (
     encode_dead_letter,
     encode_event,
 )
+from sagas_core.definition import EventRole, MissingSagaPolicy
 from sagas_core.engine import (
     Decision,
     decide,
@@ -62,6 +66,7 @@ from sagas_core.engine import (
     parked,
     resolved_without_definition,
 )
+from sagas_core.events import EventOutcome, EventRoutes, event_inbox_id, parse_event
 from sagas_core.telemetry import Telemetry
 
 if TYPE_CHECKING:
@@ -70,7 +75,7 @@ if TYPE_CHECKING:
 
     from sagas_abstractions import Clock
     from sagas_core.circuit import CircuitBreaker
-    from sagas_core.definition import SagaDefinition
+    from sagas_core.definition import EventTrigger, SagaDefinition
 
 __all__ = [
     "CommitListener",
@@ -87,6 +92,8 @@ DEFAULT_DEADLINE_LEASE = timedelta(seconds=5)
 
 _UNDECIDABLE = (InvalidSagaData, UnknownSagaType, DefinitionChanged)
 """What keeps the orchestrator from deciding a stored saga: it parks that saga instead."""
+
+_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 CommitListener = Callable[[Sequence[SagaInstance]], None]
 """Called (synchronously) with the sagas of every committed unit of work."""
@@ -151,6 +158,16 @@ class SagaRegistry:
         return len(self._definitions)
 
 
+class _EventDelivery(NamedTuple):
+    """One delivered event as one trigger of one definition sees it."""
+
+    envelope: Envelope
+    definition: SagaDefinition
+    trigger: EventTrigger
+    event: BaseModel
+    outcome: EventOutcome
+
+
 class Orchestrator:
     """Starts sagas and applies replies, timeouts and operator actions to them.
 
@@ -200,6 +217,7 @@ class Orchestrator:
         self.conflicts = 0
         self._listeners: list[CommitListener] = []
         self._changed = asyncio.Event()
+        self._routes: tuple[int, EventRoutes] | None = None
 
     def add_listener(self, listener: CommitListener) -> None:
         """Call ``listener`` after every commit (used to wake the outbox relay and waiters)."""
@@ -226,13 +244,32 @@ class Orchestrator:
             InvalidSagaData: ``data`` does not fit the saga's data model (nothing is written).
             SagaAlreadyExists: ``saga_id`` belongs to a saga of another type.
         """
+        instance, _ = await self._start(
+            saga,
+            data,
+            saga_id=saga_id,
+            correlation_id=correlation_id,
+            trace_context=trace_context,
+        )
+        return instance
+
+    async def _start(
+        self,
+        saga: str | SagaDefinition,
+        data: BaseModel | Mapping[str, Any],
+        *,
+        saga_id: str | None,
+        correlation_id: str | None,
+        trace_context: Mapping[str, str] | None,
+    ) -> tuple[SagaInstance, bool]:
+        """Start a saga; also says whether this call created it (``False``: it existed)."""
         name = saga if isinstance(saga, str) else saga.name
         definition = self.registry.get(name)
         raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
         new_id = saga_id or self.id_factory()
         existing = await self.store.load(new_id)
         if existing is not None:
-            return self._existing(existing, definition)
+            return self._existing(existing, definition), False
         with self.telemetry.saga_start(name, new_id, trace_context) as span:
             event = Start(
                 saga_id=new_id,
@@ -250,12 +287,12 @@ class Orchestrator:
                 raced = await self.store.load(new_id)
                 if raced is None:
                     raise
-                return self._existing(raced, definition)
+                return self._existing(raced, definition), False
             self.telemetry.decided(span, decision)
             self._committed([decision.instance])
             self._observe_decision(decision)
         _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
-        return decision.instance
+        return decision.instance, True
 
     def _existing(self, existing: SagaInstance, definition: SagaDefinition) -> SagaInstance:
         if existing.saga_type != definition.name:
@@ -350,6 +387,126 @@ class Orchestrator:
                 saga_type=reply.saga_type,
                 step=reply.step,
             )
+
+    # ------------------------------------------------------------------ bus events
+
+    @property
+    def event_topics(self) -> tuple[str, ...]:
+        """Every topic a registered saga starts on, waits for or is cancelled by."""
+        return self._event_routes().topics
+
+    def _event_routes(self) -> EventRoutes:
+        if self._routes is None or self._routes[0] != len(self.registry):
+            self._routes = (len(self.registry), EventRoutes(self.registry))
+        return self._routes[1]
+
+    async def handle_event(self, envelope: Envelope) -> EventOutcome:
+        """Apply a bus event to every saga it starts, advances or cancels.
+
+        Idempotent per event and saga: a start finds the saga already there (its id comes from
+        the event), and an event applied to a saga is recorded in the inbox with the saga's
+        change, so a redelivery changes nothing.
+
+        Returns:
+            What the event did; when ``dead_letter`` is not empty the caller must park the
+            event in the dead-letter queue (the runtime does).
+        """
+        outcome = EventOutcome()
+        routes = self._event_routes().get(envelope.key)
+        if not routes:
+            _log.warning("event %s on topic %r: no saga listens", envelope.message_id, envelope.key)
+        for definition, trigger in routes:
+            try:
+                event, saga_ids = parse_event(envelope, definition, trigger)
+            except InvalidEvent as exc:
+                _log.error("dead-lettering event %s: %s", envelope.message_id, exc)
+                outcome.dead_letter.append(str(exc))
+                continue
+            delivery = _EventDelivery(envelope, definition, trigger, event, outcome)
+            for saga_id in saga_ids:
+                await self._event_to_saga(delivery, saga_id)
+        return outcome
+
+    async def _event_to_saga(self, delivery: _EventDelivery, saga_id: str) -> None:
+        envelope, definition, trigger, event, outcome = delivery
+        if trigger.role is EventRole.START:
+            await self._start_from_event(delivery, saga_id)
+            return
+        dumped = event.model_dump(mode="json")
+
+        def make(_: SagaInstance) -> SagaInput:
+            now = self.clock.now()
+            if trigger.role is EventRole.CANCEL:
+                return Cancel(event=trigger.name, at=now, message_id=envelope.message_id)
+            assert trigger.step is not None  # noqa: S101 - wait_for triggers name their step
+            return EventReceived(
+                step=trigger.step,
+                event=trigger.name,
+                at=now,
+                message_id=envelope.message_id,
+                data=dumped,
+            )
+
+        inbox = InboxEntry(self.consumer, event_inbox_id(envelope.message_id, saga_id))
+        try:
+            decision = await self._apply(saga_id, make, inbox=inbox, saga_type=definition.name)
+        except SagaNotFound:
+            await self._missing_saga(delivery, saga_id)
+            return
+        except _UNDECIDABLE as problem:
+            await self._park(saga_id, problem, inbox=inbox, message_id=envelope.message_id)
+            outcome.ignored.append(saga_id)
+            return
+        if decision is None or not decision.changed:
+            outcome.ignored.append(saga_id)
+        else:
+            outcome.applied.append(saga_id)
+
+    async def _missing_saga(self, delivery: _EventDelivery, saga_id: str) -> None:
+        envelope, definition, trigger, _, outcome = delivery
+        reason = (
+            f"event {trigger.name} (message {envelope.message_id}) for {definition.name} saga "
+            f"{saga_id}, which does not exist"
+        )
+        if trigger.missing is MissingSagaPolicy.START:
+            if await self._start_from_event(delivery, saga_id):
+                await self._event_to_saga(delivery, saga_id)  # then the event, as to any saga
+        elif trigger.missing is MissingSagaPolicy.DEAD_LETTER:
+            _log.warning("%s: dead-lettered", reason)
+            outcome.dead_letter.append(reason)
+        else:
+            _log.info("%s: ignored", reason)
+            outcome.ignored.append(saga_id)
+
+    async def _start_from_event(self, delivery: _EventDelivery, saga_id: str) -> bool:
+        """Start the saga the event names; ``False`` when the event was dead-lettered instead."""
+        envelope, definition, trigger, event, outcome = delivery
+        assert trigger.build_data is not None  # noqa: S101 - start triggers can build data
+        prefix = f"event {trigger.name} (message {envelope.message_id}) cannot start"
+        try:
+            data = trigger.build_data(event)
+        except Exception as exc:  # noqa: BLE001 - a user data function failed: it always will
+            reason = f"{prefix} {definition.name} saga {saga_id}: {type(exc).__name__}: {exc}"
+            _log.exception("dead-lettering: %s", reason)
+            outcome.dead_letter.append(reason)
+            return False
+        trace = {k: v for k, v in envelope.headers.items() if k in _TRACE_HEADERS}
+        try:
+            _, created = await self._start(
+                definition,
+                data,
+                saga_id=saga_id,
+                correlation_id=envelope.correlation_id,
+                trace_context=trace,
+            )
+        except (InvalidSagaData, SagaAlreadyExists) as exc:
+            reason = f"{prefix} it: {exc}"
+            _log.error("dead-lettering: %s", reason)
+            outcome.dead_letter.append(reason)
+            return False
+        # A duplicate (or a second event naming the same saga) never starts a second saga.
+        (outcome.started if created else outcome.ignored).append(saga_id)
+        return True
 
     # ------------------------------------------------------------------ deadlines
 

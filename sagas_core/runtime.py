@@ -23,6 +23,7 @@ from sagas_core.builder import local_destination
 from sagas_core.clock import SystemClock
 from sagas_core.codec import dead_lettered
 from sagas_core.di import Dependencies, Resolver, ScopedResolver
+from sagas_core.events import event_envelope
 from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
 from sagas_core.participant import Participant
 from sagas_core.relay import OutboxRelay
@@ -179,6 +180,12 @@ class SagaRuntime:
                 concurrency=self.concurrency,
             )
         )
+        for topic in self.orchestrator.event_topics:
+            self._subscriptions.append(
+                await self.bus.subscribe(
+                    RouteKind.EVENT, topic, self._on_event, concurrency=self.concurrency
+                )
+            )
         for participant in self.participants:
             self._subscriptions.append(
                 await participant.attach(self.bus, concurrency=self.concurrency)
@@ -217,6 +224,36 @@ class SagaRuntime:
             await self.bus.publish(
                 [dead_lettered(envelope, "reply for a saga that does not exist")]
             )
+
+    async def _on_event(self, envelope: Envelope) -> None:
+        outcome = await self.orchestrator.handle_event(envelope)
+        if outcome.dead_letter:
+            # Park the event for a human, then ack it: it can never succeed as it is.
+            await self.bus.publish([dead_lettered(envelope, "; ".join(outcome.dead_letter))])
+
+    async def publish_event(
+        self,
+        event: BaseModel,
+        *,
+        message_id: str,
+        topic: str | None = None,
+        correlation_id: str | None = None,
+    ) -> None:
+        """Publish a domain event on this runtime's bus (see ``event_envelope``).
+
+        Services usually publish their own events; this is for in-process publishers and tests.
+        """
+        await self.bus.publish(
+            [
+                event_envelope(
+                    event,
+                    message_id=message_id,
+                    topic=topic,
+                    correlation_id=correlation_id,
+                    at=self.clock.now(),
+                )
+            ]
+        )
 
     async def stop(self, *, grace: float = 10.0) -> None:
         """Stop consuming, let in-flight work finish, flush the outbox (bounded), stop tasks."""

@@ -46,8 +46,9 @@ from sagas_abstractions import (
     StepStatus,
 )
 from sagas_core.builder import local_destination
-from sagas_core.codec import decode_command, decode_event, encode_reply
+from sagas_core.codec import dead_lettered, decode_command, decode_event, encode_reply
 from sagas_core.di import Dependencies
+from sagas_core.events import EventOutcome, event_envelope
 from sagas_core.orchestrator import Orchestrator
 from sagas_core.participant import Participant
 from sagas_core.testing.clock import FakeClock
@@ -221,6 +222,33 @@ class SagaTestHarness:
         if run:
             await self.run_until_idle()
         return await self.orchestrator.get(instance.saga_id)
+
+    async def publish(
+        self,
+        event: BaseModel,
+        *,
+        message_id: str | None = None,
+        topic: str | None = None,
+        run: bool = True,
+    ) -> EventOutcome:
+        """Deliver a domain event as the bus would, then (by default) run until idle.
+
+        Publish the same ``message_id`` twice to test a duplicate delivery; an event the
+        orchestrator dead-letters lands in :attr:`dead_letters`.
+        """
+        self._sequence += 1
+        envelope = event_envelope(
+            event,
+            message_id=message_id or f"event-{self._sequence}",
+            topic=topic,
+            at=self.clock.now(),
+        )
+        outcome = await self.orchestrator.handle_event(envelope)
+        if outcome.dead_letter:
+            self.dead_letters.append(dead_lettered(envelope, "; ".join(outcome.dead_letter)))
+        if run:
+            await self.run_until_idle()
+        return outcome
 
     def _only_saga(self) -> str:
         names = [definition.name for definition in self.orchestrator.registry]

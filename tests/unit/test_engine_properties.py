@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from pydantic import BaseModel
 
 from sagas_abstractions import (
+    Cancel,
     CommandMessage,
     Compensate,
     ErrorInfo,
@@ -126,6 +127,7 @@ class Op(StrEnum):
     DUE = "due"
     OPERATOR_COMPENSATE = "operator_compensate"
     RETRY_COMPENSATION = "retry_compensation"
+    CANCEL_EVENT = "cancel_event"
 
 
 # Weighted so that sagas get far enough to compensate, park and be retried.
@@ -142,6 +144,7 @@ WEIGHTS = {
     Op.DUE: 3,
     Op.OPERATOR_COMPENSATE: 1,
     Op.RETRY_COMPENSATION: 1,
+    Op.CANCEL_EVENT: 1,
 }
 _operation = st.tuples(
     st.sampled_from([op for op, weight in WEIGHTS.items() for _ in range(weight)]),
@@ -385,6 +388,10 @@ class Driver:
             return
         if op is Op.OPERATOR_COMPENSATE:
             self.feed(Compensate(at=self.now, actor="op", reason="property test"))
+            return
+        if op is Op.CANCEL_EVENT:
+            # A cancelling bus event: compensates a running saga, ignored by any other.
+            self.feed(Cancel(event="Cancelled", at=self.now, message_id=f"event-{param}"))
             return
         self.feed(RetryCompensation(at=self.now, actor="op"))
 

@@ -415,16 +415,17 @@ class Orchestrator:
         routes = self._event_routes().get(envelope.key)
         if not routes:
             _log.warning("event %s on topic %r: no saga listens", envelope.message_id, envelope.key)
-        for definition, trigger in routes:
-            try:
-                event, saga_ids = parse_event(envelope, definition, trigger)
-            except InvalidEvent as exc:
-                _log.error("dead-lettering event %s: %s", envelope.message_id, exc)
-                outcome.dead_letter.append(str(exc))
-                continue
-            delivery = _EventDelivery(envelope, definition, trigger, event, outcome)
-            for saga_id in saga_ids:
-                await self._event_to_saga(delivery, saga_id)
+        with self.telemetry.consume(envelope, system=self.messaging_system):
+            for definition, trigger in routes:
+                try:
+                    event, saga_ids = parse_event(envelope, definition, trigger)
+                except InvalidEvent as exc:
+                    _log.error("dead-lettering event %s: %s", envelope.message_id, exc)
+                    outcome.dead_letter.append(str(exc))
+                    continue
+                delivery = _EventDelivery(envelope, definition, trigger, event, outcome)
+                for saga_id in saga_ids:
+                    await self._event_to_saga(delivery, saga_id)
         return outcome
 
     async def _event_to_saga(self, delivery: _EventDelivery, saga_id: str) -> None:

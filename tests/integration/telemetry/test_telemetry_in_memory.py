@@ -3,6 +3,7 @@ and the no-op path (no SDK configured, or no OpenTelemetry installed at all)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import textwrap
@@ -260,3 +261,34 @@ def test_each_destination_circuit_is_a_gauge(otel: Otel) -> None:
     assert otel.value("saga.circuit.state", **{"messaging.destination.name": "payments"}) == 2
     breaker.record_success("payments")
     assert otel.value("saga.circuit.state", **{"messaging.destination.name": "payments"}) == 0
+
+
+class OrderPlaced(BaseModel):
+    order_id: str
+
+
+async def test_an_event_that_starts_a_saga_is_a_consumer_span_parenting_the_saga_start(
+    otel: Otel,
+) -> None:
+    saga = (
+        SagaBuilder("placed", data=Order)
+        .starts_on(OrderPlaced, saga_id="order_id")
+        .step("reserve")
+        .send(Reserve, to="nobody")
+        .build()
+    )
+    async with SagaRuntime(sagas=[saga], telemetry=otel.telemetry) as runtime:
+        await runtime.publish_event(OrderPlaced(order_id="o-9"), message_id="placed-1")
+        for _ in range(200):
+            if await runtime.orchestrator.store.load("o-9") is not None:
+                break
+            await asyncio.sleep(0.01)
+        started = await runtime.orchestrator.store.load("o-9")
+    assert started is not None
+
+    process = otel.one("process OrderPlaced")
+    start = otel.one("saga start placed")
+    assert process.kind is SpanKind.CONSUMER
+    assert start.parent is not None
+    assert ids(start.context)[0] == ids(process.context)[0]
+    assert start.parent.span_id == process.context.span_id

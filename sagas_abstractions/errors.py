@@ -100,6 +100,7 @@ class InvalidDefinition(SagaError):  # noqa: N818 - reads as a sentence: raise I
 
     Attributes:
         field: The data or command field concerned, when the problem is a field.
+        problems: Every problem ``build()`` found (this one first); ``[self]`` when alone.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class InvalidDefinition(SagaError):  # noqa: N818 - reads as a sentence: raise I
         field: str | None = None,
     ) -> None:
         self.field = field
+        self.problems: list[InvalidDefinition] = [self]
         super().__init__(message, saga_type=saga_type, step=step)
 
     def _render(self, message: str) -> str:
@@ -184,7 +186,8 @@ class DefinitionChanged(SagaError):  # noqa: N818
         self.current = current
         super().__init__(
             f"definition changed under an in-flight saga: started with {started_with}, "
-            f"running {current}; deploy the old definition beside the new one or let it drain",
+            f"running {current}; give the changed definition a new saga name (e.g. 'orders-v2') "
+            "and keep the old one registered until its sagas drain, or resolve this one by hand",
             saga_id=saga_id,
             saga_type=saga_type,
         )

@@ -129,7 +129,9 @@ class SagaEvent(BaseModel):
         saga_id: The saga.
         saga_type: The saga definition's name.
         kind: What happened.
-        status: The saga's status after it happened.
+        status: The saga's status when it happened; the events of one transition come in
+            order, so a ``step_failed`` that starts compensation says ``running`` and the
+            ``compensating`` event after it says ``compensating``.
         step: The step concerned, when any.
         attempt: The attempt concerned, when any.
         version: The saga's version after it happened.

@@ -296,7 +296,7 @@ class SagaBuilder(Generic[D]):
                 )
             else:
                 error = first
-            error.problems = problems  # type: ignore[attr-defined]
+            error.problems = problems
             raise error
         description = {
             "name": self._name,
@@ -704,7 +704,7 @@ class _StepCompiler:
                 self.problem(
                     f"{command.__name__}.{name} is required but {self.data.__name__} has no field "
                     f"{source!r}: add it to the data model, or pass map={{'{name}': "
-                    "'<data field>'}} or a callable",
+                    "'<data field>'} or a callable",
                     field=name,
                 )
         return _FieldMapper(command, sources)

@@ -83,10 +83,9 @@ INVALID_REPLY_CODE = "invalid_reply"
 INVALID_PAYLOAD_CODE = "invalid_command_payload"
 """Error code recorded when a command could not be built from the saga data."""
 OPERATOR_CODE = "operator_compensate"
-"""Error code of a saga an operator sent into compensation."""
+"""Error code recorded when an operator compensates a running saga."""
 CANCELLED_CODE = "cancelled_by_event"
 """Error code of a saga a bus event (``cancel_on``) sent into compensation."""
-"""Error code recorded when an operator compensates a running saga."""
 
 _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
 
@@ -387,6 +386,7 @@ class _PendingEvent:
     step: str | None
     error: ErrorInfo | None
     detail: str | None
+    attempt: int | None = None
 
 
 class _Transition:
@@ -906,7 +906,8 @@ class _Transition:
         error: ErrorInfo | None = None,
         detail: str | None = None,
     ) -> None:
-        self.pending_events.append(_PendingEvent(kind, self.status, step, error, detail))
+        attempt = self.attempt if step is not None and self.attempt > 0 else None
+        self.pending_events.append(_PendingEvent(kind, self.status, step, error, detail, attempt))
 
     def finish(self) -> Decision:
         before = self.before
@@ -934,6 +935,7 @@ class _Transition:
                 kind=pending.kind,
                 status=pending.status,
                 step=pending.step,
+                attempt=pending.attempt,
                 version=version,
                 at=self.at,
                 error=pending.error,

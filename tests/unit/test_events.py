@@ -21,6 +21,7 @@ from sagas_abstractions import (
     Start,
     StepKind,
     StepStatus,
+    StepSucceeded,
 )
 from sagas_core import SagaBuilder, StepBuilder, event_envelope
 from sagas_core.codec import HEADER_REASON
@@ -566,7 +567,7 @@ def test_a_wait_step_cannot_be_retried_or_compensated() -> None:
     )
     with pytest.raises(InvalidDefinition) as caught:
         builder.build()
-    problems = [str(p) for p in caught.value.problems]  # type: ignore[attr-defined]
+    problems = [str(p) for p in caught.value.problems]
     assert any("cannot be retried" in p for p in problems)
     assert any("nothing to compensate" in p for p in problems)
 
@@ -582,3 +583,16 @@ def test_data_for_a_non_starting_event_is_reported_as_unused() -> None:
 
 def _reply_to(command: CommandMessage, harness: SagaTestHarness) -> ReplyMessage:
     return ReplyMessage.answering(command, status=ReplyStatus.SUCCEEDED, at=harness.clock.now())
+
+
+def test_step_status_events_name_the_attempt_they_concern() -> None:
+    started = _started()
+    event = StepSucceeded(
+        step="reserve", attempt=started.attempt, kind=StepKind.EXECUTE, at=started.updated_at
+    )
+
+    decision = decide(RESERVATION, started, event)
+
+    [completed] = [e for e in decision.events if e.step == "reserve"]
+    assert completed.kind.value == "step_completed"
+    assert completed.attempt == 1

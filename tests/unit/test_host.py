@@ -67,3 +67,11 @@ def test_sagas_demo_runs_the_order_sample_with_its_options() -> None:
     result = CliRunner().invoke(app, ["demo", "--memory"])
     assert result.exit_code == 0, result.output
     assert "ended as expected" in result.output
+
+
+def test_cli_errors_keep_the_bracketed_saga_context_rich_would_take_for_markup() -> None:
+    from sagas_core import cli  # noqa: PLC0415 - the CLI module only here
+
+    with cli.errors.capture() as captured:
+        cli._fail("cannot resolve a running saga [saga='shop', id='o-7']")
+    assert "[saga='shop', id='o-7']" in captured.get()

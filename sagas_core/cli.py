@@ -7,7 +7,7 @@ import getpass
 import importlib
 import re
 from datetime import timedelta
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import typer
 from rich.console import Console
@@ -26,6 +26,7 @@ from sagas_core.worker import configure_logging, run_worker
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from datetime import datetime
 
     from sagas_abstractions import HistoryEntry, SagaInstance, SagaRepository
 
@@ -339,6 +340,35 @@ def compensate(
         lambda o: o.compensate(saga_id, actor=_actor(actor), reason=reason),
     )
     console.print(f"saga {saga_id} is {saga.status.value}")
+
+
+@runtime_checkable
+class _Prunable(Protocol):
+    async def prune_inbox(self, older_than: datetime) -> int: ...
+    async def prune_outbox(self, sent_before: datetime) -> int: ...
+
+
+@app.command()
+def prune(
+    older_than: str = typer.Option(
+        "7d",
+        help="Delete inbox rows and published outbox rows older than this (90s, 10m, 2h, 7d). "
+        "Keep at least the broker's redelivery window.",
+    ),
+    app_target: str | None = typer.Option(None, "--app", help=APP_HELP, envvar="SAGAS_APP"),
+    database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+) -> None:
+    """Delete old deduplication (inbox) and published outbox rows; run it daily (cron)."""
+    settings = _settings(app_target, database_url)
+    cutoff = SystemClock().now() - parse_duration(older_than)
+
+    async def apply(store: SagaRepository) -> tuple[int, int]:
+        if not isinstance(store, _Prunable):
+            raise _fail(f"{type(store).__name__} keeps nothing to prune")
+        return await store.prune_inbox(cutoff), await store.prune_outbox(cutoff)
+
+    inbox, outbox = _run(_with_store(settings, apply))
+    console.print(f"pruned {inbox} inbox and {outbox} outbox row(s) older than {older_than}")
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

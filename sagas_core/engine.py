@@ -88,6 +88,7 @@ CANCELLED_CODE = "cancelled_by_event"
 """Error code of a saga a bus event (``cancel_on``) sent into compensation."""
 
 _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
+_COMPENSATION_STARTED = frozenset({StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,8 +700,13 @@ class _Transition:
         if isinstance(event, RetryCompensation):
             self.status = SagaStatus.COMPENSATING
             self.emit(EventKind.OPERATOR_ACTION, detail=f"retry compensation by {event.actor}")
-            self.update_step(self.current, status=StepStatus.COMPENSATING, finished_at=None)
-            self.send(self.current, StepKind.COMPENSATE, new_round=True)
+            if self.steps[self.current].status in _COMPENSATION_STARTED:
+                self.update_step(self.current, status=StepStatus.COMPENSATING, finished_at=None)
+                self.send(self.current, StepKind.COMPENSATE, new_round=True)
+            else:
+                # Parked while going forward (its state could not be decided then): compensate
+                # from the current step down, skipping what has nothing to undo.
+                self.next_compensation(self.current)
             return self.finish()
         self.status = SagaStatus.RESOLVED
         self.wait = None

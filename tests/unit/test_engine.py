@@ -49,6 +49,7 @@ from sagas_core.engine import (
     decide,
     due_input,
     idempotency_key,
+    parked,
 )
 from sagas_core.retry import TIMEOUT_CODE, RetryPolicy, exponential, fixed
 
@@ -1474,3 +1475,34 @@ def test_the_every_status_table_covers_every_status() -> None:
     covered = {make().instance.status for make in STATES.values()}
 
     assert covered == set(SagaStatus)
+
+
+def test_retrying_a_saga_parked_while_going_forward_compensates_from_its_current_step() -> None:
+    # Parked at "ship" (no compensation) because its state could not be decided then: a retry
+    # must undo pay and reserve, not crash on ship's missing compensation.
+    run = Run()
+    run.start()
+    run.succeed(at(1), reservation_id="r-1")
+    run.succeed(at(2), payment_id="p-1")
+    assert run.instance.current_step_name == "ship"
+    parked_now = parked(
+        run.instance,
+        error=ErrorInfo(code="definition_changed", message="changed"),
+        at=at(3),
+        reason="parked",
+    )
+    run._instance = parked_now.instance
+
+    decision = run.feed(RetryCompensation(at=at(4), actor="ops"))
+
+    assert decision.instance.status is SagaStatus.COMPENSATING
+    assert [c.message_id for c in decision.commands] == ["s-1:pay:compensate:1"]
+    assert statuses(run)["ship"] is StepStatus.SKIPPED
+    run.succeed(at(5))
+    run.succeed(at(6))
+    assert run.instance.status is SagaStatus.COMPENSATED
+    assert statuses(run) == {
+        "reserve": StepStatus.COMPENSATED,
+        "pay": StepStatus.COMPENSATED,
+        "ship": StepStatus.SKIPPED,
+    }

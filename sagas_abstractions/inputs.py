@@ -35,7 +35,11 @@ _FROZEN = ConfigDict(frozen=True, extra="forbid")
 
 
 class Start(BaseModel):
-    """Start a new saga with the given data."""
+    """Start a new saga with the given data.
+
+    ``message_id`` and ``source`` say what started it, for the history (a bus event:
+    ``event:<name>`` and the event's message id).
+    """
 
     model_config = _FROZEN
 
@@ -44,6 +48,8 @@ class Start(BaseModel):
     at: datetime
     correlation_id: str | None = None
     trace_context: dict[str, str] = Field(default_factory=dict)
+    message_id: str | None = None
+    source: str | None = None
 
 
 class _StepInput(BaseModel):

@@ -298,17 +298,17 @@ class SagaBuilder(Generic[D]):
                 error = first
             error.problems = problems
             raise error
+        # The fingerprint covers what stored state means (steps, their commands and data), not
+        # timeouts and retry policies: in-flight sagas keep their deadlines and simply use the
+        # new values for their next attempts, so tuning those must not park them.
         description = {
             "name": self._name,
             "data": self._data.model_json_schema(),
-            "saga_timeout": None
-            if self._saga_timeout is None
-            else self._saga_timeout.total_seconds(),
             "steps": [
                 {
                     "name": s.name,
-                    "action": s.action.describe(),
-                    "compensation": None if s.compensation is None else s.compensation.describe(),
+                    "action": s.action.shape(),
+                    "compensation": None if s.compensation is None else s.compensation.shape(),
                     "reply": None if s.reply_model is None else s.reply_model.model_json_schema(),
                     "merge": _describe_merge(s.merge),
                 }

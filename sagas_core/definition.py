@@ -78,8 +78,14 @@ class ActionSpec:
     command_model: type[BaseModel] | None = None
     handler: LocalHandler | None = None
 
+    def shape(self) -> dict[str, object]:
+        """What the action is, without its timeout and retry policy (the fingerprint's part)."""
+        described = self.describe()
+        del described["timeout"], described["retry"]
+        return described
+
     def describe(self) -> dict[str, object]:
-        """A stable, JSON-compatible description (part of the definition fingerprint)."""
+        """A stable, JSON-compatible description of everything about the action."""
         schema: object = None
         if self.command_model is not None:
             schema = self.command_model.model_json_schema()

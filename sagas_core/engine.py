@@ -343,6 +343,8 @@ def _history(
         step, message_id, actor = event.step, event.message_id, f"event:{event.event}"
     elif isinstance(event, Cancel):
         message_id, actor = event.message_id, f"event:{event.event}"
+    elif isinstance(event, Start):
+        message_id, actor = event.message_id, event.source
     return HistoryEntry(
         saga_id=instance.saga_id,
         version=version,
@@ -600,11 +602,10 @@ class _Transition:
     def timed_out(self, index: int) -> Decision:
         spec = self.spec(index, self.kind)
         seconds = spec.timeout.total_seconds() if spec.timeout else 0
-        error = ErrorInfo(
-            code=TIMEOUT_CODE,
-            message=f"no reply to attempt {self.attempt} within {seconds:g}s",
-            retryable=True,
-        )
+        message = f"no reply to attempt {self.attempt} within {seconds:g}s"
+        if spec.kind is ActionKind.WAIT:
+            message = f"{spec.command_type} did not arrive within {seconds:g}s"
+        error = ErrorInfo(code=TIMEOUT_CODE, message=message, retryable=True)
         if self.kind is StepKind.EXECUTE:
             self.update_step(index, status=StepStatus.TIMED_OUT, error=error)
         else:

@@ -47,15 +47,17 @@ class EventOutcome:
 
     Attributes:
         started: Ids of sagas the event started.
-        applied: Ids of existing sagas the event was applied to (completed a waiting step,
-            was kept for a later one, or sent the saga into compensation).
-        ignored: Ids of sagas the event found no use for (missing saga with the ``ignore``
-            policy, duplicate delivery, finished saga).
+        applied: Ids of existing sagas the event was applied to (completed a waiting step, or
+            sent the saga into compensation).
+        kept: Ids of sagas that keep the event for a wait step they have not reached yet.
+        ignored: Ids of sagas the event found no use for (a duplicate delivery; a missing or
+            finished saga under the ``ignore`` policy).
         dead_letter: Why the event must go to the dead-letter queue (empty: it need not).
     """
 
     started: list[str] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
     dead_letter: list[str] = field(default_factory=list)
 

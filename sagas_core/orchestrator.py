@@ -168,6 +168,14 @@ class _EventDelivery(NamedTuple):
     outcome: EventOutcome
 
 
+def _kept_early(decision: Decision, definition: SagaDefinition, trigger: EventTrigger) -> bool:
+    """Whether an applied event was kept for a wait step the saga has not reached yet."""
+    step = None if trigger.step is None else definition.step(trigger.step)
+    if step is None:
+        return False
+    return decision.instance.steps[step.index].early_event is not None
+
+
 class Orchestrator:
     """Starts sagas and applies replies, timeouts and operator actions to them.
 
@@ -261,8 +269,12 @@ class Orchestrator:
         saga_id: str | None,
         correlation_id: str | None,
         trace_context: Mapping[str, str] | None,
+        cause: tuple[str, str] | None = None,
     ) -> tuple[SagaInstance, bool]:
-        """Start a saga; also says whether this call created it (``False``: it existed)."""
+        """Start a saga; also says whether this call created it (``False``: it existed).
+
+        ``cause`` is ``(source, message id)`` of what started it, recorded in the history.
+        """
         name = saga if isinstance(saga, str) else saga.name
         definition = self.registry.get(name)
         raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
@@ -278,6 +290,8 @@ class Orchestrator:
                 correlation_id=correlation_id,
                 # The start span's context, stored on the saga so later spans can join it.
                 trace_context=self.telemetry.trace_context(trace_context),
+                source=None if cause is None else cause[0],
+                message_id=None if cause is None else cause[1],
             )
             decision = decide(definition, None, event, circuits=self._circuits())
             try:
@@ -458,21 +472,33 @@ class Orchestrator:
             await self._park(saga_id, problem, inbox=inbox, message_id=envelope.message_id)
             outcome.ignored.append(saga_id)
             return
-        if decision is None or not decision.changed:
+        if decision is None:  # a duplicate delivery: applied (or refused) once already
             outcome.ignored.append(saga_id)
+        elif not decision.changed:
+            # The saga exists but can no longer use the event (finished, compensating, step
+            # done): as telling as a missing saga, so the same policy decides what to do.
+            why = decision.history[0].reason if decision.history else "not applicable"
+            self._unmatched(delivery, saga_id, f"which could not use it ({why})")
+        elif _kept_early(decision, definition, trigger):
+            outcome.kept.append(saga_id)
         else:
             outcome.applied.append(saga_id)
 
     async def _missing_saga(self, delivery: _EventDelivery, saga_id: str) -> None:
+        if delivery.trigger.missing is MissingSagaPolicy.START:
+            if await self._start_from_event(delivery, saga_id):
+                await self._event_to_saga(delivery, saga_id)  # then the event, as to any saga
+            return
+        self._unmatched(delivery, saga_id, "which does not exist")
+
+    def _unmatched(self, delivery: _EventDelivery, saga_id: str, why: str) -> None:
+        """An event found no saga that could use it: dead-letter it or log it, per policy."""
         envelope, definition, trigger, _, outcome = delivery
         reason = (
             f"event {trigger.name} (message {envelope.message_id}) for {definition.name} saga "
-            f"{saga_id}, which does not exist"
+            f"{saga_id}, {why}"
         )
-        if trigger.missing is MissingSagaPolicy.START:
-            if await self._start_from_event(delivery, saga_id):
-                await self._event_to_saga(delivery, saga_id)  # then the event, as to any saga
-        elif trigger.missing is MissingSagaPolicy.DEAD_LETTER:
+        if trigger.missing is MissingSagaPolicy.DEAD_LETTER:
             _log.warning("%s: dead-lettered", reason)
             outcome.dead_letter.append(reason)
         else:
@@ -499,6 +525,7 @@ class Orchestrator:
                 saga_id=saga_id,
                 correlation_id=envelope.correlation_id,
                 trace_context=trace,
+                cause=(f"event:{trigger.name}", envelope.message_id),
             )
         except (InvalidSagaData, SagaAlreadyExists) as exc:
             reason = f"{prefix} it: {exc}"

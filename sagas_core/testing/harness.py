@@ -229,20 +229,26 @@ class SagaTestHarness:
         *,
         message_id: str | None = None,
         topic: str | None = None,
+        correlation_id: str | None = None,
+        body: bytes | None = None,
         run: bool = True,
     ) -> EventOutcome:
         """Deliver a domain event as the bus would, then (by default) run until idle.
 
         Publish the same ``message_id`` twice to test a duplicate delivery; an event the
-        orchestrator dead-letters lands in :attr:`dead_letters`.
+        orchestrator dead-letters lands in :attr:`dead_letters`. ``body`` replaces the event's
+        JSON on the wire, to test what a buggy publisher sends.
         """
         self._sequence += 1
         envelope = event_envelope(
             event,
             message_id=message_id or f"event-{self._sequence}",
             topic=topic,
+            correlation_id=correlation_id,
             at=self.clock.now(),
         )
+        if body is not None:
+            envelope = envelope.model_copy(update={"body": body})
         outcome = await self.orchestrator.handle_event(envelope)
         if outcome.dead_letter:
             self.dead_letters.append(dead_lettered(envelope, "; ".join(outcome.dead_letter)))

@@ -246,7 +246,7 @@ async def test_an_order_that_arrives_before_the_stock_is_held_is_kept_then_commi
 
     outcome = await harness.publish(_ordered())
 
-    assert outcome.applied == ["cart-1:L1"]
+    assert outcome.kept == ["cart-1:L1"]
     waiting = await harness.saga("cart-1:L1")
     assert waiting.current_step_name == "reserve"
     assert waiting.steps[1].early_event is not None
@@ -259,16 +259,18 @@ async def test_an_order_that_arrives_before_the_stock_is_held_is_kept_then_commi
     assert harness.commands("cart-1:L1") == ["ReserveStock", "CommitStock"]
 
 
-async def test_an_order_after_the_ttl_released_the_line_is_ignored_not_dead_lettered() -> None:
-    # missing= covers sagas that do not exist; a finished one ignores the event (see README).
+async def test_an_order_after_the_ttl_released_the_line_is_dead_lettered() -> None:
+    # A saga that can no longer use the event is as telling as a missing one: same policy.
     harness = _stubbed()
     await harness.publish(_added())
     await harness.advance(RESERVATION_TTL + timedelta(seconds=1))
 
     outcome = await harness.publish(_ordered())
 
-    assert outcome.ignored == ["cart-1:L1"]
-    assert outcome.dead_letter == []
+    assert outcome.ignored == []
+    assert len(outcome.dead_letter) == 1
+    assert "saga is compensated" in outcome.dead_letter[0]
+    assert len(harness.dead_letters) == 1
     assert (await harness.saga("cart-1:L1")).status is SagaStatus.COMPENSATED
 
 

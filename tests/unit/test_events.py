@@ -249,7 +249,8 @@ async def test_an_event_that_arrives_before_its_step_is_kept_and_applied_when_th
 
     early = await harness.publish(OrderCompleted(cart_id="c1", order_id="o-1", line_ids=["1"]))
 
-    assert early.applied == ["c1:1"]
+    assert early.kept == ["c1:1"]
+    assert early.applied == []
     saga = await harness.saga("c1:1")
     assert saga.status is SagaStatus.RUNNING
     assert saga.steps[1].early_event is not None
@@ -349,7 +350,8 @@ async def test_the_same_event_delivered_twice_is_applied_once() -> None:
     first = await harness.publish(event, message_id="e-1")
     second = await harness.publish(event, message_id="e-1")
 
-    assert first.applied == ["c1:1"]
+    assert first.kept == ["c1:1"]
+    assert second.kept == []
     assert second.applied == []
     assert second.ignored == ["c1:1"]
     assert (await harness.saga("c1:1")).version == 2  # started (reserve sent), event kept
@@ -596,3 +598,58 @@ def test_step_status_events_name_the_attempt_they_concern() -> None:
     [completed] = [e for e in decision.events if e.step == "reserve"]
     assert completed.kind.value == "step_completed"
     assert completed.attempt == 1
+
+
+async def test_the_harness_can_publish_a_raw_body_as_a_buggy_publisher_would() -> None:
+    harness = _harness()
+
+    outcome = await harness.publish(_added(), body=b'{"cart_id": "c1", "line_id": 7}')
+
+    assert outcome.started == []
+    [reason] = outcome.dead_letter
+    assert "line_id" in reason
+    assert "sku" in reason
+
+
+async def test_a_saga_started_by_an_event_records_the_event_and_its_message_in_history() -> None:
+    harness = _harness()
+
+    await harness.publish(_added(), message_id="cart-msg-1")
+
+    start = (await harness.store.history("c1:1"))[0]
+    assert start.input == "Start"
+    assert (start.actor, start.message_id) == ("event:ItemAdded", "cart-msg-1")
+
+
+async def test_an_awaited_event_a_finished_saga_cannot_use_follows_the_missing_policy() -> None:
+    harness = _harness()  # OrderCompleted: missing="dead-letter"
+    await harness.publish(_added())
+    await harness.advance(timedelta(minutes=31))  # the reservation expired and was released
+
+    event = OrderCompleted(cart_id="c1", order_id="o-1", line_ids=["1"])
+    late = await harness.publish(event, message_id="late-1")
+    again = await harness.publish(event, message_id="late-1")
+
+    [reason] = late.dead_letter
+    assert "could not use it (saga is compensated)" in reason
+    assert again.dead_letter == []  # the same message again: a duplicate, recorded once
+    assert len(harness.dead_letters) == 1
+    saga = await harness.saga("c1:1")
+    assert saga.status is SagaStatus.COMPENSATED
+    assert saga.steps[1].error is not None
+    assert saga.steps[1].error.message == "OrderCompleted did not arrive within 1800s"
+
+
+async def test_a_late_cancel_is_logged_and_ignored_under_the_ignore_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sagas.orchestrator")
+    harness = _harness()
+    await harness.publish(_added())
+    await harness.publish(OrderCompleted(cart_id="c1", order_id="o-1", line_ids=["1"]))
+
+    outcome = await harness.publish(ItemRemoved(cart_id="c1", line_id="1"))
+
+    assert outcome.ignored == ["c1:1"]
+    assert outcome.dead_letter == []
+    assert any("could not use it (saga is completed)" in r.getMessage() for r in caplog.records)

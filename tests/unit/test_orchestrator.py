@@ -63,11 +63,11 @@ class RefundPayment(BaseModel):
     order_id: str
 
 
-def order_saga(reserve_timeout: float = 10) -> SagaDefinition:
+def order_saga(reserve_timeout: float = 10, *, inventory: str = "inventory") -> SagaDefinition:
     return (
         SagaBuilder("order", data=OrderData)
         .step("reserve")
-        .send(ReserveInventory, to="inventory")
+        .send(ReserveInventory, to=inventory)
         .compensate_with(ReleaseInventory, retry=RetryPolicy(attempts=1))
         .timeout(seconds=reserve_timeout)
         .retry(attempts=2, backoff=fixed(1))
@@ -485,9 +485,7 @@ async def test_a_reply_for_a_saga_started_under_another_definition_parks_it(
     orchestrator: Orchestrator, store: RecordingStore, clock: FakeClock
 ) -> None:
     await start(orchestrator)
-    redeployed = Orchestrator(
-        store=store, definitions=[order_saga(reserve_timeout=20)], clock=clock
-    )
+    redeployed = Orchestrator(store=store, definitions=[order_saga(inventory="stock")], clock=clock)
 
     assert await redeployed.handle_reply(answer(commands(store)[0])) is None
 
@@ -771,7 +769,9 @@ async def test_commit_listeners_see_each_commit_and_cannot_undo_it(
 async def test_a_due_saga_under_a_changed_definition_is_parked_and_other_deadlines_fire(
     store: RecordingStore, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    old = Orchestrator(store=store, definitions=[order_saga(reserve_timeout=5)], clock=clock)
+    old = Orchestrator(
+        store=store, definitions=[order_saga(reserve_timeout=5, inventory="stock")], clock=clock
+    )
     await start(old, "saga-old")  # due first: its reply deadline is 5 s away
     current = Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock)
     await start(current, "saga-new")
@@ -869,9 +869,7 @@ async def test_a_finished_saga_under_a_changed_definition_stays_finished_and_rec
     await orchestrator.handle_reply(answer(commands(store)[-1]))
     assert (await orchestrator.get("saga-1")).status is SagaStatus.COMPENSATED
     late = answer(commands(store)[0])
-    redeployed = Orchestrator(
-        store=store, definitions=[order_saga(reserve_timeout=20)], clock=clock
-    )
+    redeployed = Orchestrator(store=store, definitions=[order_saga(inventory="stock")], clock=clock)
 
     assert await redeployed.handle_reply(late) is None
 

@@ -72,12 +72,12 @@ def long_saga(steps: int) -> SagaDefinition:
     return builder.build()
 
 
-def flaky_saga(attempts: int) -> SagaDefinition:
+def flaky_saga(attempts: int, *, destination: str = "counter") -> SagaDefinition:
     """A one-step saga whose step times out after 1 s and is retried ``attempts`` times."""
     return (
         SagaBuilder("flaky", data=Tally)
         .step("call")
-        .send(Bump, to="counter")
+        .send(Bump, to=destination)
         .timeout(seconds=1)
         .retry(attempts=attempts, backoff=fixed(1))
         .build()

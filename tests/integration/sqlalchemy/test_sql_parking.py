@@ -169,7 +169,11 @@ async def test_an_operator_resolves_an_unreadable_saga_and_its_row_is_left_for_r
     ("started_under", "code"),
     [
         pytest.param(long_saga(1), "unknown_saga_type", id="unregistered-type"),
-        pytest.param(flaky_saga(attempts=2), "definition_changed", id="changed-definition"),
+        pytest.param(
+            flaky_saga(attempts=3, destination="tally"),
+            "definition_changed",
+            id="changed-definition",
+        ),
     ],
 )
 async def test_a_saga_the_worker_has_no_definition_for_is_parked_and_the_others_keep_moving(

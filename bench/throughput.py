@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
+import psycopg
 import sqlalchemy as sa
 
 from bench.support.measure import (
@@ -96,22 +97,32 @@ class Probe:
 
 
 class StatementCounter:
-    """Counts SQL statements, commits and pool checkouts (each pings: ``pool_pre_ping``)."""
+    """Counts SQL statements, explicit transactions and pool checkouts of this process.
+
+    Statements are counted where psycopg sends them (every cursor execute: the store's
+    hot-path statements, which run in autocommit mode, and SQLAlchemy's alike); transactions
+    and checkouts are SQLAlchemy's (each transaction adds a ``BEGIN`` and a ``COMMIT`` round
+    trip; with ``--pre-ping`` each checkout adds a ping).
+    """
 
     def __init__(self, store: SqlSagaStore) -> None:
         self.statements = 0
         self.commits = 0
         self.checkouts = 0
         engine = store.engine.sync_engine
-        sa.event.listen(engine, "before_cursor_execute", self._statement)
         sa.event.listen(engine, "commit", self._commit)
         sa.event.listen(engine.pool, "checkout", self._checkout)
+        execute = psycopg.AsyncCursor.execute
+        counter = self
+
+        async def counted(cursor: Any, *args: Any, **kwargs: Any) -> Any:
+            counter.statements += 1
+            return await execute(cursor, *args, **kwargs)
+
+        psycopg.AsyncCursor.execute = counted  # type: ignore[method-assign,assignment]
 
     def _checkout(self, *_: object) -> None:
         self.checkouts += 1
-
-    def _statement(self, *_: object) -> None:
-        self.statements += 1
 
     def _commit(self, *_: object) -> None:
         self.commits += 1
@@ -130,7 +141,7 @@ class Bench:
             create_tables=True,
             pool_size=POOL_SIZE,
             max_overflow=0,
-            pool_pre_ping=not args.no_pre_ping,
+            **({"pool_pre_ping": True} if args.pre_ping else {}),
         )
         self.counter = StatementCounter(self.store)
         self.probe = Probe()
@@ -396,7 +407,9 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--memory", action="store_true", help="RSS at 100 vs 10,000 waiting")
     parser.add_argument("--memory-sagas", type=int, default=10_000)
     parser.add_argument(
-        "--no-pre-ping", action="store_true", help="experiment: engine without pool_pre_ping"
+        "--pre-ping",
+        action="store_true",
+        help="experiment: ping every pooled connection on checkout (pool_pre_ping)",
     )
     parser.add_argument(
         "--timeout-interval",

@@ -23,6 +23,7 @@ __all__ = [
     "InboxEntry",
     "MessageBus",
     "MessageHandler",
+    "OutboxHandoff",
     "OutboxStore",
     "SagaChange",
     "SagaReader",
@@ -148,6 +149,37 @@ class OutboxStore(Protocol):
 
     async def pending_count(self) -> int:
         """How many records wait to be published."""
+        ...
+
+
+@runtime_checkable
+class OutboxHandoff(Protocol):
+    """Optional: a save that leases the outbox records it writes to the writer's own relay.
+
+    The orchestrator uses it when its store has it: the records of a commit are written already
+    leased to the relay of the same process and handed to that relay in memory, so they are
+    published at once, without a claim query. Nothing is lost when the process dies between
+    the commit and the publish: the records stay in the outbox, leased, and once the lease has
+    passed :meth:`OutboxStore.claim` gives them to whichever relay asks (the recovery path).
+    """
+
+    async def save_leased(
+        self, changes: Sequence[SagaChange], *, owner: str, until: datetime
+    ) -> list[OutboxRecord]:
+        """Save like :meth:`SagaStore.save`, the outbox records leased to ``owner`` until ``until``.
+
+        A change's records are leased only when every earlier unsent record of its saga is
+        leased to ``owner`` too, so the owner holds all of the saga's unsent messages and can
+        keep their order; otherwise they are written unleased, for :meth:`OutboxStore.claim`.
+
+        Returns:
+            The records leased to ``owner``, in insertion order (the others are not returned).
+
+        Raises:
+            ConcurrencyConflict: As :meth:`SagaStore.save`.
+            DuplicateMessage: As :meth:`SagaStore.save`.
+            StoreError: As :meth:`SagaStore.save`.
+        """
         ...
 
 

@@ -4,6 +4,12 @@ PostgreSQL goes through psycopg 3 by default: the same ``postgresql+psycopg://``
 async runtime and the synchronous Alembic migrations, and psycopg has no statement cache that
 goes stale when another process runs DDL (asyncpg's does). asyncpg URLs work too.
 
+Pooled connections must survive a backend that was terminated while they sat in the pool. With
+psycopg that costs no round trip: on checkout, an idle connection whose socket has something to
+read has heard from the server, which for an idle connection means its backend went away (a
+terminated backend sends its farewell and closes the socket); the pool replaces it. Other
+drivers keep ``pool_pre_ping`` (a round trip per checkout).
+
 SQLite goes through aiosqlite with WAL journaling (readers never block the writer), a busy
 timeout (writers wait for each other instead of failing) and foreign keys on. Python's sqlite3
 module would open transactions lazily and only before DML; we switch that off and emit ``BEGIN``
@@ -14,10 +20,12 @@ writers never deadlock upgrading a read lock.
 from __future__ import annotations
 
 import json
+import select
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
@@ -29,6 +37,7 @@ __all__ = [
     "UnparseableJSON",
     "async_url",
     "create_engine",
+    "has_pending_input",
     "is_sqlite",
     "lenient_json_loads",
     "sync_url",
@@ -75,14 +84,18 @@ def _is_memory(url: URL) -> bool:
 
 
 def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
-    """Create the async engine of one store (``pool_pre_ping`` on).
+    """Create the async engine of one store.
+
+    Dead pooled connections are replaced on checkout: with psycopg by a check that needs no
+    round trip (see the module docstring), with other server drivers by ``pool_pre_ping``.
 
     Args:
         url: Database URL; ``postgresql://`` means psycopg 3, ``sqlite:///path`` aiosqlite.
         **kwargs: Passed to :func:`sqlalchemy.ext.asyncio.create_async_engine`.
     """
     parsed = async_url(url)
-    options: dict[str, Any] = {"pool_pre_ping": True}
+    psycopg = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() == "psycopg"
+    options: dict[str, Any] = {"pool_pre_ping": not psycopg}
     if parsed.get_backend_name() == "sqlite" and _is_memory(parsed):
         # Every connection to :memory: is its own database: share exactly one.
         options = {"poolclass": StaticPool}
@@ -94,7 +107,41 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
     engine = create_async_engine(parsed, **options)
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_hooks(engine.sync_engine)
+    if psycopg and not options["pool_pre_ping"]:
+        install_psycopg_liveness_check(engine.sync_engine)
     return engine
+
+
+def has_pending_input(fd: int) -> bool:
+    """Whether a socket has something to read right now (no waiting, no round trip).
+
+    For an idle database connection that means the server spoke first, which it only does
+    to say goodbye: the backend was terminated, or the connection broke. A socket that
+    cannot be polled counts as broken too.
+    """
+    try:
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+            return bool(poller.poll(0))
+        readable, _, _ = select.select([fd], [], [], 0)
+        return bool(readable)
+    except (OSError, ValueError):
+        return True
+
+
+def install_psycopg_liveness_check(engine: Engine) -> None:
+    """Replace pooled psycopg connections whose backend went away, on checkout, without a ping."""
+
+    @event.listens_for(engine, "checkout")
+    def _on_checkout(_dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        connection = record.driver_connection
+        try:
+            fd = connection.pgconn.socket
+        except Exception as error:
+            raise DisconnectionError("the pooled connection is closed") from error
+        if connection.closed or connection.broken or has_pending_input(fd):
+            raise DisconnectionError("the pooled connection's backend went away")
 
 
 class UnparseableJSON(str):

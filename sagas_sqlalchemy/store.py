@@ -16,6 +16,12 @@ one ``UPDATE ... WHERE saga_id IN (SELECT ... FOR UPDATE SKIP LOCKED) RETURNING`
 the same under ``BEGIN IMMEDIATE`` on SQLite. They are a hint that spares the workers wasted
 races; the version check is what makes each deadline fire once.
 
+On PostgreSQL through psycopg 3 the hot operations (:meth:`SqlSagaStore.save`,
+:meth:`~SqlSagaStore.save_leased`, :meth:`~SqlSagaStore.load`, :meth:`~SqlSagaStore.mark_sent`,
+:meth:`~SqlSagaStore.claim_due`) skip SQLAlchemy: each is one prebuilt statement on a psycopg
+connection of the store's own, one round trip, a save included (see ``sagas_sqlalchemy._pg``).
+Everything else, and every operation on SQLite and asyncpg, goes through SQLAlchemy Core.
+
 Inbox pruning policy: an inbox row only has to outlive every redelivery of its message. Brokers
 redeliver within minutes to hours; keep a generous margin (default advice: 7 days) and call
 :meth:`SqlSagaStore.prune_inbox` periodically. A reply that arrives after its inbox row was
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
 import sqlalchemy as sa
@@ -55,10 +62,12 @@ from sagas_sqlalchemy.tables import DEFAULT_TABLE_PREFIX, SagaTables, build_tabl
 if TYPE_CHECKING:
     import builtins
     from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
-    from datetime import datetime, timedelta
+    from datetime import timedelta
 
     from sqlalchemy.engine import URL, RowMapping
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+    from sagas_sqlalchemy._pg import PgLane, PgStatements
 
 __all__ = ["SqlSagaStore", "create_store"]
 
@@ -89,6 +98,10 @@ class SqlSagaStore:
             history; handy for tests and throwaway databases).
         migrate: Run the Alembic migrations to head on first use.
         owns_engine: Whether :meth:`close` disposes the engine.
+        hot_connections: On PostgreSQL with psycopg: how many connections of its own the store
+            keeps for its hot statements (``None``: the engine pool's size). They are opened
+            through the engine's pool and then detached from it, so the pool stays free for
+            the other queries.
     """
 
     def __init__(
@@ -99,6 +112,7 @@ class SqlSagaStore:
         create_tables: bool = False,
         migrate: bool = False,
         owns_engine: bool = False,
+        hot_connections: int | None = None,
     ) -> None:
         self._engine = engine
         self._tables = build_tables(table_prefix)
@@ -108,6 +122,16 @@ class SqlSagaStore:
         self._owns_engine = owns_engine
         self._ready = not (create_tables or migrate)
         self._ready_lock = asyncio.Lock()
+        self._pg: PgStatements | None = None
+        self._lane: PgLane | None = None
+        if self._dialect == "postgresql" and engine.dialect.driver == "psycopg":
+            from sagas_sqlalchemy._pg import PgLane, PgStatements  # noqa: PLC0415 - psycopg only
+
+            self._pg = PgStatements(self._tables)
+            if hot_connections is None:
+                size = getattr(engine.pool, "size", None)
+                hot_connections = size() if callable(size) else 5
+            self._lane = PgLane(engine, hot_connections)
 
     @classmethod
     def from_url(
@@ -119,7 +143,7 @@ class SqlSagaStore:
         migrate: bool | None = None,
         **engine_options: Any,
     ) -> Self:
-        """Create a store with its own engine (``pool_pre_ping`` on).
+        """Create a store with its own engine (dead pooled connections replaced on checkout).
 
         Args:
             url: ``postgresql+psycopg://...`` (``postgresql://`` means psycopg too),
@@ -153,6 +177,8 @@ class SqlSagaStore:
 
     async def close(self) -> None:
         """Release the store's connections (disposes the engine if the store owns it)."""
+        if self._lane is not None:
+            await self._lane.close()
         if self._owns_engine:
             await self._engine.dispose()
 
@@ -225,8 +251,25 @@ class SqlSagaStore:
             InvalidSagaData: The stored row no longer parses as a saga instance.
             StoreError: The database failed.
         """
+        if self._lane is not None:
+            text = await self._fetch_json("loading the saga failed", saga_id)
+            if text is None:
+                return None
+            from sagas_sqlalchemy._pg import parse_instance  # noqa: PLC0415 - psycopg only
+
+            return parse_instance(text, _instance)
         row = await self._row(saga_id)
         return None if row is None else _instance(row)
+
+    async def _fetch_json(self, message: str, saga_id: str) -> str | None:
+        assert self._lane is not None  # noqa: S101 - PostgreSQL hot path only
+        assert self._pg is not None  # noqa: S101
+        await self.initialize()
+        with self._translate_pg(message, saga_id=saga_id):
+            async with self._lane.connection() as conn:
+                cursor = await conn.execute(self._pg.load, (saga_id,))
+                row = await cursor.fetchone()
+        return None if row is None else str(row[0])
 
     async def save(self, changes: Sequence[SagaChange]) -> None:
         """Write all changes in one transaction: all of them, or none.
@@ -236,15 +279,38 @@ class SqlSagaStore:
             DuplicateMessage: An inbox entry was recorded before.
             StoreError: The database failed.
         """
+        await self._save(changes, owner=None, until=None)
+
+    async def save_leased(
+        self, changes: Sequence[SagaChange], *, owner: str, until: datetime
+    ) -> builtins.list[OutboxRecord]:
+        """Save like :meth:`save`, leasing the outbox records written to ``owner`` until ``until``.
+
+        See :class:`~sagas_abstractions.OutboxHandoff`: a change's records are leased only when
+        every earlier unsent record of its saga is ``owner``'s too; the leased ones are returned.
+
+        Raises:
+            ConcurrencyConflict: A saga changed since it was loaded, or a saga to insert exists.
+            DuplicateMessage: An inbox entry was recorded before.
+            StoreError: The database failed.
+        """
+        return await self._save(changes, owner=owner, until=until)
+
+    async def _save(
+        self, changes: Sequence[SagaChange], *, owner: str | None, until: datetime | None
+    ) -> builtins.list[OutboxRecord]:
         if not changes:
-            return
+            return []
         await self.initialize()
+        if self._lane is not None:
+            return await self._save_pg(changes, owner=owner, until=until)
         current = changes[0]
+        leased: list[OutboxRecord] = []
         try:
             async with self._write() as conn:
                 for change in changes:
                     current = change
-                    await self._save_one(conn, change)
+                    leased.extend(await self._save_one(conn, change, owner=owner, until=until))
         except (SQLAlchemyError, OSError) as error:
             saga = current.instance
             if isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES:
@@ -262,8 +328,70 @@ class SqlSagaStore:
                 saga_id=saga.saga_id,
                 saga_type=saga.saga_type,
             ) from error
+        return leased
 
-    async def _save_one(self, conn: AsyncConnection, change: SagaChange) -> None:
+    async def _save_pg(
+        self, changes: Sequence[SagaChange], *, owner: str | None, until: datetime | None
+    ) -> builtins.list[OutboxRecord]:
+        import psycopg  # noqa: PLC0415 - psycopg only
+
+        from sagas_sqlalchemy._pg import execute_change, retryable  # noqa: PLC0415
+
+        assert self._lane is not None  # noqa: S101 - PostgreSQL hot path only
+        assert self._pg is not None  # noqa: S101
+        current = changes[0]
+        leased: list[OutboxRecord] = []
+        try:
+            async with self._lane.connection() as conn:
+                if len(changes) == 1:  # one statement: atomic by itself, one round trip
+                    return await execute_change(conn, self._pg, current, owner=owner, until=until)
+                async with conn.transaction():
+                    for change in changes:
+                        current = change
+                        leased.extend(
+                            await execute_change(conn, self._pg, change, owner=owner, until=until)
+                        )
+        except (psycopg.Error, OSError) as error:
+            saga = current.instance
+            if isinstance(error, psycopg.Error) and retryable(error):
+                raise ConcurrencyConflict(
+                    saga_id=saga.saga_id,
+                    expected_version=current.expected_version,
+                    actual_version=None,
+                    saga_type=saga.saga_type,
+                ) from error
+            batch = f" (in a batch of {len(changes)} changes)" if len(changes) > 1 else ""
+            raise StoreError(
+                f"saving the saga failed{batch}, nothing was written: "
+                f"{type(error).__name__}: {_first_line(error)}",
+                saga_id=saga.saga_id,
+                saga_type=saga.saga_type,
+            ) from error
+        return leased
+
+    @contextlib.contextmanager
+    def _translate_pg(
+        self, message: str, *, saga_id: str | None = None, saga_type: str | None = None
+    ) -> Iterator[None]:
+        import psycopg  # noqa: PLC0415 - psycopg only
+
+        try:
+            yield
+        except (psycopg.Error, OSError) as error:
+            raise StoreError(
+                f"{message}: {type(error).__name__}: {_first_line(error)}",
+                saga_id=saga_id,
+                saga_type=saga_type,
+            ) from error
+
+    async def _save_one(
+        self,
+        conn: AsyncConnection,
+        change: SagaChange,
+        *,
+        owner: str | None = None,
+        until: datetime | None = None,
+    ) -> builtins.list[OutboxRecord]:
         instance = change.instance
         table = self._tables.instances
         if change.status_only:
@@ -309,11 +437,38 @@ class SqlSagaStore:
             await conn.execute(
                 sa.insert(self._tables.history), [_history_row(entry) for entry in change.history]
             )
+        leased: list[OutboxRecord] = []
         if change.outbox:
-            await conn.execute(
-                sa.insert(self._tables.outbox),
-                [_outbox_row(instance, envelope) for envelope in change.outbox],
+            outbox = self._tables.outbox
+            held = owner is not None and not await conn.scalar(
+                sa.select(sa.literal(1))
+                .where(
+                    outbox.c.saga_id == instance.saga_id,
+                    outbox.c.sent_at.is_(None),
+                    sa.or_(outbox.c.claimed_by.is_(None), outbox.c.claimed_by != owner),
+                )
+                .limit(1)
             )
+            lease = {"claimed_by": owner, "claimed_until": until} if held else {}
+            rows = [_outbox_row(instance, envelope) | lease for envelope in change.outbox]
+            if held:
+                ids = list(
+                    await conn.scalars(
+                        sa.insert(outbox).returning(outbox.c.id, sort_by_parameter_order=True),
+                        rows,
+                    )
+                )
+                leased = [
+                    OutboxRecord(
+                        id=row_id,
+                        saga_id=instance.saga_id,
+                        envelope=envelope,
+                        created_at=instance.updated_at,
+                    )
+                    for row_id, envelope in zip(ids, change.outbox, strict=True)
+                ]
+            else:
+                await conn.execute(sa.insert(outbox), rows)
         if change.inbox is not None:
             inbox = self._tables.inbox
             recorded = await conn.scalar(
@@ -331,6 +486,7 @@ class SqlSagaStore:
                     message_id=change.inbox.message_id,
                     saga_id=instance.saga_id,
                 )
+        return leased
 
     async def _conflict(self, conn: AsyncConnection, change: SagaChange) -> None:
         table = self._tables.instances
@@ -483,6 +639,8 @@ class SqlSagaStore:
         if limit <= 0:
             return []
         await self.initialize()
+        if self._lane is not None:
+            return await self._claim_due_pg(now, limit, owner=owner, lease=lease)
         table = self._tables.instances
         candidates = (
             sa.select(table.c.saga_id)
@@ -510,6 +668,23 @@ class SqlSagaStore:
                 rows = (await conn.execute(statement)).mappings().all()
         ordered = sorted(rows, key=lambda row: (row["next_deadline_at"], row["saga_id"]))
         return [_readable(row) for row in ordered]
+
+    async def _claim_due_pg(
+        self, now: datetime, limit: int, *, owner: str, lease: timedelta
+    ) -> builtins.list[SagaInstance]:
+        import json  # noqa: PLC0415
+
+        assert self._lane is not None  # noqa: S101 - PostgreSQL hot path only
+        assert self._pg is not None  # noqa: S101
+        _refuse_naive_now(now)
+        params = {"owner": owner, "until": now + lease, "now": now, "limit": limit}
+        with self._translate_pg(f"claiming due sagas for {owner!r} failed"):
+            async with self._lane.connection() as conn:
+                cursor = await conn.execute(self._pg.claim_due, params)
+                found = await cursor.fetchall()
+        rows: list[dict[str, Any]] = [json.loads(text) for (text,) in found]
+        rows.sort(key=lambda row: (_moment(row["next_deadline_at"]), row["saga_id"]))
+        return [_readable(row) for row in rows]
 
     # ------------------------------------------------------------------ OutboxStore
 
@@ -585,6 +760,13 @@ class SqlSagaStore:
     async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
         """Mark records as published (after the bus confirmed them)."""
         if not ids:
+            return
+        if self._lane is not None:
+            assert self._pg is not None  # noqa: S101 - PostgreSQL hot path only
+            _refuse_naive_now(now)
+            with self._translate_pg("marking outbox records sent failed"):
+                async with self._lane.connection() as conn:
+                    await conn.execute(self._pg.mark_sent, (now, list(ids)))
             return
         outbox = self._tables.outbox
         with self._translate("marking outbox records sent failed"):
@@ -699,7 +881,7 @@ def _status_row(instance: SagaInstance) -> dict[str, Any]:
     }
 
 
-def _instance(row: RowMapping) -> SagaInstance:
+def _instance(row: Mapping[Any, Any]) -> SagaInstance:
     fields = {key: value for key, value in row.items() if key not in _STORE_COLUMNS}
     try:
         return SagaInstance.model_validate(fields)
@@ -734,7 +916,7 @@ _NEUTRAL: dict[str, Any] = {
 }
 
 
-def _readable(row: RowMapping) -> SagaInstance:
+def _readable(row: Mapping[Any, Any]) -> SagaInstance:
     """The saga for readers: a row that does not parse is shown, not raised.
 
     Each field that does not parse is replaced by a neutral value (``{}`` data, no steps, an
@@ -831,6 +1013,15 @@ def _claimable(row: RowMapping, *, owner: str, now: datetime) -> bool:
     )
     waiting = available_at is not None and available_at > now
     return not (leased_elsewhere or waiting)
+
+
+def _refuse_naive_now(now: datetime) -> None:
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}: sagas stores timezone-aware UTC only")
+
+
+def _moment(value: str | None) -> datetime:
+    return datetime.min.replace(tzinfo=UTC) if value is None else datetime.fromisoformat(value)
 
 
 def _sqlstate(error: DBAPIError) -> str | None:

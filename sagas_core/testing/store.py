@@ -141,6 +141,29 @@ class InMemorySagaStore:
                     self._outbox[row_id] = self._pending[row_id] = row
             self._inbox |= seen_inbox
 
+    async def save_leased(
+        self, changes: Sequence[SagaChange], *, owner: str, until: datetime
+    ) -> builtins.list[OutboxRecord]:
+        """Save, and lease the new outbox records to ``owner`` where it holds their saga's others.
+
+        See :class:`~sagas_abstractions.OutboxHandoff`.
+        """
+        first = self._next_outbox_id
+        await self.save(changes)  # atomic; nothing awaits between it and the leases below
+        leased: list[OutboxRecord] = []
+        for row_id in range(first, self._next_outbox_id):
+            row = self._pending[row_id]
+            held = all(
+                earlier.claimed_by == owner
+                for earlier in self._pending.values()
+                if earlier.saga_id == row.saga_id and earlier.id < row_id
+            )
+            if held:
+                row.claimed_by = owner
+                row.claimed_until = until
+                leased.append(self._record(row))
+        return leased
+
     async def is_processed(self, consumer: str, message_id: str) -> bool:
         """Whether the inbox records this message id for this consumer."""
         return (consumer, message_id) in self._inbox

@@ -38,6 +38,7 @@ from sagas_abstractions import (
     StepStatus,
     WaitKind,
 )
+from sagas_abstractions.ports import OutboxHandoff
 
 __all__ = [
     "T0",
@@ -53,6 +54,11 @@ T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 """The reference moment of every contract test."""
 
 LEASE = timedelta(seconds=30)
+
+
+def _handoff(store: SagaRepository) -> OutboxHandoff:
+    assert isinstance(store, OutboxHandoff), "the store should offer the outbox hand-off"
+    return store
 
 
 def make_instance(
@@ -840,6 +846,144 @@ class SagaStoreContract:
         [record] = await store.claim(owner="relay", limit=1, lease=LEASE, now=now)
 
         assert record.attempts == 2
+
+    # ------------------------------------------------------------------ outbox hand-off
+
+    async def test_save_leased_writes_like_save_and_returns_the_records_it_leased_in_order(
+        self, store: SagaRepository
+    ) -> None:
+        handoff = _handoff(store)
+        instance = make_instance()
+        envelopes = [make_envelope("m-1"), make_envelope("m-2")]
+
+        leased = await handoff.save_leased(
+            [insert(instance, outbox=envelopes, inbox=InboxEntry("orchestrator", "in-1"))],
+            owner="relay-a",
+            until=T0 + LEASE,
+        )
+
+        assert [record.envelope for record in leased] == envelopes
+        assert leased[0].id < leased[1].id
+        assert {record.saga_id for record in leased} == {"saga-1"}
+        assert all(record.created_at == instance.updated_at for record in leased)
+        assert await store.load("saga-1") == instance
+        assert await store.is_processed("orchestrator", "in-1")
+        assert len(await store.history("saga-1")) == 1
+        assert await store.pending_count() == 2
+
+    async def test_records_leased_at_save_are_the_owners_until_the_lease_passes(
+        self, store: SagaRepository
+    ) -> None:
+        leased = await _handoff(store).save_leased(
+            [insert(make_instance(), outbox=[make_envelope("m-1")])],
+            owner="relay-a",
+            until=T0 + LEASE,
+        )
+
+        assert await store.claim(owner="relay-b", limit=10, lease=LEASE, now=T0) == []
+        mine = await store.claim(owner="relay-a", limit=10, lease=LEASE, now=T0)
+        assert [record.id for record in mine] == [record.id for record in leased]
+        # The owner died without publishing: once the lease has passed, anyone takes them.
+        later = T0 + LEASE + timedelta(seconds=1)
+        taken = await store.claim(owner="relay-b", limit=10, lease=LEASE, now=later)
+        assert [record.envelope.message_id for record in taken] == ["m-1"]
+
+    async def test_save_leased_leases_nothing_while_an_earlier_record_of_the_saga_is_not_the_owners(
+        self, store: SagaRepository
+    ) -> None:
+        handoff = _handoff(store)
+        instance = make_instance()
+        await store.save([insert(instance, outbox=[make_envelope("m-1")])])  # unleased
+
+        leased = await handoff.save_leased(
+            [update(instance, outbox=[make_envelope("m-2")])], owner="relay-a", until=T0 + LEASE
+        )
+
+        assert leased == []
+        claimed = await store.claim(owner="relay-b", limit=10, lease=LEASE, now=T0)
+        assert [record.envelope.message_id for record in claimed] == ["m-1", "m-2"]
+
+    async def test_save_leased_leases_when_every_earlier_unsent_record_is_the_owners_or_sent(
+        self, store: SagaRepository
+    ) -> None:
+        handoff = _handoff(store)
+        v1 = make_instance()
+        v2, v3 = (v1.model_copy(update={"version": n}) for n in (2, 3))
+        [first] = await handoff.save_leased(
+            [insert(v1, outbox=[make_envelope("m-1")])], owner="relay-a", until=T0 + LEASE
+        )
+        # m-1 is unsent but relay-a's: relay-a holds every unsent message of the saga.
+        [second] = await handoff.save_leased(
+            [update(v1, outbox=[make_envelope("m-2")])], owner="relay-a", until=T0 + LEASE
+        )
+        await store.mark_sent([first.id], now=T0)
+        # relay-b takes m-2 over once its lease has passed: relay-a no longer holds it.
+        await store.claim(owner="relay-b", limit=10, lease=LEASE, now=T0 + 2 * LEASE)
+        assert (
+            await handoff.save_leased(
+                [update(v2, outbox=[make_envelope("m-3")])], owner="relay-a", until=T0 + LEASE
+            )
+            == []
+        )
+        await store.mark_sent([second.id], now=T0)
+        [third] = await store.claim(owner="relay-a", limit=10, lease=LEASE, now=T0 + 2 * LEASE)
+        await store.mark_sent([third.id], now=T0)
+
+        # Everything earlier is sent: the new record is leased again.
+        [fourth] = await handoff.save_leased(
+            [update(v3, outbox=[make_envelope("m-4")])], owner="relay-a", until=T0 + LEASE
+        )
+
+        assert [first.envelope.message_id, second.envelope.message_id] == ["m-1", "m-2"]
+        assert third.envelope.message_id == "m-3"
+        assert fourth.envelope.message_id == "m-4"
+
+    async def test_save_leased_refuses_a_stale_version_or_a_duplicate_and_writes_nothing(
+        self, store: SagaRepository
+    ) -> None:
+        handoff = _handoff(store)
+        instance = make_instance()
+        await store.save([insert(instance, inbox=InboxEntry("orchestrator", "in-1"))])
+
+        with pytest.raises(ConcurrencyConflict):
+            await handoff.save_leased(
+                [insert(instance, outbox=[make_envelope("m-1")])],
+                owner="relay-a",
+                until=T0 + LEASE,
+            )
+        with pytest.raises(DuplicateMessage):
+            await handoff.save_leased(
+                [
+                    update(
+                        instance,
+                        outbox=[make_envelope("m-2")],
+                        inbox=InboxEntry("orchestrator", "in-1"),
+                    )
+                ],
+                owner="relay-a",
+                until=T0 + LEASE,
+            )
+
+        assert await store.pending_count() == 0
+        assert await store.load("saga-1") == instance
+
+    async def test_save_leased_in_a_batch_leases_each_sagas_records(
+        self, store: SagaRepository
+    ) -> None:
+        handoff = _handoff(store)
+        await store.save([insert(make_instance("saga-2"), outbox=[make_envelope("x", "saga-2")])])
+
+        leased = await handoff.save_leased(
+            [
+                insert(make_instance("saga-1"), outbox=[make_envelope("a", "saga-1")]),
+                update(make_instance("saga-2"), outbox=[make_envelope("b", "saga-2")]),
+                insert(make_instance("saga-3"), outbox=[make_envelope("c", "saga-3")]),
+            ],
+            owner="relay-a",
+            until=T0 + LEASE,
+        )
+
+        assert [record.envelope.message_id for record in leased] == ["a", "c"]
 
     # ------------------------------------------------------------------ round trips
 

@@ -1,0 +1,427 @@
+"""The PostgreSQL hot path of the SQL store: prebuilt statements on raw psycopg 3 connections.
+
+What the orchestrator and the relay do for every transition (save, load, mark sent, claim due
+deadlines) runs here, not through SQLAlchemy Core: each operation is one SQL statement, built
+once per store, executed in autocommit mode on a psycopg connection the store keeps (no
+statement compilation, pool checkout, greenlet hop or ``BEGIN``/``COMMIT`` round trips per
+call; psycopg prepares a statement on the server once it has run a few times).
+
+A save is a single statement of data-modifying CTEs, so it is atomic on its own, in one round
+trip: the saga row (``INSERT ... ON CONFLICT DO NOTHING``, or ``UPDATE ... WHERE version = :v``)
+first, and the history, outbox and inbox rows only ``FROM`` its ``RETURNING``, so a version
+conflict writes nothing at all. The inbox row is a plain insert: a duplicate message violates
+its primary key, which aborts the whole statement (nothing written) and is reported as
+:class:`~sagas_abstractions.DuplicateMessage`. A batch of changes is one transaction of such
+statements. Values travel as JSON (pydantic dumps them; ``jsonb_populate_record`` maps them to
+columns), message bodies as one ``bytea[]``.
+
+Connections are opened through the engine's pool (same URL, connect arguments and events) and
+then detached from it, so the pool's own limits stay free for the other, rarer queries. They
+are not pinged before use (a round trip each): an idle connection whose socket is readable has
+heard from the server, and for an idle connection that means the backend went away (a
+terminated backend sends its farewell and closes the socket), so it is dropped and replaced
+before it is used. A connection that fails during a statement is dropped too.
+"""
+
+# Statements are built from table names only (the prefix is validated as an identifier and
+# quoted); every value is a bound parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import psycopg
+from psycopg import pq
+from pydantic import TypeAdapter, ValidationError
+
+from sagas_abstractions import (
+    ConcurrencyConflict,
+    DuplicateMessage,
+    Envelope,
+    HistoryEntry,
+    OutboxRecord,
+    SagaChange,
+    SagaInstance,
+    StoreError,
+)
+from sagas_sqlalchemy.engine import has_pending_input
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Mapping
+
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
+    from sagas_sqlalchemy.tables import SagaTables
+
+__all__ = ["PgLane", "PgStatements", "is_psycopg"]
+
+Connection = psycopg.AsyncConnection[Any]
+
+_HISTORY = TypeAdapter(list[HistoryEntry])
+_ENVELOPES = TypeAdapter(list[Envelope])
+_NO_BODY = {"__all__": {"body"}}
+
+# PostgreSQL SQLSTATEs that mean "another transaction got in the way; try again".
+_RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+_UNIQUE_VIOLATION = "23505"
+
+
+def is_psycopg(engine: AsyncEngine) -> bool:
+    """Whether the engine talks to PostgreSQL through psycopg 3 (the hot path's driver)."""
+    return engine.dialect.name == "postgresql" and engine.dialect.driver == "psycopg"
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class PgStatements:
+    """The hot statements of one table prefix, built once."""
+
+    def __init__(self, tables: SagaTables) -> None:
+        self.tables = tables
+        inst, hist, outbox, inbox = (
+            _q(table.name)
+            for table in (tables.instances, tables.history, tables.outbox, tables.inbox)
+        )
+        self.inbox_table = tables.inbox.name
+        fields = list(SagaInstance.model_fields)
+        missing = [name for name in fields if name not in tables.instances.c]
+        if missing:  # pragma: no cover - a model field without a column is a schema bug
+            raise RuntimeError(f"saga instance fields without a column: {missing}")
+        model_columns = ", ".join(_q(name) for name in fields)
+        # Every column but the key, from the instance's JSON: the claim columns are absent
+        # from it, so they come out NULL (a new version releases the deadline claim).
+        written = [name for name in fields if name != "saga_id"]
+        full_set = [*written, "next_deadline_at", "deadline_claimed_by", "deadline_claimed_until"]
+        full_values = [
+            *(f"r.{_q(name)}" for name in written),
+            "%(next)s::timestamptz",
+            "r.deadline_claimed_by",
+            "r.deadline_claimed_until",
+        ]
+        status_set = [
+            "status",
+            "error",
+            "wait",
+            "deadline_at",
+            "next_deadline_at",
+            "version",
+            "updated_at",
+            "deadline_claimed_by",
+            "deadline_claimed_until",
+        ]
+        status_values = [
+            "%(next)s::timestamptz" if name == "next_deadline_at" else f"r.{_q(name)}"
+            for name in status_set
+        ]
+        doc = f"jsonb_populate_record(NULL::{inst}, %(doc)s::jsonb) AS r"
+        where = "t.saga_id = %(id)s::text AND t.version = %(expected)s::integer"
+
+        def update(columns: list[str], values: list[str]) -> str:
+            return (
+                f"UPDATE {inst} AS t SET ({', '.join(_q(c) for c in columns)}) = "
+                f"(SELECT {', '.join(values)} FROM {doc}) WHERE {where} RETURNING t.saga_id"
+            )
+
+        self._row = {
+            "insert": (
+                f"INSERT INTO {inst} ({model_columns}, next_deadline_at) "
+                f"SELECT {', '.join(f'r.{_q(name)}' for name in fields)}, "
+                f"%(next)s::timestamptz FROM {doc} "
+                "ON CONFLICT (saga_id) DO NOTHING RETURNING saga_id"
+            ),
+            "update": update(full_set, full_values),
+            "status": update(status_set, status_values),
+            # The saga row stays as it is, but the version check (and its row lock) holds.
+            "touch": (
+                f"UPDATE {inst} AS t SET version = t.version WHERE {where} RETURNING t.saga_id"
+            ),
+        }
+        history_columns = ", ".join(
+            _q(column.name) for column in tables.history.c if column.name != "id"
+        )
+        history_values = ", ".join(
+            f"r.{_q(column.name)}" for column in tables.history.c if column.name != "id"
+        )
+        tail = f"""
+, h AS (
+    INSERT INTO {hist} ({history_columns})
+    SELECT {history_values} FROM jsonb_populate_recordset(NULL::{hist}, %(history)s::jsonb) AS r
+    WHERE EXISTS (SELECT FROM s)
+), k AS (
+    SELECT %(owner)s::text IS NOT NULL AND NOT EXISTS (
+        SELECT FROM {outbox} AS p
+        WHERE p.saga_id = %(id)s::text AND p.sent_at IS NULL
+          AND p.claimed_by IS DISTINCT FROM %(owner)s::text
+    ) AS ok
+), o AS (
+    INSERT INTO {outbox} (saga_id, route, key, message_id, message_type, correlation_id,
+                          reply_to, headers, body, timestamp, created_at, attempts,
+                          claimed_by, claimed_until)
+    SELECT %(id)s::text, x.e->>'route', x.e->>'key', x.e->>'message_id', x.e->>'message_type',
+           x.e->>'correlation_id', x.e->>'reply_to', x.e->'headers',
+           (%(bodies)s::bytea[])[x.n], (x.e->>'timestamp')::timestamptz,
+           %(at)s::timestamptz, 0,
+           CASE WHEN k.ok THEN %(owner)s::text END,
+           CASE WHEN k.ok THEN %(until)s::timestamptz END
+    FROM jsonb_array_elements(%(outbox)s::jsonb) WITH ORDINALITY AS x(e, n) CROSS JOIN k
+    WHERE EXISTS (SELECT FROM s)
+    ORDER BY x.n
+    RETURNING id, claimed_by
+), i AS (
+    INSERT INTO {inbox} (consumer, message_id, processed_at)
+    SELECT %(consumer)s::text, %(message)s::text, %(at)s::timestamptz
+    FROM s WHERE %(consumer)s::text IS NOT NULL
+)
+SELECT (SELECT count(*) FROM s),
+       (SELECT version FROM {inst} WHERE saga_id = %(id)s::text),
+       (SELECT array_agg(id ORDER BY id) FROM o),
+       (SELECT count(*) FROM o WHERE claimed_by IS NOT NULL)
+"""
+        self.save = {kind: f"WITH s AS ({row}){tail}" for kind, row in self._row.items()}
+        self.load = (
+            f"SELECT to_json(r)::text FROM (SELECT {model_columns} FROM {inst} "
+            "WHERE saga_id = %s::text) AS r"
+        )
+        self.mark_sent = (
+            f"UPDATE {outbox} SET sent_at = %s::timestamptz, claimed_by = NULL, "
+            "claimed_until = NULL WHERE id = ANY(%s::bigint[])"
+        )
+        self.claim_due = f"""
+UPDATE {inst} AS t SET deadline_claimed_by = %(owner)s::text,
+                       deadline_claimed_until = %(until)s::timestamptz
+WHERE t.saga_id IN (
+    SELECT c.saga_id FROM {inst} AS c
+    WHERE c.next_deadline_at <= %(now)s::timestamptz
+      AND (c.deadline_claimed_until IS NULL OR c.deadline_claimed_until <= %(now)s::timestamptz
+           OR c.deadline_claimed_by = %(owner)s::text)
+    ORDER BY c.next_deadline_at, c.saga_id
+    LIMIT %(limit)s::integer
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING to_json(t)::text
+"""
+
+    def save_params(
+        self, change: SagaChange, *, owner: str | None, until: datetime | None
+    ) -> tuple[str, dict[str, Any]]:
+        """The statement and parameters writing one change."""
+        instance = change.instance
+        if change.status_only:
+            if change.expected_version is None:
+                raise ValueError("a status_only change updates a saga: set expected_version")
+            kind = "status"
+        elif change.expected_version is None:
+            kind = "insert"
+        elif instance.version > change.expected_version:
+            kind = "update"
+        else:
+            kind = "touch"
+        _refuse_naive(
+            instance.created_at,
+            instance.updated_at,
+            instance.deadline_at,
+            instance.saga_deadline_at,
+            *(entry.at for entry in change.history),
+            *(envelope.timestamp for envelope in change.outbox),
+        )
+        inbox = change.inbox
+        return self.save[kind], {
+            "id": instance.saga_id,
+            "expected": change.expected_version,
+            "doc": instance.model_dump_json(),
+            "next": instance.next_deadline_at,
+            "history": _HISTORY.dump_json(list(change.history)).decode(),
+            "outbox": _ENVELOPES.dump_json(list(change.outbox), exclude=_NO_BODY).decode(),
+            "bodies": [envelope.body for envelope in change.outbox],
+            "at": instance.updated_at,
+            "owner": owner,
+            "until": until,
+            "consumer": None if inbox is None else inbox.consumer,
+            "message": None if inbox is None else inbox.message_id,
+        }
+
+
+def _refuse_naive(*moments: datetime | None) -> None:
+    for moment in moments:
+        if moment is not None and moment.tzinfo is None:
+            raise StoreError(f"naive datetime {moment!r}: sagas stores timezone-aware UTC only")
+
+
+class PgLane:
+    """The store's own psycopg connections for the hot statements.
+
+    Args:
+        engine: Opens the connections (through its pool, then detached from it).
+        size: At most this many connections, and so statements, at once.
+    """
+
+    def __init__(self, engine: AsyncEngine, size: int) -> None:
+        self._engine = engine
+        self._idle: list[Connection] = []
+        self._slots = asyncio.Semaphore(max(1, size))
+        self._open: set[Connection] = set()
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A live connection in autocommit mode, idle (no transaction open), for one use."""
+        await self._slots.acquire()
+        conn: Connection | None = None
+        try:
+            conn = await self._take()
+            yield conn
+        except (psycopg.OperationalError, psycopg.InterfaceError, OSError):
+            if conn is not None:
+                await self._drop(conn)  # the link is gone or in doubt: never reuse it
+                conn = None
+            raise
+        finally:
+            if conn is not None:
+                if _idle(conn):
+                    self._idle.append(conn)
+                else:
+                    await self._drop(conn)
+            self._slots.release()
+
+    async def _take(self) -> Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if _idle(conn) and not _heard_from_server(conn):
+                return conn
+            await self._drop(conn)
+        return await self._connect()
+
+    async def _connect(self) -> Connection:
+        fairy = await self._engine.raw_connection()
+        conn = cast("Connection", fairy.driver_connection)
+        fairy.detach()  # ours now: the pool neither counts nor closes it
+        self._open.add(conn)
+        try:
+            await conn.rollback()  # the pool may hand it over inside a transaction
+            await conn.set_autocommit(True)
+            # JSON renders timestamps in the session time zone; sagas reads them back in UTC.
+            await conn.execute("SET TIME ZONE 'UTC'")
+        except BaseException:
+            await self._drop(conn)
+            raise
+        return conn
+
+    async def _drop(self, conn: Connection) -> None:
+        self._open.discard(conn)
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+    async def close(self) -> None:
+        """Close every connection (those in use are closed as they come back)."""
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self._drop(conn)
+        for conn in list(self._open):
+            if conn not in idle:
+                self._open.discard(conn)
+                with contextlib.suppress(Exception):
+                    await conn.close()
+
+
+def _idle(conn: Connection) -> bool:
+    if conn.closed or conn.broken:
+        return False
+    return conn.pgconn.transaction_status == pq.TransactionStatus.IDLE
+
+
+def _heard_from_server(conn: Connection) -> bool:
+    """Whether an idle connection's socket has something to read (no round trip)."""
+    try:
+        fd = conn.pgconn.socket
+    except psycopg.Error:
+        return True
+    return has_pending_input(fd)
+
+
+async def execute_change(
+    conn: Connection,
+    statements: PgStatements,
+    change: SagaChange,
+    *,
+    owner: str | None,
+    until: datetime | None,
+) -> list[OutboxRecord]:
+    """Write one change; returns the records it leased to ``owner``.
+
+    Raises:
+        ConcurrencyConflict: The saga moved on (or, for an insert, exists); nothing written.
+        DuplicateMessage: The inbox has the message already; nothing written.
+        psycopg.Error: Anything else (the caller translates it).
+    """
+    query, params = statements.save_params(change, owner=owner, until=until)
+    instance = change.instance
+    try:
+        cursor = await conn.execute(query, params)
+    except psycopg.errors.UniqueViolation as error:
+        if change.inbox is not None and error.diag.table_name == statements.inbox_table:
+            raise DuplicateMessage(
+                consumer=change.inbox.consumer,
+                message_id=change.inbox.message_id,
+                saga_id=instance.saga_id,
+            ) from error
+        raise
+    row = await cursor.fetchone()
+    assert row is not None  # noqa: S101 - the statement always returns one row
+    written, stored, ids, leased = row
+    if not written:
+        raise ConcurrencyConflict(
+            saga_id=instance.saga_id,
+            expected_version=change.expected_version,
+            actual_version=stored,
+            saga_type=instance.saga_type,
+        )
+    if not ids or not leased:
+        return []
+    return [
+        OutboxRecord.model_construct(
+            id=row_id,
+            saga_id=instance.saga_id,
+            envelope=envelope,
+            created_at=instance.updated_at,
+            attempts=0,
+        )
+        for row_id, envelope in zip(ids, change.outbox, strict=True)
+    ]
+
+
+def retryable(error: psycopg.Error) -> bool:
+    """Whether the error is a deadlock or serialization failure (reload and reapply)."""
+    return error.sqlstate in _RETRYABLE_SQLSTATES
+
+
+def parse_instance(
+    text: str, fallback: Callable[[Mapping[Any, Any]], SagaInstance]
+) -> SagaInstance:
+    """The saga from its row as JSON; ``fallback`` names the problem when it does not parse."""
+    try:
+        return SagaInstance.model_validate_json(text)
+    except ValidationError:
+        return fallback(json.loads(text))
+
+
+def unique_violation(error: psycopg.Error) -> bool:
+    """Whether the error is a unique-key violation."""
+    return error.sqlstate == _UNIQUE_VIOLATION
+
+
+def as_timestamp(value: str | None) -> datetime | None:
+    """A timestamp from its JSON rendering (for sorting rows read as JSON)."""
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def store_error(message: str, error: BaseException, **context: Any) -> StoreError:
+    """A :class:`StoreError` naming the driver error's first line."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else "no details"
+    return StoreError(f"{message}: {type(error).__name__}: {first}", **context)

@@ -1,0 +1,73 @@
+"""Connections that die under the store: a terminated backend never fails the next operation.
+
+On PostgreSQL through psycopg the store checks connections without a round trip (no
+``pool_pre_ping``): an idle connection whose backend was terminated is found out and replaced,
+both among the store's own hot-path connections and in the engine's pool.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import sqlalchemy as sa
+
+from sagas_sqlalchemy import SqlSagaStore, create_engine
+from tests.contracts.store_contract import insert, make_envelope, make_instance, update
+from tests.integration.sqlalchemy.sql_support import sql_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+
+@pytest.fixture
+def application() -> str:
+    return f"sagas-test-{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def store(postgres_url: str, application: str) -> AsyncIterator[SqlSagaStore]:
+    url = sa.make_url(postgres_url).update_query_dict({"application_name": application})
+    async with sql_store(url.render_as_string(hide_password=False)) as store:
+        yield store
+
+
+async def terminate(postgres_url: str, application: str) -> int:
+    engine = create_engine(postgres_url)
+    try:
+        async with engine.begin() as conn:
+            killed = await conn.scalar(
+                sa.text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE application_name = :name"
+                ),
+                {"name": application},
+            )
+    finally:
+        await engine.dispose()
+    return int(killed or 0)
+
+
+def test_psycopg_engines_check_connections_without_a_ping(postgres_url: str) -> None:
+    engine = create_engine(sa.make_url(postgres_url).set(drivername="postgresql+psycopg"))
+    assert engine.pool._pre_ping is False
+    asyncpg = create_engine(sa.make_url(postgres_url).set(drivername="postgresql+asyncpg"))
+    assert asyncpg.pool._pre_ping is True
+
+
+async def test_every_operation_after_the_backends_were_terminated_succeeds(
+    store: SqlSagaStore, postgres_url: str, application: str
+) -> None:
+    saga = make_instance()
+    await store.save([insert(saga, outbox=[make_envelope("m-1")])])
+    assert await store.find()  # a pooled (SQLAlchemy Core) connection exists too
+
+    assert await terminate(postgres_url, application) >= 2  # the store's and the pool's
+
+    assert await store.load(saga.saga_id) == saga
+    assert [found.saga_id for found in await store.find()] == [saga.saga_id]
+    await store.save([update(saga)])
+    loaded = await store.load(saga.saga_id)
+    assert loaded is not None
+    assert loaded.version == 2
+    assert await store.pending_count() == 1

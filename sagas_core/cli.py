@@ -6,7 +6,9 @@ import asyncio
 import getpass
 import importlib
 import re
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import typer
@@ -37,6 +39,17 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
+
+
+@app.callback()
+def _main() -> None:
+    """Durable saga orchestration: run workers, inspect and repair sagas."""
+    # Like uvicorn: `module:attribute` targets resolve from the directory the command runs in
+    # (a console script, unlike `python -m`, does not put it on the import path).
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+
+
 errors = Console(stderr=True)
 
 T = TypeVar("T")
@@ -144,7 +157,12 @@ def participant(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="Participants as module:attribute."),
 ) -> None:
-    """Run participants (module:attribute) as their own process over RabbitMQ."""
+    """Run participants (module:attribute) as their own process over RabbitMQ.
+
+    Options, after the target: --url, --prefix, --concurrency, --group, --delivery-limit, --classic.
+
+    Defaults from SAGAS_AMQP_URL and SAGAS_RABBITMQ_PREFIX. Prints "ready"; SIGTERM drains.
+    """
     try:
         host = importlib.import_module("sagas_rabbitmq.host")
     except ImportError as exc:

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sagas_core.participant import Participant
@@ -55,7 +56,17 @@ async def load_participants(target: str) -> list[Participant]:
     module_name, sep, attribute = target.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"target must be 'module:attribute', got {target!r}")
-    value: object = getattr(importlib.import_module(module_name), attribute)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"cannot import {module_name!r}: {exc} (run from the directory that holds it, or "
+            "set PYTHONPATH)"
+        ) from exc
+    try:
+        value: object = getattr(module, attribute)
+    except AttributeError as exc:
+        raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from exc
     if callable(value) and not isinstance(value, Participant):
         value = value()
         if inspect.isawaitable(value):
@@ -146,11 +157,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
 
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # like uvicorn: module:attribute from where it runs
+
     async def run() -> None:
         participants = await load_participants(options.target)
         await serve(participants, settings, concurrency=options.concurrency, on_ready=ready)
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
     return 0
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from pydantic import BaseModel
 from typer.testing import CliRunner
@@ -75,3 +79,32 @@ def test_cli_errors_keep_the_bracketed_saga_context_rich_would_take_for_markup()
     with cli.errors.capture() as captured:
         cli._fail("cannot resolve a running saga [saga='shop', id='o-7']")
     assert "[saga='shop', id='o-7']" in captured.get()
+
+
+def test_console_script_targets_resolve_from_the_current_directory(tmp_path: Path) -> None:
+    # A console script (unlike `python -m`) has no current directory on its import path.
+    (tmp_path / "shop.py").write_text("from sagas_core import Participant\np = Participant('x')\n")
+    script = Path(sys.executable).with_name("sagas")
+
+    missing = subprocess.run(
+        [str(script), "participant", "shop:nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    nowhere = subprocess.run(
+        [str(script), "participant", "nomodule:p"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert missing.returncode == 2
+    assert "'shop' has no attribute 'nope'" in missing.stderr  # shop.py itself was imported
+    assert nowhere.returncode == 2
+    assert "cannot import 'nomodule'" in nowhere.stderr
+    assert "Traceback" not in nowhere.stderr

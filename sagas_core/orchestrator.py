@@ -13,6 +13,7 @@ import contextlib
 import logging
 import random
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
@@ -52,6 +53,7 @@ from sagas_abstractions import (
     StepSucceeded,
     UnknownSagaType,
 )
+from sagas_abstractions.ports import OutboxHandoff
 from sagas_core.codec import (
     decode_reply,
     encode_command,
@@ -76,6 +78,7 @@ if TYPE_CHECKING:
     from sagas_abstractions import Clock
     from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import EventTrigger, SagaDefinition
+    from sagas_core.relay import OutboxRelay
 
 __all__ = [
     "CommitListener",
@@ -190,6 +193,12 @@ class Orchestrator:
         breaker: Defers commands to destinations whose circuit is open (off when ``None``).
         telemetry: Spans and metrics (:meth:`Telemetry.default`, the global providers, when
             ``None``).
+        instance_cache: How many active sagas it saved last the orchestrator keeps in memory
+            (least recently saved out first), to decide their next input without loading them
+            first; 0 loads every time. The version check of the save finds an entry that went
+            stale (another worker moved the saga on): it is dropped, loaded and decided again.
+            Edit a saga's stored row by hand only with its ``version`` raised, so a worker that
+            keeps it notices.
     """
 
     def __init__(
@@ -204,6 +213,7 @@ class Orchestrator:
         id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
         breaker: CircuitBreaker | None = None,
         telemetry: Telemetry | None = None,
+        instance_cache: int = 0,
     ) -> None:
         self.store = store
         self.breaker = breaker
@@ -223,13 +233,32 @@ class Orchestrator:
         self.orphan_replies = orphan_replies
         self.id_factory = id_factory
         self.conflicts = 0
+        self.stale_cache = 0
+        """Saves refused because a kept instance had gone stale (reloaded, not conflicts)."""
+        self.instance_cache = max(0, instance_cache)
+        self._instances: OrderedDict[str, SagaInstance] = OrderedDict()
+        self._relay: OutboxRelay | None = None
+        self._handoff: OutboxHandoff | None = None
         self._listeners: list[CommitListener] = []
         self._changed = asyncio.Event()
         self._routes: tuple[int, EventRoutes] | None = None
 
     def add_listener(self, listener: CommitListener) -> None:
-        """Call ``listener`` after every commit (used to wake the outbox relay and waiters)."""
+        """Call ``listener`` after every commit (used to wake waiters)."""
         self._listeners.append(listener)
+
+    def use_relay(self, relay: OutboxRelay) -> None:
+        """Hand what each commit wrote to the outbox to ``relay``, this process's relay.
+
+        When the store offers :class:`~sagas_abstractions.ports.OutboxHandoff`, the records are
+        written already leased to the relay and handed to it in memory, so it publishes them
+        without a claim query (the claim stays the recovery path, should this process die
+        before publishing). Otherwise, and for records it could not lease, the relay is kicked
+        to claim them.
+        """
+        self._relay = relay
+        # Checked once here: a runtime-checkable protocol is slow to check on every save.
+        self._handoff = self.store if isinstance(self.store, OutboxHandoff) else None
 
     # ------------------------------------------------------------------ starting
 
@@ -295,7 +324,7 @@ class Orchestrator:
             )
             decision = decide(definition, None, event, circuits=self._circuits())
             try:
-                await self.store.save([self._change(decision, expected_version=None, inbox=None)])
+                handed = await self._save(self._change(decision, expected_version=None, inbox=None))
             except ConcurrencyConflict:
                 # Someone started the same id between our load and save: that start wins.
                 raced = await self.store.load(new_id)
@@ -303,7 +332,7 @@ class Orchestrator:
                     raise
                 return self._existing(raced, definition), False
             self.telemetry.decided(span, decision)
-            self._committed([decision.instance])
+            self._committed([decision.instance], claim=not handed)
             self._observe_decision(decision)
         _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
         return decision.instance, True
@@ -803,16 +832,31 @@ class Orchestrator:
         Wakes on local commits and polls the store (so it sees other workers' commits too).
 
         Raises:
-            TimeoutError: the saga did not settle within ``timeout`` seconds.
+            TimeoutError: the saga did not settle within ``timeout`` seconds; the message says
+                where it stands (status, step, what it waits for).
         """
-        async with asyncio.timeout(timeout):
-            while True:
-                instance = await self.get(saga_id)
-                if not instance.status.is_active:
-                    return instance
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), poll_interval)
+        instance: SagaInstance | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    instance = await self.get(saga_id)
+                    if not instance.status.is_active:
+                        return instance
+                    self._changed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), poll_interval)
+        except TimeoutError as exc:
+            where = "not found yet"
+            if instance is not None:
+                waiting = instance.wait.value if instance.wait else "-"
+                where = (
+                    f"{instance.status.value} at step {instance.current_step_name!r} "
+                    f"(attempt {instance.attempt}, waiting for {waiting})"
+                )
+            raise TimeoutError(
+                f"saga {saga_id} did not settle within {timeout:g}s: {where}; is the participant "
+                "for that step running, on the same broker and prefix?"
+            ) from exc
 
     # ------------------------------------------------------------------ the unit of work
 
@@ -833,8 +877,10 @@ class Orchestrator:
             DefinitionChanged: The saga started under another definition.
             ConcurrencyConflict: The conflicts outlasted the retries.
         """
-        for attempt in range(self.max_conflict_retries + 1):
-            instance = await self.store.load(saga_id)
+        attempt = 0
+        while attempt <= self.max_conflict_retries:
+            kept = self._instances.get(saga_id)
+            instance = kept if kept is not None else await self.store.load(saga_id)
             if instance is None or (saga_type is not None and instance.saga_type != saga_type):
                 raise SagaNotFound("no saga with this id", saga_id=saga_id, saga_type=saga_type)
             definition = self.registry.get(instance.saga_type, saga_id=saga_id)
@@ -854,18 +900,22 @@ class Orchestrator:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
                 try:
-                    await self.store.save(
-                        [self._change(decision, expected_version=instance.version, inbox=inbox)]
+                    handed = await self._save(
+                        self._change(decision, expected_version=instance.version, inbox=inbox)
                     )
                 except ConcurrencyConflict:
                     # A fresh load on the next loop: retrying on stale state can never succeed.
+                    if kept is not None:
+                        self.stale_cache += 1  # a kept instance went stale: no contention
+                        continue
                     await self._conflicted(attempt)
+                    attempt += 1
                     continue
                 except DuplicateMessage:
                     _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
                     return None
                 self.telemetry.decided(span, decision)
-                self._committed([decision.instance])
+                self._committed([decision.instance], claim=not handed)
                 self._observe_decision(decision)
                 return decision
         raise ConcurrencyConflict(
@@ -883,6 +933,9 @@ class Orchestrator:
         inbox: InboxEntry | None,
         status_only: bool = False,
     ) -> SagaChange:
+        if status_only:
+            # Written from a partial view of the row: never kept, and what is kept is stale.
+            self._instances.pop(decision.instance.saga_id, None)
         return SagaChange(
             instance=decision.instance,
             expected_version=expected_version,
@@ -946,7 +999,45 @@ class Orchestrator:
                 if destination is not None:
                     self.breaker.record_failure(destination, self.clock.now())
 
-    def _committed(self, instances: Sequence[SagaInstance]) -> None:
+    async def _save(self, change: SagaChange) -> bool:
+        """Save one change of the orchestrator's own deciding, and keep its saga in memory.
+
+        Returns:
+            Whether the relay got every outbox record of the change in hand (nothing to claim).
+        """
+        saga_id = change.instance.saga_id
+        relay, handoff = self._relay, self._handoff
+        try:
+            if relay is None or handoff is None or not change.outbox:
+                await self.store.save([change])
+                handed = not change.outbox
+            else:
+                until = self.clock.now() + relay.lease
+                leased = await handoff.save_leased([change], owner=relay.owner, until=until)
+                relay.hand_off(leased)
+                handed = len(leased) == len(change.outbox)
+        except DuplicateMessage:
+            raise  # nothing was written, and the version matched: what is kept still holds
+        except BaseException:
+            self._instances.pop(saga_id, None)
+            raise
+        self._keep(change.instance)
+        return handed
+
+    def _keep(self, instance: SagaInstance) -> None:
+        saga_id = instance.saga_id
+        if not self.instance_cache or not instance.status.is_active:
+            self._instances.pop(saga_id, None)  # a finished saga seldom hears again
+            return
+        self._instances[saga_id] = instance
+        self._instances.move_to_end(saga_id)
+        if len(self._instances) > self.instance_cache:
+            self._instances.popitem(last=False)
+
+    def _committed(self, instances: Sequence[SagaInstance], *, claim: bool = True) -> None:
+        """After a commit: wake the relay (to claim, unless it got the records in hand)."""
+        if claim and self._relay is not None:
+            self._relay.kick()
         self._changed.set()
         for listener in self._listeners:
             try:

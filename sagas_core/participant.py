@@ -54,6 +54,7 @@ from sagas_abstractions import (
     RouteKind,
     StepKind,
 )
+from sagas_core.builder import local_destination
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
     dead_lettered,
@@ -91,6 +92,8 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.participant")
+
+_LOCAL_PREFIX = local_destination("")
 
 C = TypeVar("C", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -373,8 +376,12 @@ class Participant:
         """Consume this destination's commands from ``bus`` and reply on it."""
         self.check_dependencies()
         self._bus = bus
-        if isinstance(self.idempotency, InMemoryIdempotencyStore) and not getattr(
-            bus, "in_process", False
+        if (
+            isinstance(self.idempotency, InMemoryIdempotencyStore)
+            and not getattr(bus, "in_process", False)
+            # A worker's own local steps: the user never made this participant, so the warning
+            # would name something they cannot find (docs/concepts/steps.md covers local steps).
+            and not self.destination.startswith(_LOCAL_PREFIX)
         ):
             # Over a real broker, commands outlive this process: a crash after an effect and
             # before the reply makes the redelivered command run again.

@@ -12,6 +12,7 @@ Example:
 
         assert saga.status is SagaStatus.COMPENSATED
         assert harness.commands(saga.saga_id) == [
+            "order-processing.price-order",  # the local step, as <saga>.<step>
             "ReserveInventory", "ProcessPayment", "ReleaseInventory",
         ]
         assert await harness.compensated_steps(saga.saga_id) == ["reserve-inventory"]

@@ -745,8 +745,13 @@ async def test_wait_for_raises_timeout_error_when_the_saga_does_not_settle(
 ) -> None:
     await start(orchestrator)
 
-    with pytest.raises(TimeoutError):
+    with pytest.raises(TimeoutError) as timed_out:
         await orchestrator.wait_for("saga-1", timeout=0.05, poll_interval=0.01)
+    assert str(timed_out.value) == (
+        "saga saga-1 did not settle within 0.05s: running at step 'reserve' (attempt 1, "
+        "waiting for reply); is the participant for that step running, on the same broker and "
+        "prefix?"
+    )
 
 
 async def test_commit_listeners_see_each_commit_and_cannot_undo_it(

@@ -50,18 +50,38 @@ class _Queue:
     consumers: int = 0
 
 
+class _Consumer:
+    """One consuming task; ``busy`` while it handles a message, ``stopping`` once closed."""
+
+    __slots__ = ("busy", "stopping", "task")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.stopping = False
+        self.task: asyncio.Task[None] | None = None
+
+
 class _MemorySubscription:
-    def __init__(self, bus: InMemoryBus, tasks: list[asyncio.Task[None]]) -> None:
+    def __init__(self, bus: InMemoryBus, consumers: list[_Consumer]) -> None:
         self._bus = bus
-        self._tasks = tasks
+        self._consumers = consumers
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
+        # Like a broker consumer: stop taking messages, let the ones being handled finish (up
+        # to the bus's close timeout), then cancel what is left (its message goes back).
+        tasks = [c.task for c in self._consumers if c.task is not None]
+        for consumer in self._consumers:
+            consumer.stopping = True
+            if not consumer.busy and consumer.task is not None:
+                consumer.task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self._bus.close_timeout)
+            for task in pending:
+                task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
+        self._consumers.clear()
 
 
 class InMemoryBus:
@@ -185,33 +205,28 @@ class InMemoryBus:
         else:
             queue = self._queue((route, key))
         queue.consumers += 1
-        tasks = [
-            asyncio.create_task(self._consume(queue, handler), name=f"memory-bus:{route}:{key}")
-            for _ in range(concurrency)
-        ]
-        subscription = _MemorySubscription(self, tasks)
+        consumers = [_Consumer() for _ in range(concurrency)]
+        for consumer in consumers:
+            consumer.task = asyncio.create_task(
+                self._consume(queue, handler, consumer), name=f"memory-bus:{route}:{key}"
+            )
+        subscription = _MemorySubscription(self, consumers)
         self._subscriptions.append(subscription)
         return subscription
 
-    async def _consume(self, queue: _Queue, handler: MessageHandler) -> None:
+    async def _consume(self, queue: _Queue, handler: MessageHandler, consumer: _Consumer) -> None:
+        # The handler runs in this task (no task per message): close() cancels the consumer
+        # only while it waits for a message, and waits while it handles one.
         try:
-            while True:
+            while not consumer.stopping:
                 delivery = await queue.messages.get()
+                consumer.busy = True
                 self._in_flight += 1
-                handling = asyncio.ensure_future(self._handle(queue, handler, delivery))
                 try:
-                    await asyncio.shield(handling)
-                except asyncio.CancelledError:
-                    # Closing: like a broker consumer, let the message being handled finish
-                    # (acked or handed back) before stopping; cancel it only past the bound.
-                    await asyncio.wait({handling}, timeout=self.close_timeout)
-                    if not handling.done():
-                        handling.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await handling
-                    raise
+                    await self._handle(queue, handler, delivery)
                 finally:
                     self._in_flight -= 1
+                    consumer.busy = False
         finally:
             queue.consumers -= 1
 

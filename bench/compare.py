@@ -53,10 +53,16 @@ def ratio(ours: float, raw: float) -> str:
     return f"{ours / raw:.2f}"
 
 
+def _load1(row: Row) -> str:
+    """The one-minute load average when the row was measured."""
+    return str(row.get("load", "?")).split(" ")[0]
+
+
 def ratios(ours: list[Row], raw: list[Row]) -> str:
     head = (
         f"{'in-flight':>9} {'ours/s':>8} {'raw/s':>8} {'ours/raw':>8} "
-        f"{'step p99 ours':>13} {'raw':>6} {'ratio':>6} {'cpu us/step ours':>16} {'raw':>6}"
+        f"{'step p99 ours':>13} {'raw':>6} {'ratio':>6} {'cpu us/step ours':>16} {'raw':>6} "
+        f"{'load ours':>9} {'raw':>5}"
     )
     lines = [head, "-" * len(head)]
     by_level = {row["level"]: row for row in raw}
@@ -71,7 +77,8 @@ def ratios(ours: list[Row], raw: list[Row]) -> str:
             f"{ratio(row['sagas_per_s'], base['sagas_per_s']):>8} "
             f"{row['step_p99_ms']:>13.1f} {base['step_p99_ms']:>6.1f} "
             f"{ratio(row['step_p99_ms'], base['step_p99_ms']):>6} "
-            f"{ours_cpu:>16.0f} {raw_cpu:>6.0f}"
+            f"{ours_cpu:>16.0f} {raw_cpu:>6.0f} "
+            f"{_load1(row):>9} {_load1(base):>5}"
         )
     return "\n".join(lines)
 
@@ -82,6 +89,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sagas", type=int, default=300)
     parser.add_argument("--json", default=str(Path(tempfile.gettempdir()) / "sagas-bench.json"))
     parser.add_argument("--inmemory", action="store_true", help="also run inmemory_overhead")
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio"),
+        default="auto",
+        help="ours' event loop (auto: uvloop when installed); raw always runs plain asyncio",
+    )
     args = parser.parse_args(argv)
     raw: list[Row] = []
     ours: list[Row] = []
@@ -90,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for level in args.levels.split(","):
             out = Path(directory) / f"{level}.json"
             raw += run_side("bench.raw_baseline", level, args.sagas, out)
-            ours += run_side("bench.throughput", level, args.sagas, out)
+            ours += run_side("bench.throughput", level, args.sagas, out, "--loop", args.loop)
     print("\n== ours / raw, measured side by side")
     print(ratios(ours, raw))
     payload: dict[str, Any] = {"machine": machine(), "raw": raw, "ours": ours}

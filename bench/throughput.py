@@ -64,6 +64,7 @@ from bench.support.remote import SAGA, WAITING_SAGA, BenchData, bench_saga, wait
 from sagas_abstractions import Envelope, ReplyMessage, ReplyStatus, RouteKind, SagaStatus
 from sagas_core import SagaRuntime
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
+from sagas_core.runtime import run_event_loop
 from sagas_rabbitmq import RabbitBus
 from sagas_rabbitmq.testing import sweep, unique_prefix
 from sagas_sqlalchemy import SqlSagaStore
@@ -162,7 +163,7 @@ class Bench:
         await self.store.initialize()
         self.participants = await Child.start(
             "participants",
-            "sagas_rabbitmq.host",
+            "bench.support.participant_host",  # sagas_rabbitmq.host, on uvloop when installed
             "bench.support.remote:participants",
             "--url",
             self.args.amqp_url,
@@ -170,6 +171,7 @@ class Bench:
             self.prefix,
             "--concurrency",
             str(PARTICIPANT_CONCURRENCY),
+            env={"BENCH_LOOP": self.args.loop},
         )
         self.bus = await RabbitBus.connect(self.args.amqp_url, prefix=self.prefix)
         original = self.bus.publish
@@ -337,6 +339,7 @@ class Bench:
             "SAGAS_RABBITMQ_PREFIX": self.prefix,
             "SAGAS_CONCURRENCY": str(max(self.args.levels)),
             "SAGAS_LOG_LEVEL": "WARNING",
+            "BENCH_LOOP": self.args.loop,
             "BENCH_STATS_FILE": str(stats),
         }
         self.worker = await Child.start(
@@ -417,6 +420,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0.05,
         help="seconds between deadline polls (SagaRuntime's default: 0.05)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=("auto", "asyncio"),
+        default="auto",
+        help="event loop of this process and the participants (auto: uvloop when installed)",
+    )
     parser.add_argument("--database-url", default=DATABASE_URL)
     parser.add_argument("--amqp-url", default=AMQP_URL)
     parser.add_argument("--json", help="write the results here")
@@ -441,7 +450,10 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
-    results, meta = asyncio.run(run(args))
+    if args.loop == "asyncio":
+        results, meta = asyncio.run(run(args))
+    else:
+        results, meta = run_event_loop(run(args))
     if profiler is not None:
         profiler.disable()
         profiler.dump_stats(args.profile)

@@ -22,6 +22,7 @@ from sagas_core.clock import SystemClock
 from sagas_core.embedded import close_store
 from sagas_core.host import SagaHost, load_host, open_settings_store
 from sagas_core.orchestrator import Orchestrator
+from sagas_core.runtime import run_event_loop
 from sagas_core.settings import SagasSettings, SettingsError, load_settings
 from sagas_core.telemetry import configure_from_env
 from sagas_core.worker import configure_logging, run_worker
@@ -149,7 +150,7 @@ def worker(
         raise _fail(str(exc)) from exc
     configure_logging(host.settings.log_level, host.settings.log_format)
     configure_from_env("sagas-worker")  # the standard OTEL_* variables, when they are set
-    raise typer.Exit(asyncio.run(run_worker(host)))
+    raise typer.Exit(run_event_loop(run_worker(host)))  # on uvloop when installed
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import (
     Envelope,
@@ -33,7 +33,7 @@ from sagas_core.testing.store import InMemorySagaStore
 from sagas_core.timeouts import TimeoutService
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Coroutine, Iterable, Mapping
     from types import TracebackType
 
     from pydantic import BaseModel
@@ -42,9 +42,26 @@ if TYPE_CHECKING:
     from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import SagaDefinition
 
-__all__ = ["SagaRuntime"]
+__all__ = ["SagaRuntime", "run_event_loop"]
 
 _log = logging.getLogger("sagas.runtime")
+
+T = TypeVar("T")
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to the end like :func:`asyncio.run`, on uvloop when it is installed.
+
+    uvloop (``pip install 'sagas[fast]'``) runs the same asyncio code with a faster event loop;
+    the event loop is a good part of a worker's CPU per message. Without it, asyncio's own
+    loop is used. ``sagas worker`` runs on this.
+    """
+    try:
+        import uvloop  # noqa: PLC0415 - optional: the fast extra
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 class SagaRuntime:
@@ -64,16 +81,20 @@ class SagaRuntime:
         group: The orchestrator group (names the reply queue).
         concurrency: Replies handled at once.
         timeout_interval: Seconds between deadline polls.
-        relay_poll_interval: Seconds between outbox polls when idle and not kicked.
+        relay_poll_interval: Seconds between outbox polls when idle and not kicked. The
+            records this process commits need no poll: they are handed to its relay at once.
         relay_lease: Seconds an outbox claim keeps other relays away: after a crash, what the
-            dead process had claimed goes out again this long after (an in-process bus
-            publishes at once, so a few seconds are plenty there).
+            dead process had claimed (or committed and not yet published) goes out again this
+            long after (an in-process bus publishes at once, so a few seconds are plenty there).
         orphan_replies: What to do with replies for sagas that do not exist.
         breaker: Defers commands to destinations that keep failing (see ``sagas_core.circuit``).
         telemetry: Spans and metrics for the orchestrator, relay and participants that have
             none of their own (:meth:`Telemetry.default`, the global providers, when ``None``).
         telemetry_interval: Seconds between samples of the oldest active saga's age (a cheap
             store query, only while metrics are on).
+        instance_cache: How many active sagas the orchestrator keeps as it saved them last,
+            so their next input is decided without a load (see :class:`Orchestrator`); memory
+            stays bounded by it however many sagas are in flight. 0 turns it off.
 
     Example:
         ```python
@@ -101,6 +122,7 @@ class SagaRuntime:
         breaker: CircuitBreaker | None = None,
         telemetry: Telemetry | None = None,
         telemetry_interval: float = 15.0,
+        instance_cache: int = 2048,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -122,6 +144,7 @@ class SagaRuntime:
             orphan_replies=orphan_replies,
             breaker=breaker,
             telemetry=self.telemetry,
+            instance_cache=instance_cache,
         )
         self.orchestrator.messaging_system = messaging_system(self.bus)
         self.relay = OutboxRelay(
@@ -133,7 +156,7 @@ class SagaRuntime:
             telemetry=self.telemetry,
         )
         self.timeouts = TimeoutService(self.orchestrator, interval=timeout_interval)
-        self.orchestrator.add_listener(lambda _: self.relay.kick())
+        self.orchestrator.use_relay(self.relay)
         self._subscriptions: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()

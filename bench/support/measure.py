@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -48,6 +49,13 @@ def load_average() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def machine() -> dict[str, str]:
     """What the numbers were measured on."""
     memory = Path("/proc/meminfo").read_text(encoding="ascii").splitlines()[0].split()[1]
@@ -67,6 +75,7 @@ def machine() -> dict[str, str]:
             "psql", "-h", "127.0.0.1", "-U", "postgres", "-Atc", "show server_version"
         ),
         "rabbitmq": run("rabbitmqctl", "-q", "version"),
+        "uvloop": _version("uvloop"),
         "load": load_average(),
     }
 

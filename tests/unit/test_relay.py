@@ -130,3 +130,94 @@ async def test_a_kick_that_arrives_during_an_empty_round_is_not_lost() -> None:
             await running
 
     assert [envelope.route for envelope in bus.published] == [RouteKind.COMMAND]
+
+
+# ---------------------------------------------------------------------- records handed over
+
+
+class CountingStore(InMemorySagaStore):
+    """Counts claims and mark-sent statements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claims = 0
+        self.marks: list[list[int]] = []
+
+    async def claim(
+        self, *, owner: str, limit: int, lease: timedelta, now: datetime
+    ) -> builtins.list[OutboxRecord]:
+        self.claims += 1
+        return await super().claim(owner=owner, limit=limit, lease=lease, now=now)
+
+    async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
+        self.marks.append(list(ids))
+        await super().mark_sent(ids, now=now)
+
+
+async def commit(
+    store: InMemorySagaStore, outbox: OutboxRelay, saga_id: str, *message_ids: str
+) -> list[OutboxRecord]:
+    """Commit a saga with messages leased to the relay, as the orchestrator does."""
+    return await store.save_leased(
+        [insert(make_instance(saga_id), outbox=[make_envelope(m, saga_id) for m in message_ids])],
+        owner=outbox.owner,
+        until=outbox.clock.now() + outbox.lease,
+    )
+
+
+async def test_handed_records_go_out_in_one_batch_and_are_marked_sent_in_one_statement() -> None:
+    store, bus = CountingStore(), InMemoryBus()
+    outbox = relay(store, bus, poll_interval=WAIT * 2)
+    outbox.hand_off(await commit(store, outbox, "saga-1", "m-1", "m-2"))
+    outbox.hand_off(await commit(store, outbox, "saga-2", "m-3"))
+    outbox._claim = False  # nothing else to look for: only what was handed over
+
+    running = asyncio.create_task(outbox.run())
+    try:
+        async with asyncio.timeout(WAIT):
+            while await store.pending_count():
+                await asyncio.sleep(0.005)
+    finally:
+        outbox.stop()
+        async with asyncio.timeout(WAIT):
+            await running
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-1", "m-2", "m-3"]
+    assert store.claims == 0
+    assert len(store.marks) == 1
+    assert sorted(store.marks[0]) == sorted(record.id for record in store.outbox_rows)
+    assert outbox.in_hand == 0
+
+
+async def test_a_record_handed_over_and_also_claimed_is_published_once() -> None:
+    store, bus = CountingStore(), InMemoryBus()
+    outbox = relay(store, bus)
+    records = await commit(store, outbox, "saga-1", "m-1")
+    outbox.hand_off(records)
+    outbox.hand_off(records)
+
+    assert await outbox.run_once() == 1  # the records in hand, no claim
+    assert await outbox.run_once() == 0  # a claim: nothing left
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-1"]
+    assert store.claims == 1
+
+
+async def test_later_records_of_a_saga_whose_handed_record_failed_wait_and_keep_the_order() -> None:
+    store, clock = CountingStore(), FakeClock()
+    bus = PickyBus(refused={"m-1"})
+    outbox = OutboxRelay(store=store, bus=bus, clock=clock, batch_size=1)
+    outbox.hand_off(await commit(store, outbox, "saga-1", "m-1", "m-2"))
+    outbox.hand_off(await commit(store, outbox, "saga-2", "m-3"))
+
+    assert await outbox.run_once() == 0  # m-1 fails: released for later, m-2 dropped from hand
+    assert outbox.in_hand == 1  # m-3
+    assert await outbox.run_once() == 1  # m-3 (saga-2) is not held back
+    assert await outbox.run_once() == 0  # m-1 waits for its retry time, m-2 behind it
+    bus.refused.clear()
+    clock.advance(timedelta(seconds=10))
+    assert await outbox.run_once() == 1  # claimed: m-1 (a batch is one record here)
+    assert await outbox.run_once() == 1  # then m-2, still leased to this relay
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-3", "m-1", "m-2"]
+    assert await store.pending_count() == 0

@@ -1,6 +1,7 @@
-"""The outbox across processes: competing relays share it without double publishing, and a
-relay that dies between publishing and marking sent has its records republished (same message
-ids) once its lease runs out.
+"""The outbox across processes: competing relays share it without double publishing, a relay
+that dies between publishing and marking sent has its records republished (same message ids)
+once its lease runs out, and so are the records a worker committed leased to its own relay
+when it dies before publishing them.
 
 Every relay here has its own store and engine, as separate worker processes would.
 """
@@ -24,10 +25,10 @@ from sagas_abstractions import (
     StepState,
     StoreError,
 )
-from sagas_core import OutboxRelay
+from sagas_core import Orchestrator, OutboxRelay
 from sagas_core.testing import FakeClock, InMemoryBus
 from sagas_sqlalchemy import SqlSagaStore
-from tests.integration.sqlalchemy.sql_support import sql_store, unique_prefix
+from tests.integration.sqlalchemy.sql_support import Tally, long_saga, sql_store, unique_prefix
 
 pytestmark = pytest.mark.integration
 
@@ -156,3 +157,35 @@ async def test_a_crash_after_publish_republishes_the_same_message_id_after_the_l
             "saga-1:1",
         ]
         assert await owner.pending_count() == 0
+
+
+async def test_records_committed_leased_to_a_relay_that_died_go_out_after_the_lease(
+    url: str,
+) -> None:
+    prefix = unique_prefix()
+    clock = FakeClock(T0)
+    async with sql_store(url, prefix=prefix) as store:
+        # The orchestrator of worker 1 commits and hands the records to its relay, then the
+        # process dies before the relay publishes anything.
+        orchestrator = Orchestrator(store=store, definitions=[long_saga(2)], clock=clock)
+        dead = OutboxRelay(
+            store=store, bus=InMemoryBus(), clock=clock, owner="worker-1", lease=LEASE
+        )
+        orchestrator.use_relay(dead)
+        saga = await orchestrator.start("long", Tally(), saga_id="saga-1")
+        assert dead.in_hand == await store.pending_count() > 0
+
+        survivor = SqlSagaStore.from_url(url, table_prefix=prefix)
+        try:
+            bus = InMemoryBus()
+            relay = OutboxRelay(store=survivor, bus=bus, clock=clock, owner="worker-2")
+            assert await relay.run_once() == 0  # the dead relay's lease still holds
+            clock.advance(LEASE + timedelta(seconds=1))
+            published = await relay.run_once()
+        finally:
+            await survivor.close()
+
+        assert published == dead.in_hand
+        commands = [e for e in bus.published if e.route is RouteKind.COMMAND]
+        assert [e.correlation_id for e in commands] == [saga.saga_id]
+        assert await store.pending_count() == 0

@@ -70,7 +70,7 @@ from sagas_rabbitmq.testing import sweep, unique_prefix
 from sagas_sqlalchemy import SqlSagaStore
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from sagas_core.engine import Decision
 
@@ -205,6 +205,7 @@ class Bench:
             bus=self.bus,
             concurrency=max(level, 8),
             timeout_interval=self.args.timeout_interval,
+            instance_cache=self.args.instance_cache,
         )
         orchestrator = runtime.orchestrator
         original = orchestrator.handle_reply
@@ -349,17 +350,23 @@ class Bench:
     async def memory(self) -> dict[str, float]:
         """RSS of this process with 100 and with 10,000 sagas waiting on replies."""
         readings: dict[str, float] = {}
-        runtime = SagaRuntime(sagas=[bench_saga, waiting_saga], store=self.store, bus=self.bus)
-        gate = asyncio.Semaphore(64)
-
-        async def start(index: int) -> None:
-            async with gate:
+        runtime = SagaRuntime(
+            sagas=[bench_saga, waiting_saga],
+            store=self.store,
+            bus=self.bus,
+            instance_cache=self.args.instance_cache,
+        )
+        async def starter(indexes: Iterator[int]) -> None:
+            for index in indexes:
                 await runtime.start_saga(WAITING_SAGA, BenchData(order_id=f"wait-{index}"))
 
         async with runtime:
             started = 0
             for target in (100, self.args.memory_sagas):
-                await asyncio.gather(*(start(i) for i in range(started, target)))
+                # 64 starters share the indexes: the driver holds 64 tasks, not one per saga
+                # (10,000 pending tasks would weigh more than what is measured).
+                indexes = iter(range(started, target))
+                await asyncio.gather(*(starter(indexes) for _ in range(64)))
                 started = target
                 async with asyncio.timeout(300):
                     while await self.store.pending_count():  # noqa: ASYNC110 - polls the database
@@ -425,6 +432,12 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "asyncio"),
         default="auto",
         help="event loop of this process and the participants (auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--instance-cache",
+        type=int,
+        default=2048,
+        help="sagas the orchestrator keeps in memory (SagaRuntime's default: 2048; 0: off)",
     )
     parser.add_argument("--database-url", default=DATABASE_URL)
     parser.add_argument("--amqp-url", default=AMQP_URL)

@@ -1008,7 +1008,7 @@ class Orchestrator:
         saga_id = change.instance.saga_id
         relay, handoff = self._relay, self._handoff
         try:
-            if relay is None or handoff is None or not change.outbox:
+            if relay is None or handoff is None or not change.outbox or not relay.accepts_hand_off:
                 await self.store.save([change])
                 handed = not change.outbox
             else:

@@ -54,6 +54,10 @@ class OutboxRelay:
         telemetry: Publish spans and outbox metrics (the global providers when ``None``).
         sample_interval: Seconds between outbox size samples (a count query), when metrics
             are on.
+        max_in_hand: At most this many records wait in memory to be published; while the
+            relay holds that many, commits write their records unleased and the relay claims
+            them from the outbox later, in batches (memory stays bounded when commits outpace
+            the broker).
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class OutboxRelay:
         backoff: ExponentialBackoff | None = None,
         telemetry: Telemetry | None = None,
         sample_interval: float = 5.0,
+        max_in_hand: int = 1000,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -82,6 +87,7 @@ class OutboxRelay:
         self.failures = 0
         self.telemetry = telemetry or Telemetry.default()
         self.sample_interval = sample_interval
+        self.max_in_hand = max_in_hand
         self._system = messaging_system(bus)
         self._sampled_at = float("-inf")
         self._wake = asyncio.Event()
@@ -112,6 +118,11 @@ class OutboxRelay:
                 self._queue.append(record)
         if records:
             self._wake.set()
+
+    @property
+    def accepts_hand_off(self) -> bool:
+        """Whether the relay takes more records in memory (see ``max_in_hand``)."""
+        return len(self._queue) < self.max_in_hand
 
     @property
     def in_hand(self) -> int:

@@ -274,3 +274,22 @@ async def test_a_runtime_publishes_what_it_commits_without_claim_queries() -> No
     assert store.claims == 1  # the relay's first round, at start: nothing was handed over yet
     assert await store.pending_count() == 0
     assert loads == 5  # one per start (does it exist?); the replies used the kept sagas
+
+
+async def test_while_the_relay_holds_its_maximum_commits_leave_their_records_to_the_claim() -> None:
+    store, clock = CountingStore(), FakeClock()
+    orch, relay, bus = with_relay(store, clock, max_in_hand=2)
+    await orch.start("order", Data(order_id="o-1"), saga_id="saga-1")  # command and event
+    assert relay.in_hand == 2
+    assert not relay.accepts_hand_off
+
+    await orch.start("order", Data(order_id="o-2"), saga_id="saga-2")
+
+    assert relay.in_hand == 2  # saga-2's records were written unleased: nothing more in memory
+    assert await relay.run_once() == 2  # what is in hand first
+    assert await relay.run_once() == 2  # then saga-2's, claimed
+    assert await store.pending_count() == 0
+    assert [decode_command(e).saga_id for e in bus.published if e.route is RouteKind.COMMAND] == [
+        "saga-1",
+        "saga-2",
+    ]

@@ -356,6 +356,7 @@ class Bench:
             bus=self.bus,
             instance_cache=self.args.instance_cache,
         )
+
         async def starter(indexes: Iterator[int]) -> None:
             for index in indexes:
                 await runtime.start_saga(WAITING_SAGA, BenchData(order_id=f"wait-{index}"))

@@ -151,6 +151,10 @@ class SagaRuntime:
             store=self.store,
             bus=self.bus,
             clock=self.clock,
+            # An in-process bus reaches this process only, so one relay per store can use it:
+            # a fixed name lets a restarted process take over what its predecessor held at once
+            # instead of after the lease.
+            owner=f"relay-in-process-{group}" if self._owns_bus else None,
             poll_interval=relay_poll_interval,
             lease=timedelta(seconds=relay_lease),
             telemetry=self.telemetry,

@@ -293,3 +293,18 @@ async def test_while_the_relay_holds_its_maximum_commits_leave_their_records_to_
         "saga-1",
         "saga-2",
     ]
+
+
+async def test_a_restarted_in_process_runtime_publishes_its_predecessors_records_at_once() -> None:
+    store = CountingStore()
+    dead = SagaRuntime(sagas=[LOCAL], store=store)  # never started: it dies after the commit
+    await dead.start_saga("local", Data(order_id="o-1"), saga_id="saga-1")
+    assert dead.relay.in_hand == await store.pending_count() > 0
+
+    # The in-process bus reaches one process only: its relay has a fixed name, so the next
+    # runtime on the store takes the leased records over without waiting for the lease.
+    async with SagaRuntime(sagas=[LOCAL], store=store, relay_lease=3600) as runtime:
+        done = await runtime.wait_for("saga-1", timeout=5)
+
+    assert done.status is SagaStatus.COMPLETED
+    assert runtime.relay.owner == dead.relay.owner

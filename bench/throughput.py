@@ -288,6 +288,7 @@ class Bench:
                     counter.checkouts,
                 )
                 conflicts = runtime.orchestrator.conflicts
+                stale = runtime.orchestrator.stale_cache
                 pids = {"orch": None, **self._child_pids()}
                 cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 saga_ms: list[float] = []
@@ -317,6 +318,7 @@ class Bench:
                 "commits_per_step": round((self.counter.commits - commits) / steps, 2),
                 "checkouts_per_step": round((self.counter.checkouts - checkouts) / steps, 2),
                 "conflicts_here": runtime.orchestrator.conflicts - conflicts,
+                "stale_cache_here": runtime.orchestrator.stale_cache - stale,
                 "replies_here": self.probe.replies,
             },
             load=load_average(),

@@ -53,7 +53,8 @@ from sagas_abstractions import (
 from sagas_sqlalchemy.engine import has_pending_input
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Mapping
+    from collections.abc import Callable, Mapping
+    from types import TracebackType
 
     from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -271,25 +272,29 @@ class PgLane:
         self._slots = asyncio.Semaphore(max(1, size))
         self._open: set[Connection] = set()
 
-    @contextlib.asynccontextmanager
-    async def connection(self) -> AsyncIterator[Connection]:
-        """A live connection in autocommit mode, idle (no transaction open), for one use."""
+    def connection(self) -> _Use:
+        """A live connection in autocommit mode, idle (no transaction open), for one use.
+
+        Use it as ``async with lane.connection() as conn``. A connection that failed with a
+        connection error, or comes back inside a transaction, is closed, not reused.
+        """
+        return _Use(self)
+
+    async def _checkout(self) -> Connection:
         await self._slots.acquire()
-        conn: Connection | None = None
         try:
-            conn = await self._take()
-            yield conn
-        except (psycopg.OperationalError, psycopg.InterfaceError, OSError):
-            if conn is not None:
-                await self._drop(conn)  # the link is gone or in doubt: never reuse it
-                conn = None
+            return await self._take()
+        except BaseException:
+            self._slots.release()
             raise
+
+    async def _checkin(self, conn: Connection, error: BaseException | None) -> None:
+        try:
+            if isinstance(error, _LINK_ERRORS) or not _idle(conn):
+                await self._drop(conn)  # the link is gone or in doubt: never reuse it
+            else:
+                self._idle.append(conn)
         finally:
-            if conn is not None:
-                if _idle(conn):
-                    self._idle.append(conn)
-                else:
-                    await self._drop(conn)
             self._slots.release()
 
     async def _take(self) -> Connection:
@@ -330,6 +335,32 @@ class PgLane:
                 self._open.discard(conn)
                 with contextlib.suppress(Exception):
                     await conn.close()
+
+
+class _Use:
+    """One use of a lane connection (a plain class: cheaper than a generator-based one)."""
+
+    __slots__ = ("_conn", "_lane")
+
+    def __init__(self, lane: PgLane) -> None:
+        self._lane = lane
+        self._conn: Connection | None = None
+
+    async def __aenter__(self) -> Connection:
+        self._conn = await self._lane._checkout()  # noqa: SLF001 - the lane's own helper
+        return self._conn
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._conn is not None:
+            await self._lane._checkin(self._conn, exc)  # noqa: SLF001 - the lane's own helper
+
+
+_LINK_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
 
 
 def _idle(conn: Connection) -> bool:

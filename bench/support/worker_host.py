@@ -23,7 +23,11 @@ class BenchHost(SagaHost):
         target = os.environ.get("BENCH_STATS_FILE")
         if target and self.started:
             orchestrator = self.runtime.orchestrator
-            stats = {"conflicts": orchestrator.conflicts, "published": self.runtime.relay.published}
+            stats = {
+                "conflicts": orchestrator.conflicts,
+                "stale_cache": orchestrator.stale_cache,
+                "published": self.runtime.relay.published,
+            }
             Path(target).write_text(json.dumps(stats), encoding="utf-8")  # noqa: ASYNC240
         await super().stop(grace=grace)
 

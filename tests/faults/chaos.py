@@ -45,7 +45,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from sagas_abstractions import Envelope, RouteKind, SagaStatus, StepKind
-from sagas_core import Orchestrator, SystemClock
+from sagas_core import Orchestrator, SystemClock, event_envelope
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
 from sagas_rabbitmq.testing import (
     close_connections,
@@ -62,6 +62,7 @@ from tests.faults.app import (
     STEP_TIMEOUT,
     STEP_TIMEOUT_ENV,
     UNDO_EFFECTS,
+    OrderPlaced,
     fault_saga,
 )
 from tests.faults.participants import (
@@ -161,6 +162,7 @@ class Report:
     stale: int = 0
     effects: int = 0
     dead_letters: int = 0
+    started_by_event: int = 0
     settle: float = 0.0
     elapsed: float = 0.0
 
@@ -179,7 +181,8 @@ class Report:
             f"settle={self.settle:.1f}s outcomes={{{outcomes}}} crashed={len(self.crashed)} "
             f"timeouts={self.timeouts} stale_inputs={self.stale} handler_runs={self.handler_runs} "
             f"effects={self.effects} rolled_back={self.rolled_back} "
-            f"dead_letters={self.dead_letters} total={self.elapsed:.1f}s"
+            f"dead_letters={self.dead_letters} started_by_event={self.started_by_event} "
+            f"total={self.elapsed:.1f}s"
         )
 
     def details(self, limit: int = 40) -> str:
@@ -379,6 +382,9 @@ class Run:
         self.amqp_url = amqp_url
         self.directory = directory
         self.rng = random.Random(config.seed)
+        # Its own stream, so the event duplicates do not change a seed's fault plan.
+        self.event_rng = random.Random(f"{config.seed}-events")
+        self.placed: list[str] = []
         self.run_id = uuid.uuid4().hex[:8]
         self.prefix = unique_prefix("sagas-faults")
         self.table_prefix = f"flt{self.run_id}_"
@@ -492,16 +498,55 @@ class Run:
     # ------------------------------------------------------------------ load and chaos
 
     async def feed(self, orders: list[Order], until: float) -> None:
-        """Start ``orders``, spread evenly until the monotonic time ``until``."""
+        """Start ``orders``, spread evenly until the monotonic time ``until``.
+
+        Every other order is started the way another service would start it: an ``OrderPlaced``
+        event on the broker, now and then published twice; the rest through the orchestrator.
+        """
         for index, order in enumerate(orders):
-            await self.orchestrator.start(
-                fault_saga, order.data, saga_id=order.saga_id, correlation_id=order.data.order_id
-            )
+            if index % 2:
+                await self._place(order)
+                self.placed.append(order.saga_id)
+            else:
+                await self.orchestrator.start(
+                    fault_saga,
+                    order.data,
+                    saga_id=order.saga_id,
+                    correlation_id=order.data.order_id,
+                )
             self.started.append(order.saga_id)
             left = until - time.monotonic()
             if left > 0:
                 await asyncio.sleep(left / (len(orders) - index))
         self.fed_at = time.monotonic()
+
+    async def _place(self, order: Order) -> None:
+        """Publish ``OrderPlaced`` for ``order`` (confirmed), retrying while the broker is away."""
+        event = OrderPlaced(saga_id=order.saga_id, **order.data.model_dump())
+        envelope = event_envelope(event, message_id=f"placed-{order.saga_id}")
+        copies = 2 if self.event_rng.random() < 1 / 3 else 1
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = await aio_pika.connect(
+                    self.amqp_url, timeout=5, client_properties={"connection_name": "faults-shop"}
+                )
+                async with connection:
+                    channel = await connection.channel(
+                        publisher_confirms=True, on_return_raises=True
+                    )
+                    exchange = await channel.get_exchange(f"{self.prefix}.events", ensure=False)
+                    for _ in range(copies):
+                        await exchange.publish(
+                            to_amqp(envelope), routing_key=envelope.key, mandatory=True, timeout=10
+                        )
+            except (aio_pika.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise
+                self.out(f"faults: publishing OrderPlaced for {order.saga_id} failed ({exc!r})")
+                await asyncio.sleep(0.5)
+            else:
+                return
 
     def event(self, what: str) -> None:
         """Note what the chaos loop did, and when (printed with any failure)."""
@@ -847,7 +892,25 @@ class Run:
             ).all()
             notes = (await conn.execute(sa.select(attempts.c.saga_id, attempts.c.note))).all()
             history = self.store.tables.history
-            inputs = (await conn.execute(sa.select(history.c.input, history.c.outcome))).all()
+            inputs = (
+                await conn.execute(
+                    sa.select(
+                        history.c.saga_id, history.c.input, history.c.outcome, history.c.actor
+                    )
+                )
+            ).all()
+        # Every event-started saga started once, from its event (duplicates started nothing).
+        starts = Counter(row.saga_id for row in inputs if row.input == "Start")
+        by_event = {row.saga_id for row in inputs if row.actor == "event:OrderPlaced"}
+        report.started_by_event = len(by_event)
+        report.double.extend(
+            f"{saga_id}: started {n} times" for saga_id, n in starts.items() if n > 1
+        )
+        report.lost.extend(
+            f"{saga_id}: its OrderPlaced event did not start it"
+            for saga_id in self.placed
+            if saga_id not in by_event
+        )
         report.timeouts = sum(
             1 for row in inputs if row.input == "Timeout" and row.outcome == "applied"
         )

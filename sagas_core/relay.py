@@ -152,11 +152,13 @@ class OutboxRelay:
                 self._claim = True  # more is likely waiting
             self._accept(claimed)
             records = self._take()
-        if self.telemetry.metrics_enabled:
-            await self._sample(records, now)
         if not records:
+            if self.telemetry.metrics_enabled:
+                await self._sample(records, now)
             return 0
         try:
+            if self.telemetry.metrics_enabled:
+                await self._sample(records, now)
             with self.telemetry.publishing(
                 [record.envelope for record in records], system=self._system
             ) as envelopes:
@@ -164,6 +166,11 @@ class OutboxRelay:
         except SagaError as exc:
             await self._fall_back(records, exc)
             return 0
+        except BaseException:
+            # Not published (as far as we know): back to the front of the hand, in order, so
+            # the next round tries them again (they stay leased to this relay).
+            self._queue[:0] = records
+            raise
         self._unmarked.extend(record.id for record in records)
         self.published += len(records)
         return len(records)
@@ -208,12 +215,19 @@ class OutboxRelay:
         later = [record for record in self._queue if record.saga_id in failed_sagas]
         self._queue = [record for record in self._queue if record.saga_id not in failed_sagas]
         self._held.difference_update(record.id for record in later)
-        if sent:
-            await self._mark_now()
-        for record in failed:
-            delay = self.backoff.delay(record.attempts + 1, record.envelope.message_id)
-            await self.store.release([record.id], retry_at=self.clock.now() + delay, error=str(exc))
-            self._held.discard(record.id)
+        try:
+            if sent:
+                await self._mark_now()
+            for record in failed:
+                delay = self.backoff.delay(record.attempts + 1, record.envelope.message_id)
+                await self.store.release(
+                    [record.id], retry_at=self.clock.now() + delay, error=str(exc)
+                )
+                self._held.discard(record.id)
+        finally:
+            # A failed record not released (the store failed) is still leased to this relay:
+            # out of the hand, a claim brings it back.
+            self._held.difference_update(record.id for record in failed)
         if later:
             self._claim = True
 

@@ -351,7 +351,7 @@ class SqlSagaStore:
                         leased.extend(
                             await execute_change(conn, self._pg, change, owner=owner, until=until)
                         )
-        except (psycopg.Error, OSError) as error:
+        except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
             saga = current.instance
             if isinstance(error, psycopg.Error) and retryable(error):
                 raise ConcurrencyConflict(
@@ -377,7 +377,7 @@ class SqlSagaStore:
 
         try:
             yield
-        except (psycopg.Error, OSError) as error:
+        except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
             raise StoreError(
                 f"{message}: {type(error).__name__}: {_first_line(error)}",
                 saga_id=saga_id,

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
+import pytest
+
 from sagas_abstractions import Envelope, OutboxRecord, PublishError, RouteKind
 from sagas_core import OutboxRelay
 from sagas_core.testing import FakeClock, InMemoryBus, InMemorySagaStore
@@ -220,4 +222,32 @@ async def test_later_records_of_a_saga_whose_handed_record_failed_wait_and_keep_
     assert await outbox.run_once() == 1  # then m-2, still leased to this relay
 
     assert [envelope.message_id for envelope in bus.published] == ["m-3", "m-1", "m-2"]
+    assert await store.pending_count() == 0
+
+
+class BrokenOnceBus(InMemoryBus):
+    """Fails the first publish with an unexpected error (not a PublishError)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.broken = True
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        if self.broken:
+            self.broken = False
+            raise RuntimeError("the bus fell over")
+        await super().publish(envelopes)
+
+
+async def test_records_in_hand_survive_an_unexpected_publish_error_and_go_out_next_round() -> None:
+    store, bus = CountingStore(), BrokenOnceBus()
+    outbox = relay(store, bus)
+    outbox.hand_off(await commit(store, outbox, "saga-1", "m-1", "m-2"))
+
+    with pytest.raises(RuntimeError):
+        await outbox.run_once()
+    assert outbox.in_hand == 2
+
+    assert await outbox.run_once() == 2
+    assert [envelope.message_id for envelope in bus.published] == ["m-1", "m-2"]
     assert await store.pending_count() == 0

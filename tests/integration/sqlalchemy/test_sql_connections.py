@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 
+from sagas_abstractions import StoreError
 from sagas_sqlalchemy import SqlSagaStore, create_engine
-from tests.contracts.store_contract import insert, make_envelope, make_instance, update
+from tests.contracts.store_contract import T0, insert, make_envelope, make_instance, update
 from tests.integration.sqlalchemy.sql_support import sql_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -71,3 +72,21 @@ async def test_every_operation_after_the_backends_were_terminated_succeeds(
     assert loaded is not None
     assert loaded.version == 2
     assert await store.pending_count() == 1
+
+
+async def test_a_database_that_does_not_answer_raises_store_errors_naming_the_saga(
+    postgres_url: str,
+) -> None:
+    url = sa.make_url(postgres_url).set(drivername="postgresql+psycopg", port=1)
+    store = SqlSagaStore.from_url(url, connect_args={"connect_timeout": 2})
+    saga = make_instance()
+    try:
+        with pytest.raises(StoreError) as caught:
+            await store.save([insert(saga)])
+        assert caught.value.saga_id == saga.saga_id
+        with pytest.raises(StoreError):
+            await store.load(saga.saga_id)
+        with pytest.raises(StoreError):
+            await store.mark_sent([1], now=T0)
+    finally:
+        await store.close()

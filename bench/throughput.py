@@ -145,6 +145,8 @@ class Bench:
             **({"pool_pre_ping": True} if args.pre_ping else {}),
         )
         self.counter = StatementCounter(self.store)
+        if args.no_group_commit and self.store._group is not None:  # noqa: SLF001 - experiment
+            self.store._group._streams = 1 << 30  # noqa: SLF001 - every save finds a free stream
         self.probe = Probe()
         self.bus: RabbitBus | None = None
         self.participants: Child | None = None
@@ -435,6 +437,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("auto", "asyncio"),
         default="auto",
         help="event loop of this process and the participants (auto: uvloop when installed)",
+    )
+    parser.add_argument(
+        "--no-group-commit",
+        action="store_true",
+        help="experiment: write every save alone (no statement shared by several sagas)",
     )
     parser.add_argument(
         "--instance-cache",

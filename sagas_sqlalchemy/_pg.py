@@ -32,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from base64 import b64encode
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -60,9 +62,11 @@ if TYPE_CHECKING:
 
     from sagas_sqlalchemy.tables import SagaTables
 
-__all__ = ["PgLane", "PgStatements", "is_psycopg"]
+__all__ = ["GroupCommit", "PgLane", "PgStatements", "is_psycopg"]
 
 Connection = psycopg.AsyncConnection[Any]
+
+_log = logging.getLogger("sagas.sqlalchemy")
 
 _HISTORY = TypeAdapter(list[HistoryEntry])
 _ENVELOPES = TypeAdapter(list[Envelope])
@@ -188,6 +192,17 @@ SELECT (SELECT count(*) FROM s),
        (SELECT count(*) FROM o WHERE claimed_by IS NOT NULL)
 """
         self.save = {kind: f"WITH s AS ({row}){tail}" for kind, row in self._row.items()}
+        self.save_many = _save_many(
+            inst=inst,
+            hist=hist,
+            outbox=outbox,
+            inbox=inbox,
+            fields=fields,
+            full_set=full_set,
+            status_set=status_set,
+            history_columns=history_columns,
+            history_values=history_values,
+        )
         self.load = (
             f"SELECT to_json(r)::text FROM (SELECT {model_columns} FROM {inst} "
             "WHERE saga_id = %s::text) AS r"
@@ -216,24 +231,7 @@ RETURNING to_json(t)::text
     ) -> tuple[str, dict[str, Any]]:
         """The statement and parameters writing one change."""
         instance = change.instance
-        if change.status_only:
-            if change.expected_version is None:
-                raise ValueError("a status_only change updates a saga: set expected_version")
-            kind = "status"
-        elif change.expected_version is None:
-            kind = "insert"
-        elif instance.version > change.expected_version:
-            kind = "update"
-        else:
-            kind = "touch"
-        _refuse_naive(
-            instance.created_at,
-            instance.updated_at,
-            instance.deadline_at,
-            instance.saga_deadline_at,
-            *(entry.at for entry in change.history),
-            *(envelope.timestamp for envelope in change.outbox),
-        )
+        kind = _kind(change)
         inbox = change.inbox
         return self.save[kind], {
             "id": instance.saga_id,
@@ -250,6 +248,145 @@ RETURNING to_json(t)::text
             "consumer": None if inbox is None else inbox.consumer,
             "message": None if inbox is None else inbox.message_id,
         }
+
+
+def _save_many(
+    *,
+    inst: str,
+    hist: str,
+    outbox: str,
+    inbox: str,
+    fields: list[str],
+    full_set: list[str],
+    status_set: list[str],
+    history_columns: str,
+    history_values: str,
+) -> str:
+    """One statement writing the changes of several sagas (one change per saga), set-based.
+
+    Each change is written or not on its own (a stale version skips that saga only); a
+    duplicate inbox row fails the whole statement (the caller then writes them one by one).
+    """
+
+    def value(name: str) -> str:
+        return "c.next" if name == "next_deadline_at" else f"r.{_q(name)}"
+
+    def update(kind: str, columns: list[str]) -> str:
+        return (
+            f"UPDATE {inst} AS t SET ({', '.join(_q(c) for c in columns)}) = "
+            f"(SELECT {', '.join(value(c) for c in columns)} "
+            f"FROM jsonb_populate_record(NULL::{inst}, c.doc) AS r) "
+            f"FROM c WHERE c.kind = '{kind}' AND t.saga_id = c.saga_id "
+            "AND t.version = c.expected RETURNING t.saga_id"
+        )
+
+    return f"""
+WITH c AS (
+    SELECT * FROM jsonb_to_recordset(%(changes)s::jsonb) AS c(
+        i integer, kind text, saga_id text, expected integer, doc jsonb, next timestamptz,
+        history jsonb, outbox jsonb, bodies text, at timestamptz, owner text,
+        until timestamptz, consumer text, message text)
+), ins AS (
+    INSERT INTO {inst} ({", ".join(_q(name) for name in fields)}, next_deadline_at)
+    SELECT {", ".join(f"r.{_q(name)}" for name in fields)}, c.next
+    FROM c CROSS JOIN LATERAL jsonb_populate_record(NULL::{inst}, c.doc) AS r
+    WHERE c.kind = 'insert'
+    ON CONFLICT (saga_id) DO NOTHING RETURNING saga_id
+), upd AS ({update("update", full_set)}
+), sts AS ({update("status", status_set)}
+), tch AS (
+    UPDATE {inst} AS t SET version = t.version FROM c
+    WHERE c.kind = 'touch' AND t.saga_id = c.saga_id AND t.version = c.expected
+    RETURNING t.saga_id
+), s AS (
+    SELECT saga_id FROM ins UNION ALL SELECT saga_id FROM upd
+    UNION ALL SELECT saga_id FROM sts UNION ALL SELECT saga_id FROM tch
+), w AS (
+    SELECT c.* FROM c WHERE c.saga_id IN (SELECT saga_id FROM s)
+), h AS (
+    INSERT INTO {hist} ({history_columns})
+    SELECT {history_values}
+    FROM w CROSS JOIN LATERAL jsonb_populate_recordset(NULL::{hist}, w.history) AS r
+), k AS (
+    SELECT w.saga_id, w.owner IS NOT NULL AND NOT EXISTS (
+        SELECT FROM {outbox} AS p
+        WHERE p.saga_id = w.saga_id AND p.sent_at IS NULL
+          AND p.claimed_by IS DISTINCT FROM w.owner
+    ) AS ok
+    FROM w
+), o AS (
+    INSERT INTO {outbox} (saga_id, route, key, message_id, message_type, correlation_id,
+                          reply_to, headers, body, timestamp, created_at, attempts,
+                          claimed_by, claimed_until)
+    SELECT w.saga_id, x.e->>'route', x.e->>'key', x.e->>'message_id', x.e->>'message_type',
+           x.e->>'correlation_id', x.e->>'reply_to', x.e->'headers',
+           decode(split_part(w.bodies, ',', x.n::integer), 'base64'),
+           (x.e->>'timestamp')::timestamptz, w.at, 0,
+           CASE WHEN k.ok THEN w.owner END, CASE WHEN k.ok THEN w.until END
+    FROM w JOIN k ON k.saga_id = w.saga_id
+    CROSS JOIN LATERAL jsonb_array_elements(w.outbox) WITH ORDINALITY AS x(e, n)
+    ORDER BY w.i, x.n
+    RETURNING id, saga_id, claimed_by
+), n AS (
+    INSERT INTO {inbox} (consumer, message_id, processed_at)
+    SELECT w.consumer, w.message, w.at FROM w WHERE w.consumer IS NOT NULL
+)
+SELECT c.i, c.saga_id IN (SELECT saga_id FROM s),
+       (SELECT version FROM {inst} AS v WHERE v.saga_id = c.saga_id),
+       (SELECT array_agg(o.id ORDER BY o.id) FROM o WHERE o.saga_id = c.saga_id),
+       (SELECT count(*) FROM o WHERE o.saga_id = c.saga_id AND o.claimed_by IS NOT NULL)
+FROM c ORDER BY c.i
+"""
+
+
+def _kind(change: SagaChange) -> str:
+    """Which saga-row statement writes the change (and refuse what cannot be stored)."""
+    instance = change.instance
+    if change.status_only:
+        if change.expected_version is None:
+            raise ValueError("a status_only change updates a saga: set expected_version")
+        kind = "status"
+    elif change.expected_version is None:
+        kind = "insert"
+    elif instance.version > change.expected_version:
+        kind = "update"
+    else:
+        kind = "touch"
+    _refuse_naive(
+        instance.created_at,
+        instance.updated_at,
+        instance.deadline_at,
+        instance.saga_deadline_at,
+        *(entry.at for entry in change.history),
+        *(envelope.timestamp for envelope in change.outbox),
+    )
+    return kind
+
+
+def _moment(value: datetime | None) -> str:
+    return "null" if value is None else f'"{value.isoformat()}"'
+
+
+def change_document(
+    index: int, change: SagaChange, *, owner: str | None, until: datetime | None
+) -> str:
+    """One change as a JSON object of the batch statement (pre-dumped parts spliced in)."""
+    instance = change.instance
+    kind = _kind(change)
+    inbox = change.inbox
+    expected = change.expected_version
+    return (
+        f'{{"i":{index},"kind":"{kind}","saga_id":{json.dumps(instance.saga_id)},'
+        f'"expected":{"null" if expected is None else expected},'
+        f'"doc":{instance.model_dump_json()},"next":{_moment(instance.next_deadline_at)},'
+        f'"history":{_HISTORY.dump_json(list(change.history)).decode()},'
+        f'"outbox":{_ENVELOPES.dump_json(list(change.outbox), exclude=_NO_BODY).decode()},'
+        f'"bodies":"{",".join(b64encode(envelope.body).decode() for envelope in change.outbox)}",'
+        f'"at":{_moment(instance.updated_at)},"owner":{json.dumps(owner)},'
+        f'"until":{_moment(until)},'
+        f'"consumer":{json.dumps(None if inbox is None else inbox.consumer)},'
+        f'"message":{json.dumps(None if inbox is None else inbox.message_id)}}}'
+    )
 
 
 def _refuse_naive(*moments: datetime | None) -> None:
@@ -415,6 +552,11 @@ async def execute_change(
             actual_version=stored,
             saga_type=instance.saga_type,
         )
+    return _records(change, ids, leased)
+
+
+def _records(change: SagaChange, ids: list[int] | None, leased: int | None) -> list[OutboxRecord]:
+    instance = change.instance
     if not ids or not leased:
         return []
     return [
@@ -427,6 +569,177 @@ async def execute_change(
         )
         for row_id, envelope in zip(ids, change.outbox, strict=True)
     ]
+
+
+@dataclass(slots=True)
+class _Pending:
+    change: SagaChange
+    owner: str | None
+    until: datetime | None
+    future: asyncio.Future[list[OutboxRecord]]
+
+
+class GroupCommit:
+    """Single-change saves of different sagas that queue up share one statement and commit.
+
+    A save that finds a free stream is written at once, alone (no added latency when the
+    store is not busy). Saves that arrive while every stream is writing wait, and the next
+    stream to finish writes all of them (one change per saga; up to ``max_batch``) in one
+    statement: one round trip, one commit, one WAL flush for many transitions. Each change
+    still succeeds or fails on its own: a stale version skips that saga only. A duplicate
+    inbox row (or any other error) fails the shared statement; its changes are then written
+    one by one, so each caller gets its own outcome.
+
+    Args:
+        lane: Where the statements run.
+        statements: The store's statements.
+        streams: Statements written at once through the group commit.
+        max_batch: At most this many changes per statement.
+    """
+
+    def __init__(
+        self, lane: PgLane, statements: PgStatements, *, streams: int = 2, max_batch: int = 64
+    ) -> None:
+        self._lane = lane
+        self._statements = statements
+        self._streams = max(1, streams)
+        self._max_batch = max(1, max_batch)
+        self._queue: list[_Pending] = []
+        self._running = 0
+        self._drains: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        """Statements that wrote more than one change (for tests and benchmarks)."""
+
+    async def save(
+        self, change: SagaChange, *, owner: str | None, until: datetime | None
+    ) -> list[OutboxRecord]:
+        """Write one change (alone or with others); returns the records it leased to ``owner``.
+
+        Raises:
+            ConcurrencyConflict: As :func:`execute_change`.
+            DuplicateMessage: As :func:`execute_change`.
+            psycopg.Error: Anything else (the caller translates it).
+        """
+        if self._running < self._streams and not self._queue:
+            self._running += 1
+            try:
+                async with self._lane.connection() as conn:
+                    return await execute_change(
+                        conn, self._statements, change, owner=owner, until=until
+                    )
+            finally:
+                self._release()
+        future: asyncio.Future[list[OutboxRecord]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Pending(change, owner, until, future))
+        return await future
+
+    def _release(self) -> None:
+        if not self._queue:
+            self._running -= 1
+            return
+        # Keep the stream and write what queued up meanwhile, without holding up this caller.
+        drain = asyncio.get_running_loop().create_task(self._drain())
+        self._drains.add(drain)
+        drain.add_done_callback(self._drains.discard)
+
+    async def _drain(self) -> None:
+        batch: list[_Pending] = []
+        try:
+            while self._queue:
+                batch = self._take()
+                await self._write(batch)
+        except BaseException as error:
+            # Cancelled (the loop is closing) or broken: no caller may wait forever.
+            failed, self._queue = [*batch, *self._queue], []
+            for pending in failed:
+                _settle(pending.future, StoreError(f"the save was not written: {error!r}"))
+            raise
+        finally:
+            self._running -= 1
+
+    def _take(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        later: list[_Pending] = []
+        sagas: set[str] = set()
+        for pending in self._queue:
+            if pending.future.done():
+                continue  # its caller gave up (cancelled) before it was written
+            saga_id = pending.change.instance.saga_id
+            if saga_id in sagas or len(batch) >= self._max_batch:
+                later.append(pending)  # one change per saga and statement, in order
+            else:
+                sagas.add(saga_id)
+                batch.append(pending)
+        self._queue = later
+        return batch
+
+    async def _write(self, batch: list[_Pending]) -> None:
+        if len(batch) > 1:
+            try:
+                results = await self._write_together(batch)
+            except Exception as error:  # noqa: BLE001 - written one by one below, each on its own
+                _log.debug("a shared save of %d changes failed (%s): one by one", len(batch), error)
+            else:
+                self.batches += 1
+                for pending, result in zip(batch, results, strict=True):
+                    _settle(pending.future, result)
+                return
+        for pending in batch:
+            try:
+                async with self._lane.connection() as conn:
+                    records = await execute_change(
+                        conn,
+                        self._statements,
+                        pending.change,
+                        owner=pending.owner,
+                        until=pending.until,
+                    )
+            except Exception as error:  # noqa: BLE001 - handed to the caller that waits for it
+                _settle(pending.future, error)
+            else:
+                _settle(pending.future, records)
+
+    async def _write_together(
+        self, batch: list[_Pending]
+    ) -> list[list[OutboxRecord] | BaseException]:
+        document = (
+            "["
+            + ",".join(
+                change_document(index, pending.change, owner=pending.owner, until=pending.until)
+                for index, pending in enumerate(batch)
+            )
+            + "]"
+        )
+        async with self._lane.connection() as conn:
+            cursor = await conn.execute(self._statements.save_many, {"changes": document})
+            rows = await cursor.fetchall()
+        results: list[list[OutboxRecord] | BaseException] = []
+        for (index, written, stored, ids, leased), pending in zip(rows, batch, strict=True):
+            assert index == len(results)  # noqa: S101 - rows come back in the batch's order
+            change = pending.change
+            if not written:
+                results.append(
+                    ConcurrencyConflict(
+                        saga_id=change.instance.saga_id,
+                        expected_version=change.expected_version,
+                        actual_version=stored,
+                        saga_type=change.instance.saga_type,
+                    )
+                )
+            else:
+                results.append(_records(change, ids, leased))
+        return results
+
+
+def _settle(
+    future: asyncio.Future[list[OutboxRecord]], result: list[OutboxRecord] | BaseException
+) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def retryable(error: psycopg.Error) -> bool:

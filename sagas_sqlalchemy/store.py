@@ -67,7 +67,7 @@ if TYPE_CHECKING:
     from sqlalchemy.engine import URL, RowMapping
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-    from sagas_sqlalchemy._pg import PgLane, PgStatements
+    from sagas_sqlalchemy._pg import GroupCommit, PgLane, PgStatements
 
 __all__ = ["SqlSagaStore", "create_store"]
 
@@ -124,14 +124,20 @@ class SqlSagaStore:
         self._ready_lock = asyncio.Lock()
         self._pg: PgStatements | None = None
         self._lane: PgLane | None = None
+        self._group: GroupCommit | None = None
         if self._dialect == "postgresql" and engine.dialect.driver == "psycopg":
-            from sagas_sqlalchemy._pg import PgLane, PgStatements  # noqa: PLC0415 - psycopg only
+            from sagas_sqlalchemy._pg import (  # noqa: PLC0415 - psycopg only
+                GroupCommit,
+                PgLane,
+                PgStatements,
+            )
 
             self._pg = PgStatements(self._tables)
             if hot_connections is None:
                 size = getattr(engine.pool, "size", None)
                 hot_connections = size() if callable(size) else 5
             self._lane = PgLane(engine, hot_connections)
+            self._group = GroupCommit(self._lane, self._pg)
 
     @classmethod
     def from_url(
@@ -339,18 +345,18 @@ class SqlSagaStore:
 
         assert self._lane is not None  # noqa: S101 - PostgreSQL hot path only
         assert self._pg is not None  # noqa: S101
+        assert self._group is not None  # noqa: S101
         current = changes[0]
         leased: list[OutboxRecord] = []
         try:
-            async with self._lane.connection() as conn:
-                if len(changes) == 1:  # one statement: atomic by itself, one round trip
-                    return await execute_change(conn, self._pg, current, owner=owner, until=until)
-                async with conn.transaction():
-                    for change in changes:
-                        current = change
-                        leased.extend(
-                            await execute_change(conn, self._pg, change, owner=owner, until=until)
-                        )
+            if len(changes) == 1:  # one statement (maybe shared with other sagas' changes)
+                return await self._group.save(current, owner=owner, until=until)
+            async with self._lane.connection() as conn, conn.transaction():
+                for change in changes:
+                    current = change
+                    leased.extend(
+                        await execute_change(conn, self._pg, change, owner=owner, until=until)
+                    )
         except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
             saga = current.instance
             if isinstance(error, psycopg.Error) and retryable(error):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sagas_core import SagaBuilder, exponential
+from sagas_core import SagaBuilder, SagaDefinition, exponential
 from samples.order_processing.messages import (
     CancelShipment,
     CreateShipment,
@@ -23,31 +23,40 @@ async def price_order(data: OrderData) -> dict[str, str]:
     return {"amount": str(total)}
 
 
-order_saga = (
-    SagaBuilder("order-processing", data=OrderData)
-    .step("price-order")
-    .run(price_order)
-    # A local step's command travels over the in-process bus: one in flight when the process
-    # dies is lost, and this timeout is what sends it again after a restart.
-    .timeout(seconds=1)
-    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
-    .step("reserve-inventory")
-    .send(ReserveInventory, to="inventory", reply=InventoryReserved)
-    .compensate_with(ReleaseInventory)
-    .timeout(seconds=2)
-    .retry(attempts=3, backoff=exponential(0.05, max=0.5))
-    .step("process-payment")
-    .send(ProcessPayment, to="payments", reply=PaymentProcessed)
-    .compensate_with(RefundPayment)
-    .timeout(seconds=2)
-    # Four: the flaky card fails once per gateway process, and a restart can lose one attempt.
-    .retry(attempts=4, backoff=exponential(0.05, max=0.5))
-    .step("create-shipment")
-    .send(CreateShipment, to="shipping", reply=ShipmentCreated)
-    .compensate_with(CancelShipment)
-    .timeout(seconds=0.3)
-    .retry(attempts=2, backoff=exponential(0.05, max=0.2))
-    .saga_timeout(minutes=5)  # long enough for a killed demo to be started again and finish
-    .build()
-)
+def build_order_saga(*, shipment_timeout: float = 0.3) -> SagaDefinition:
+    """The order saga.
+
+    ``shipment_timeout`` is the carrier's per-attempt time: 0.3 s in the demo (the slow-lane
+    carrier takes 1.5 s); tests with processes on a busy machine give it more.
+    """
+    return (
+        SagaBuilder("order-processing", data=OrderData)
+        .step("price-order")
+        .run(price_order)
+        # A local step's command travels over the in-process bus: one in flight when the process
+        # dies is lost, and this timeout is what sends it again after a restart.
+        .timeout(seconds=1)
+        .retry(attempts=3, backoff=exponential(0.05, max=0.5))
+        .step("reserve-inventory")
+        .send(ReserveInventory, to="inventory", reply=InventoryReserved)
+        .compensate_with(ReleaseInventory)
+        .timeout(seconds=2)
+        .retry(attempts=3, backoff=exponential(0.05, max=0.5))
+        .step("process-payment")
+        .send(ProcessPayment, to="payments", reply=PaymentProcessed)
+        .compensate_with(RefundPayment)
+        .timeout(seconds=2)
+        # Four: the flaky card fails once per gateway process, and a restart can lose one attempt.
+        .retry(attempts=4, backoff=exponential(0.05, max=0.5))
+        .step("create-shipment")
+        .send(CreateShipment, to="shipping", reply=ShipmentCreated)
+        .compensate_with(CancelShipment)
+        .timeout(seconds=shipment_timeout)
+        .retry(attempts=2, backoff=exponential(0.05, max=0.2))
+        .saga_timeout(minutes=5)  # long enough for a killed demo to be started again and finish
+        .build()
+    )
+
+
+order_saga = build_order_saga()
 """The order saga definition."""

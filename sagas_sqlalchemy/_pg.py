@@ -633,6 +633,12 @@ class GroupCommit:
         self._queue.append(_Pending(change, owner, until, future))
         return await future
 
+    async def close(self) -> None:
+        """Let the saves being written finish (their callers get their outcomes)."""
+        for drain in list(self._drains):
+            with contextlib.suppress(Exception):
+                await drain
+
     def _release(self) -> None:
         if not self._queue:
             self._running -= 1

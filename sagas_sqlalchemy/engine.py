@@ -7,8 +7,9 @@ goes stale when another process runs DDL (asyncpg's does). asyncpg URLs work too
 Pooled connections must survive a backend that was terminated while they sat in the pool. With
 psycopg that costs no round trip: on checkout, an idle connection whose socket has something to
 read has heard from the server, which for an idle connection means its backend went away (a
-terminated backend sends its farewell and closes the socket); the pool replaces it. Other
-drivers keep ``pool_pre_ping`` (a round trip per checkout).
+terminated backend sends its farewell and closes the socket); the pool replaces it. A backend
+terminated at the very moment its connection is taken can still fail that one statement, as it
+could right after a ping. Other drivers keep ``pool_pre_ping`` (a round trip per checkout).
 
 SQLite goes through aiosqlite with WAL journaling (readers never block the writer), a busy
 timeout (writers wait for each other instead of failing) and foreign keys on. Python's sqlite3

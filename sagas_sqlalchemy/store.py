@@ -183,6 +183,8 @@ class SqlSagaStore:
 
     async def close(self) -> None:
         """Release the store's connections (disposes the engine if the store owns it)."""
+        if self._group is not None:
+            await self._group.close()
         if self._lane is not None:
             await self._lane.close()
         if self._owns_engine:

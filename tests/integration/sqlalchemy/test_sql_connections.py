@@ -7,6 +7,7 @@ both among the store's own hot-path connections and in the engine's pool.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -34,7 +35,9 @@ async def store(postgres_url: str, application: str) -> AsyncIterator[SqlSagaSto
 
 
 async def terminate(postgres_url: str, application: str) -> int:
+    """Terminate the store's backends and wait until they are gone (as when they idled since)."""
     engine = create_engine(postgres_url)
+    alive = sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :name")
     try:
         async with engine.begin() as conn:
             killed = await conn.scalar(
@@ -44,6 +47,12 @@ async def terminate(postgres_url: str, application: str) -> int:
                 ),
                 {"name": application},
             )
+        async with asyncio.timeout(10):
+            while True:
+                async with engine.connect() as conn:
+                    if not await conn.scalar(alive, {"name": application}):
+                        break
+                await asyncio.sleep(0.01)
     finally:
         await engine.dispose()
     return int(killed or 0)

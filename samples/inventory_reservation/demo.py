@@ -73,9 +73,16 @@ class Cart:
     """One shopper's cart: publishes its events and waits (bounded) for what they cause."""
 
     def __init__(
-        self, runtime: SagaRuntime, bus: InMemoryBus, cart_id: str, *, settle_within: float
+        self,
+        runtime: SagaRuntime,
+        bus: InMemoryBus,
+        cart_id: str,
+        *,
+        settle_within: float,
+        inventory: Inventory | None = None,
     ) -> None:
         self.runtime = runtime
+        self.inventory = inventory
         self.bus = bus
         self.cart_id = cart_id
         self.settle_within = settle_within
@@ -271,10 +278,12 @@ async def _out_of_stock(cart: Cart) -> None:
 
 
 async def _order_before_stock_confirmed(cart: Cart) -> None:
-    await cart.add("L1", "SOFA-7", 1)  # the warehouse takes 0.3 s to confirm a sofa
+    await cart.add("L1", "SOFA-7", 1)  # the warehouse checks the shelf before it confirms a sofa
     await cart.reserving("L1")
     await cart.order("L1")
-    await cart.kept("L1")
+    await cart.kept("L1")  # the order came first: the saga keeps it for its wait step
+    if cart.inventory is not None:
+        cart.inventory.confirm("SOFA-7")  # now the reservation is confirmed, and committed
 
 
 async def _abandoned(cart: Cart) -> None:
@@ -343,7 +352,13 @@ async def run_demo(
 
             async def play(number: int, scenario: Scenario) -> list[LineResult]:
                 began = time.perf_counter()
-                cart = Cart(runtime, bus, f"cart-{run_id}-{number}", settle_within=settle_within)
+                cart = Cart(
+                    runtime,
+                    bus,
+                    f"cart-{run_id}-{number}",
+                    settle_within=settle_within,
+                    inventory=run.inventory,
+                )
                 problem = None
                 try:
                     await scenario.script(cart)

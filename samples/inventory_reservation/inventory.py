@@ -17,6 +17,7 @@ SKUs in :attr:`Inventory.slow_skus` are confirmed slowly (a warehouse that check
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -78,13 +79,22 @@ class Inventory:
 
     stock: dict[str, StockLevel] = field(default_factory=_default_stock)
     slow_skus: frozenset[str] = frozenset({"SOFA-7"})
-    slow_seconds: float = 0.3
+    slow_seconds: float = 2.0
+    """The longest a slow SKU's reservation waits for its shelf check (:meth:`confirm`)."""
     reservations: dict[str, Reservation] = field(default_factory=dict)
     journal: list[tuple[str, str]] = field(default_factory=list)
     """Every applied effect, in order: ``(reserve | release | commit, line)``."""
     _by_key: dict[str, str] = field(default_factory=dict)
     _released_early: set[str] = field(default_factory=set)
+    _checks: dict[str, asyncio.Event] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+
+    def confirm(self, sku: str) -> None:
+        """The shelf check of a slow ``sku`` is done: its waiting reservations go ahead."""
+        self._shelf_checked(sku).set()
+
+    def _shelf_checked(self, sku: str) -> asyncio.Event:
+        return self._checks.setdefault(sku, asyncio.Event())
 
     async def reserve(
         self, cart_id: str, line_id: str, sku: str, quantity: int, *, key: str
@@ -96,7 +106,9 @@ class Inventory:
                 released before this reservation arrived): permanent, nothing is held.
         """
         if sku in self.slow_skus:
-            await asyncio.sleep(self.slow_seconds)  # checked and applied after, in one go
+            # The shelf check: until someone confirms it (bounded), then applied in one go.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._shelf_checked(sku).wait(), self.slow_seconds)
         if key in self._by_key:  # reserved already: the reply was lost, or this is a retry
             return self.reservations[self._by_key[key]].reservation_id
         line = line_saga_id(cart_id, line_id)

@@ -36,6 +36,7 @@ SAGAS_ABSTRACTIONS = [
     "MessageDecodeError",
     "MessageHandler",
     "OperatorInput",
+    "OutboxHandoff",
     "OutboxRecord",
     "OutboxStore",
     "ParticipantError",

@@ -674,39 +674,21 @@ class _StepCompiler:
     def payload_builder(
         self, command: type[BaseModel], mapper: Any, what: str
     ) -> PayloadBuilder | None:
-        data_fields = self.data.model_fields
-        command_fields = command.model_fields
         if callable(mapper) and not isinstance(mapper, Mapping):
             return _CallableMapper(command, mapper)
-        renames: dict[str, str] = {}
-        if mapper is not None:
-            if not isinstance(mapper, Mapping):
-                self.problem(f"{what} map must be a mapping or a callable, got {mapper!r}")
-                return None
-            for command_field, data_field in mapper.items():
-                if command_field not in command_fields:
-                    self.problem(
-                        f"map names {command_field!r}, which is not a field of {command.__name__}",
-                        field=command_field,
-                    )
-                if data_field not in data_fields:
-                    self.problem(
-                        f"map reads {data_field!r}, which is not a field of {self.data.__name__}",
-                        field=data_field,
-                    )
-                renames[command_field] = data_field
-        sources: dict[str, str] = {}
-        for name, info in command_fields.items():
-            source = renames.get(name, name)
-            if source in data_fields:
-                sources[name] = source
-            elif info.is_required():
-                self.problem(
-                    f"{command.__name__}.{name} is required but {self.data.__name__} has no field "
-                    f"{source!r}: add it to the data model, or pass map={{'{name}': "
-                    "'<data field>'} or a callable",
-                    field=name,
-                )
+        if mapper is not None and not isinstance(mapper, Mapping):
+            self.problem(f"{what} map must be a mapping or a callable, got {mapper!r}")
+            return None
+        sources = _field_sources(
+            command,
+            self.data,
+            mapper or {},
+            option="map names",
+            fix=lambda name: (
+                f"add it to the data model, or pass map={{'{name}': '<data field>'}} or a callable"
+            ),
+            report=lambda message, field: self.problem(message, field=field),
+        )
         return _FieldMapper(command, sources)
 
     def merger(self, merge: Any, reply_model: type[BaseModel] | None) -> ReplyMerger | None:
@@ -859,40 +841,60 @@ class _TriggerCompiler:
         mapper = draft.data
         if callable(mapper) and not isinstance(mapper, Mapping):
             return _CallableEventData(mapper)
-        renames: dict[str, str] = {}
-        if mapper is not None:
-            if not isinstance(mapper, Mapping):
-                self.problem(  # type: ignore[unreachable] # guards callers without a type checker
-                    f"data must be a mapping or a callable, got {mapper!r}", step=draft.step
-                )
-                return None
-            for data_field, event_field in mapper.items():
-                if data_field not in self.data.model_fields:
-                    self.problem(
-                        f"data writes {data_field!r}, which is not a field of {self.data.__name__}",
-                        step=draft.step,
-                        field=data_field,
-                    )
-                if event_field not in event.model_fields:
-                    self.problem(
-                        f"data reads {event_field!r}, which is not a field of {event.__name__}",
-                        step=draft.step,
-                        field=event_field,
-                    )
-                renames[data_field] = event_field
-        sources: dict[str, str] = {}
-        for name, info in self.data.model_fields.items():
-            source = renames.get(name, name)
-            if source in event.model_fields:
-                sources[name] = source
-            elif info.is_required():
-                self.problem(
-                    f"{self.data.__name__}.{name} is required but {event.__name__} has no field "
-                    f"{source!r}: pass data={{'{name}': '<event field>'}} or a callable",
-                    step=draft.step,
-                    field=name,
-                )
+        if mapper is not None and not isinstance(mapper, Mapping):
+            self.problem(  # type: ignore[unreachable] # guards callers without a type checker
+                f"data must be a mapping or a callable, got {mapper!r}", step=draft.step
+            )
+            return None
+        sources = _field_sources(
+            self.data,
+            event,
+            mapper or {},
+            option="data writes",
+            fix=lambda name: f"pass data={{'{name}': '<event field>'}} or a callable",
+            report=lambda message, field: self.problem(message, step=draft.step, field=field),
+        )
         return _FieldEventData(sources)
+
+
+def _field_sources(
+    target: type[BaseModel],
+    source: type[BaseModel],
+    renames: Mapping[str, str],
+    *,
+    option: str,
+    fix: Callable[[str], str],
+    report: Callable[[str, str], None],
+) -> dict[str, str]:
+    """Which ``source`` field fills each ``target`` field: same name, or renamed.
+
+    Reports (``report(message, field)``) renames that name unknown fields and required target
+    fields that nothing fills; ``option`` words the rename (``"map names"``), ``fix`` the hint.
+    """
+    verb = option.split(maxsplit=1)[0]
+    for target_field, source_field in renames.items():
+        if target_field not in target.model_fields:
+            report(
+                f"{option} {target_field!r}, which is not a field of {target.__name__}",
+                target_field,
+            )
+        if source_field not in source.model_fields:
+            report(
+                f"{verb} reads {source_field!r}, which is not a field of {source.__name__}",
+                source_field,
+            )
+    sources: dict[str, str] = {}
+    for name, info in target.model_fields.items():
+        origin = renames.get(name, name)
+        if origin in source.model_fields:
+            sources[name] = origin
+        elif info.is_required():
+            report(
+                f"{target.__name__}.{name} is required but {source.__name__} has no field "
+                f"{origin!r}: {fix(name)}",
+                name,
+            )
+    return sources
 
 
 def _no_payload(_: BaseModel) -> dict[str, Any]:

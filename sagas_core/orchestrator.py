@@ -308,9 +308,8 @@ class Orchestrator:
         definition = self.registry.get(name)
         raw = data.model_dump(mode="json") if isinstance(data, BaseModel) else dict(data)
         new_id = saga_id or self.id_factory()
-        existing = await self.store.load(new_id)
-        if existing is not None:
-            return self._existing(existing, definition), False
+        # No load first: the insert refuses an existing id (a version conflict), and only then
+        # is the existing saga loaded and returned. One statement per new saga instead of two.
         with self.telemetry.saga_start(name, new_id, trace_context) as span:
             event = Start(
                 saga_id=new_id,
@@ -322,15 +321,24 @@ class Orchestrator:
                 source=None if cause is None else cause[0],
                 message_id=None if cause is None else cause[1],
             )
-            decision = decide(definition, None, event, circuits=self._circuits())
+            try:
+                decision = decide(definition, None, event, circuits=self._circuits())
+            except InvalidSagaData:
+                # Starting an existing id returns it whatever the data (or refuses another type).
+                existing = None if saga_id is None else await self.store.load(new_id)
+                if existing is None:
+                    raise
+                return self._existing(existing, definition), False
             try:
                 handed = await self._save(self._change(decision, expected_version=None, inbox=None))
             except ConcurrencyConflict:
-                # Someone started the same id between our load and save: that start wins.
-                raced = await self.store.load(new_id)
-                if raced is None:
+                # The id exists (started before, or by a racing start): that saga stands.
+                existing = await self.store.load(new_id)
+                if existing is None:
                     raise
-                return self._existing(raced, definition), False
+                if span is not None:
+                    span.set_attribute("saga.existing", True)  # noqa: FBT003 - OTel API
+                return self._existing(existing, definition), False
             self.telemetry.decided(span, decision)
             self._committed([decision.instance], claim=not handed)
             self._observe_decision(decision)

@@ -219,7 +219,8 @@ async def test_starting_with_an_explicit_id_twice_returns_the_first_saga(
 
     assert again == first
     assert len(commands(store)) == 1
-    assert len(store.saves) == 1
+    assert len(store.saves) == 2  # the second insert was refused (the id exists), then loaded
+    assert store.loads == 1
 
 
 async def test_starting_an_existing_id_as_another_saga_type_raises_saga_already_exists(
@@ -232,6 +233,23 @@ async def test_starting_an_existing_id_as_another_saga_type_raises_saga_already_
 
     assert caught.value.saga_id == "saga-1"
     assert "'order' saga already has this id" in str(caught.value)
+
+
+async def test_starting_an_existing_id_returns_it_whatever_the_data_and_refuses_another_type(
+    orchestrator: Orchestrator, store: RecordingStore
+) -> None:
+    first = await start(orchestrator)
+    bad = {"order_id": "o-1", "sku": "A-1", "qty": 0}
+
+    again = await orchestrator.start("order", bad, saga_id="saga-1")
+    with pytest.raises(SagaAlreadyExists):
+        await orchestrator.start("refund", {"order_id": ""}, saga_id="saga-1")
+    with pytest.raises(InvalidSagaData):
+        await orchestrator.start("order", bad, saga_id="saga-2")
+
+    assert again == first
+    assert len(store.saves) == 2  # the first and the refused refund: bad data is never inserted
+    assert await store.load("saga-2") is None
 
 
 async def test_starting_with_data_that_does_not_fit_raises_invalid_saga_data_and_writes_nothing(

@@ -95,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         default="auto",
         help="ours' event loop (auto: uvloop when installed); raw always runs plain asyncio",
     )
+    parser.add_argument(
+        "--status-events",
+        choices=("all", "lifecycle", "none"),
+        default="all",
+        help="ours' status events (default all, as SagaRuntime; lifecycle: no per-step events)",
+    )
     args = parser.parse_args(argv)
     raw: list[Row] = []
     ours: list[Row] = []
@@ -103,7 +109,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         for level in args.levels.split(","):
             out = Path(directory) / f"{level}.json"
             raw += run_side("bench.raw_baseline", level, args.sagas, out)
-            ours += run_side("bench.throughput", level, args.sagas, out, "--loop", args.loop)
+            ours += run_side(
+                "bench.throughput",
+                level,
+                args.sagas,
+                out,
+                "--loop",
+                args.loop,
+                "--status-events",
+                args.status_events,
+            )
     print("\n== ours / raw, measured side by side")
     print(ratios(ours, raw))
     payload: dict[str, Any] = {"machine": machine(), "raw": raw, "ours": ours}

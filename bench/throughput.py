@@ -208,6 +208,7 @@ class Bench:
             concurrency=max(level, 8),
             timeout_interval=self.args.timeout_interval,
             instance_cache=self.args.instance_cache,
+            status_events=self.args.status_events,
         )
         orchestrator = runtime.orchestrator
         original = orchestrator.handle_reply
@@ -359,6 +360,7 @@ class Bench:
             store=self.store,
             bus=self.bus,
             instance_cache=self.args.instance_cache,
+            status_events=self.args.status_events,
         )
 
         async def starter(indexes: Iterator[int]) -> None:
@@ -442,6 +444,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-group-commit",
         action="store_true",
         help="experiment: write every save alone (no statement shared by several sagas)",
+    )
+    parser.add_argument(
+        "--status-events",
+        choices=("all", "lifecycle", "none"),
+        default="all",
+        help="status events published per saga (SagaRuntime's default: all; lifecycle: no "
+        "per-step events)",
     )
     parser.add_argument(
         "--instance-cache",

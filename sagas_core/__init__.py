@@ -27,7 +27,13 @@ from sagas_core.embedded import close_store, open_store
 from sagas_core.engine import Decision, decide, due_input
 from sagas_core.events import EventOutcome, event_envelope
 from sagas_core.host import SagaHost, SagaHostBuilder, load_host
-from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, SagaRegistry, reply_queue
+from sagas_core.orchestrator import (
+    Orchestrator,
+    OrphanReplyPolicy,
+    SagaRegistry,
+    StatusEvents,
+    reply_queue,
+)
 from sagas_core.participant import (
     CachedOutcome,
     CommandContext,
@@ -88,6 +94,7 @@ __all__ = [
     "SagasSettings",
     "ScopedResolver",
     "SettingsError",
+    "StatusEvents",
     "StepBuilder",
     "StepDefinition",
     "SystemClock",

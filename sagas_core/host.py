@@ -290,6 +290,7 @@ class SagaHost:
             timeout_interval=self.settings.timeout_interval,
             breaker=self._breaker(),
             telemetry=self.telemetry,
+            status_events=self.settings.status_events,
         )
         try:
             await runtime.start()

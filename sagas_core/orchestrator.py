@@ -29,6 +29,7 @@ from sagas_abstractions import (
     DuplicateMessage,
     Envelope,
     ErrorInfo,
+    EventKind,
     EventReceived,
     HistoryEntry,
     InboxEntry,
@@ -85,6 +86,7 @@ __all__ = [
     "Orchestrator",
     "OrphanReplyPolicy",
     "SagaRegistry",
+    "StatusEvents",
     "reply_queue",
 ]
 
@@ -105,6 +107,29 @@ CommitListener = Callable[[Sequence[SagaInstance]], None]
 def reply_queue(group: str) -> str:
     """The reply queue of an orchestrator group."""
     return f"sagas.replies.{group}"
+
+
+class StatusEvents(StrEnum):
+    """Which status events the orchestrator publishes to the saga-events topic."""
+
+    ALL = "all"
+    """Every status change, per step too (the default): what dashboards follow."""
+    LIFECYCLE = "lifecycle"
+    """The saga's own changes (started, compensating, completed, compensated, failed, resolved,
+    operator action), not each step's: a third of the messages of a 3-step saga."""
+    NONE = "none"
+    """None: nobody follows sagas on the bus (history and telemetry still record everything)."""
+
+
+_STEP_EVENTS = frozenset(
+    {
+        EventKind.STEP_COMPLETED,
+        EventKind.STEP_FAILED,
+        EventKind.STEP_RETRY_SCHEDULED,
+        EventKind.STEP_DEFERRED,
+        EventKind.STEP_COMPENSATED,
+    }
+)
 
 
 class OrphanReplyPolicy(StrEnum):
@@ -193,6 +218,8 @@ class Orchestrator:
         breaker: Defers commands to destinations whose circuit is open (off when ``None``).
         telemetry: Spans and metrics (:meth:`Telemetry.default`, the global providers, when
             ``None``).
+        status_events: Which status events go to the saga-events topic (all, the saga's own
+            lifecycle only, or none); history and telemetry record everything regardless.
         instance_cache: How many active sagas it saved last the orchestrator keeps in memory
             (least recently saved out first), to decide their next input without loading them
             first; 0 loads every time. The version check of the save finds an entry that went
@@ -214,6 +241,7 @@ class Orchestrator:
         breaker: CircuitBreaker | None = None,
         telemetry: Telemetry | None = None,
         instance_cache: int = 0,
+        status_events: StatusEvents | str = StatusEvents.ALL,
     ) -> None:
         self.store = store
         self.breaker = breaker
@@ -236,6 +264,7 @@ class Orchestrator:
         self.stale_cache = 0
         """Saves refused because a kept instance had gone stale (reloaded, not conflicts)."""
         self.instance_cache = max(0, instance_cache)
+        self.status_events = StatusEvents(status_events)
         self._instances: OrderedDict[str, SagaInstance] = OrderedDict()
         self._relay: OutboxRelay | None = None
         self._handoff: OutboxHandoff | None = None
@@ -964,7 +993,12 @@ class Orchestrator:
             for command in decision.commands
         ]
         envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
-        envelopes.extend(encode_event(event) for event in decision.events)
+        if self.status_events is StatusEvents.ALL:
+            envelopes.extend(encode_event(event) for event in decision.events)
+        elif self.status_events is StatusEvents.LIFECYCLE:
+            envelopes.extend(
+                encode_event(event) for event in decision.events if event.kind not in _STEP_EVENTS
+            )
         # The deciding span's context travels with the outbox rows (published after a restart,
         # a message still joins its saga's trace).
         return self.telemetry.stamp(envelopes)

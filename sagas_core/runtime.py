@@ -24,7 +24,7 @@ from sagas_core.clock import SystemClock
 from sagas_core.codec import dead_lettered
 from sagas_core.di import Dependencies, Resolver, ScopedResolver
 from sagas_core.events import event_envelope
-from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy
+from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, StatusEvents
 from sagas_core.participant import Participant
 from sagas_core.relay import OutboxRelay
 from sagas_core.telemetry import Telemetry, messaging_system
@@ -123,6 +123,7 @@ class SagaRuntime:
         telemetry: Telemetry | None = None,
         telemetry_interval: float = 15.0,
         instance_cache: int = 2048,
+        status_events: StatusEvents | str = StatusEvents.ALL,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -145,6 +146,7 @@ class SagaRuntime:
             breaker=breaker,
             telemetry=self.telemetry,
             instance_cache=instance_cache,
+            status_events=status_events,
         )
         self.orchestrator.messaging_system = messaging_system(self.bus)
         self.relay = OutboxRelay(

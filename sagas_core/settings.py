@@ -61,6 +61,8 @@ class SagasSettings(BaseSettings):
         circuit_failures: Consecutive timeouts or transient failures of one destination that
             open its circuit (commands to it then wait instead of failing); unset: no breaker.
         circuit_open_seconds: How long an open circuit waits before a probe goes through.
+        status_events: Status events published to the saga-events topic: ``all`` (every
+            change, per step too), ``lifecycle`` (the saga's own changes) or ``none``.
     """
 
     model_config = SettingsConfigDict(
@@ -89,6 +91,7 @@ class SagasSettings(BaseSettings):
     health_port: int | None = Field(default=None, ge=1, le=65_535)
     circuit_failures: int | None = Field(default=None, ge=1, le=10_000)
     circuit_open_seconds: float = Field(default=30.0, gt=0, le=86_400)
+    status_events: Literal["all", "lifecycle", "none"] = "all"
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -108,3 +108,13 @@ def test_console_script_targets_resolve_from_the_current_directory(tmp_path: Pat
     assert nowhere.returncode == 2
     assert "cannot import 'nomodule'" in nowhere.stderr
     assert "Traceback" not in nowhere.stderr
+
+
+def test_the_status_events_setting_is_validated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SAGAS_STATUS_EVENTS", "some")
+    with pytest.raises(SettingsError, match="SAGAS_STATUS_EVENTS"):
+        load_settings()
+    monkeypatch.setenv("SAGAS_STATUS_EVENTS", "lifecycle")
+    assert load_settings().status_events == "lifecycle"

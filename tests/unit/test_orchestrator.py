@@ -31,7 +31,14 @@ from sagas_abstractions import (
     UnknownSagaType,
     WaitKind,
 )
-from sagas_core import Orchestrator, OrphanReplyPolicy, RetryPolicy, SagaBuilder, fixed
+from sagas_core import (
+    Orchestrator,
+    OrphanReplyPolicy,
+    RetryPolicy,
+    SagaBuilder,
+    StatusEvents,
+    fixed,
+)
 from sagas_core.codec import decode_command, decode_event
 from sagas_core.definition import SagaDefinition
 from sagas_core.testing import FakeClock, InMemorySagaStore
@@ -936,3 +943,49 @@ async def test_resolving_a_running_saga_of_an_unregistered_type_is_an_invalid_op
 
     with pytest.raises(InvalidOperation, match="only a failed one"):
         await unregistered_saga(store, clock).resolve("refund-1", actor="dora", note="-")
+
+
+# ---------------------------------------------------------------------- status events
+
+
+def _event_keys(store: InMemorySagaStore) -> list[str]:
+    return [row.envelope.key for row in store.outbox_rows if row.envelope.route is RouteKind.EVENT]
+
+
+async def _complete(orchestrator: Orchestrator, store: InMemorySagaStore) -> None:
+    await start(orchestrator)
+    await orchestrator.handle_reply(answer(commands(store)[-1]))  # reserve
+    await orchestrator.handle_reply(answer(commands(store)[-1]))  # pay: completed
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        (
+            StatusEvents.ALL,
+            ["order.started", "order.step_completed", "order.step_completed", "order.completed"],
+        ),
+        ("lifecycle", ["order.started", "order.completed"]),
+        ("none", []),
+    ],
+)
+async def test_status_events_go_to_the_topic_as_configured_while_history_keeps_everything(
+    clock: FakeClock, setting: StatusEvents | str, expected: list[str]
+) -> None:
+    store = RecordingStore()
+    orchestrator = Orchestrator(
+        store=store, definitions=[ORDER_SAGA], clock=clock, status_events=setting
+    )
+
+    await _complete(orchestrator, store)
+
+    assert _event_keys(store) == expected
+    assert (await orchestrator.get("saga-1")).status is SagaStatus.COMPLETED
+    assert len(await orchestrator.history("saga-1")) == 3
+
+
+def test_an_unknown_status_events_setting_is_refused(
+    store: RecordingStore, clock: FakeClock
+) -> None:
+    with pytest.raises(ValueError, match="'some'"):
+        Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock, status_events="some")

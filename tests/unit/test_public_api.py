@@ -110,6 +110,7 @@ SAGAS_CORE = [
     "SagasSettings",
     "ScopedResolver",
     "SettingsError",
+    "StatusEvents",
     "StepBuilder",
     "StepDefinition",
     "SystemClock",

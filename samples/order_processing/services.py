@@ -316,7 +316,7 @@ def build_participants(
 ) -> tuple[list[Participant], StockService, PaymentGateway, ShippingService]:
     """The three participant services of the sample, wired to fresh in-memory backends."""
     stock = StockService(ledger)
-    gateway = PaymentGateway(ledger)
+    gateway = PaymentGateway(ledger, latency=float(os.environ.get(PAYMENT_LATENCY_ENV) or 0))
     shipping_service = ShippingService(ledger, slow_seconds=slow_seconds)
     participants = [
         inventory_participant(stock),

@@ -109,6 +109,9 @@ def test_sigterm_mid_load_loses_no_saga_and_a_restarted_worker_finishes_them(
         # The restarted worker resumes a burst of sagas at once: the demo's 0.3 s per shipment
         # attempt would time happy orders out behind it.
         SAMPLE_SHIPMENT_TIMEOUT="3",
+        # Each charge takes 0.2 s, so the load lasts well past the first completed saga however
+        # fast the worker is: the SIGTERM below lands mid-load.
+        SAMPLE_PAYMENT_LATENCY="0.2",
     )
     # Big enough that the worker (hundreds of steps a second) is still busy when SIGTERM comes.
     batch: list[Scenario] = [s for s in scenarios() if s.name in STABLE] * 25

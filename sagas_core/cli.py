@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import getpass
 import importlib
+import json
 import re
 import sys
 from datetime import timedelta
@@ -214,6 +215,7 @@ def list_sagas(
     limit: int = typer.Option(50, min=1, max=10_000),
     app_target: str | None = typer.Option(None, "--app", help=APP_HELP, envvar="SAGAS_APP"),
     database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+    as_json: bool = typer.Option(False, "--json", help="One JSON array of sagas, for scripts."),
 ) -> None:
     """List sagas, least recently updated first (--stuck-for finds the ones that hang)."""
     settings = _settings(app_target, database_url)
@@ -234,6 +236,9 @@ def list_sagas(
         return sorted(found, key=lambda s: s.updated_at)[:limit]
 
     sagas = _run(_with_store(settings, query))
+    if as_json:
+        typer.echo(json.dumps([saga.model_dump(mode="json") for saga in sagas]))
+        return
     title = f"sagas not moved for {stuck_for}" if stuck_for else "sagas"
     console.print(_status_table(sagas, f"{title} ({len(sagas)})"))
 
@@ -243,6 +248,9 @@ def show(
     saga_id: str,
     app_target: str | None = typer.Option(None, "--app", help=APP_HELP, envvar="SAGAS_APP"),
     database_url: str | None = typer.Option(None, "--db", help=DB_HELP),
+    as_json: bool = typer.Option(
+        False, "--json", help="One JSON object (the saga and its history), for scripts."
+    ),
 ) -> None:
     """Show one saga: status, steps, data and its full history."""
     settings = _settings(app_target, database_url)
@@ -253,6 +261,13 @@ def show(
     saga, history = _run(_with_store(settings, query))
     if saga is None:
         raise _fail(f"no saga with id {saga_id!r}", 1)
+    if as_json:
+        document = {
+            "saga": saga.model_dump(mode="json"),
+            "history": [entry.model_dump(mode="json") for entry in history],
+        }
+        typer.echo(json.dumps(document))
+        return
     console.print(_status_table([saga], f"saga {saga_id}"))
     steps = Table(title="steps")
     for column in ("step", "status", "attempts", "compensation attempts", "error"):

@@ -1,7 +1,8 @@
-"""``sagas prune`` deletes old inbox and published outbox rows, and only those."""
+"""``sagas prune`` deletes old inbox and published outbox rows; ``list``/``show --json``."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +15,20 @@ from sagas_core.cli import app
 pytestmark = pytest.mark.integration
 
 
-def test_prune_deletes_old_dedupe_and_published_rows_and_nothing_else(tmp_path: Path) -> None:
-    database = tmp_path / "sagas.sqlite3"
+def _demo_database(directory: Path) -> str:
+    """The URL of a SQLite file the order sample ran its 8 orders in."""
+    database = directory / "sagas.sqlite3"
     subprocess.run(
         [sys.executable, "-m", "samples.order_processing", "--db", str(database)],
         check=True,
         capture_output=True,
         timeout=120,
     )
-    url = f"sqlite+aiosqlite:///{database}"
+    return f"sqlite+aiosqlite:///{database}"
+
+
+def test_prune_deletes_old_dedupe_and_published_rows_and_nothing_else(tmp_path: Path) -> None:
+    url = _demo_database(tmp_path)
     runner = CliRunner()
 
     kept = runner.invoke(app, ["prune", "--db", url, "--older-than", "7d"])
@@ -44,3 +50,21 @@ def test_prune_refuses_a_duration_it_cannot_read(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["prune", "--db", url, "--older-than", "a week"])
     assert result.exit_code == 2
     assert "expected a duration" in result.output
+
+
+def test_list_and_show_print_json_for_scripts(tmp_path: Path) -> None:
+    url = _demo_database(tmp_path)
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["list", "--db", url, "--status", "compensated", "--json"])
+    sagas = json.loads(listed.output)
+    shown = runner.invoke(app, ["show", sagas[0]["saga_id"], "--db", url, "--json"])
+    document = json.loads(shown.output)
+
+    assert listed.exit_code == 0, listed.output
+    assert len(sagas) == 5  # the demo's five compensated orders
+    assert {saga["status"] for saga in sagas} == {"compensated"}
+    assert shown.exit_code == 0, shown.output
+    assert document["saga"]["saga_id"] == sagas[0]["saga_id"]
+    assert document["history"][0]["input"] == "Start"
+    assert document["history"][-1]["to_status"] == "compensated"

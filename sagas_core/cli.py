@@ -7,9 +7,7 @@ import getpass
 import importlib
 import json
 import re
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
 import typer
@@ -41,15 +39,6 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console()
-
-
-@app.callback()
-def _main() -> None:
-    """Durable saga orchestration: run workers, inspect and repair sagas."""
-    # Like uvicorn: `module:attribute` targets resolve from the directory the command runs in
-    # (a console script, unlike `python -m`, does not put it on the import path).
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))
 
 
 errors = Console(stderr=True)

@@ -23,7 +23,9 @@ import contextlib
 import importlib
 import inspect
 import logging
+import sys
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import SagaError
@@ -54,7 +56,14 @@ if TYPE_CHECKING:
     from sagas_core.participant import Participant
     from sagas_core.telemetry import Telemetry
 
-__all__ = ["HostNotStarted", "SagaHost", "SagaHostBuilder", "load_host", "open_settings_store"]
+__all__ = [
+    "HostNotStarted",
+    "SagaHost",
+    "SagaHostBuilder",
+    "import_target",
+    "load_host",
+    "open_settings_store",
+]
 
 _log = logging.getLogger("sagas.host")
 
@@ -474,6 +483,34 @@ async def open_settings_store(settings: SagasSettings) -> SagaRepository:
     return store
 
 
+def import_target(target: str) -> object:
+    """The object ``module:attribute`` names, importing the module (like ``uvicorn module:app``).
+
+    The current directory is on the import path first, as with ``python -m``: a console script
+    (``sagas worker``, ``sagas participant``) would not find ``shop.py`` beside it otherwise.
+
+    Raises:
+        ValueError: The target is malformed, its module cannot be imported, or it lacks the
+            attribute.
+    """
+    module_name, sep, attribute = target.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ValueError(f"expected 'module:attribute', got {target!r}")
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ValueError(
+            f"cannot import {module_name!r}: {exc} (run from the directory that holds it, or "
+            "set PYTHONPATH)"
+        ) from exc
+    try:
+        return getattr(module, attribute)
+    except AttributeError as exc:
+        raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from exc
+
+
 def load_host(target: str) -> SagaHost:
     """Import ``module:attribute``: a :class:`SagaHost`, a builder, or a function returning one.
 
@@ -483,17 +520,7 @@ def load_host(target: str) -> SagaHost:
         ValueError: the target is malformed or cannot be imported.
         TypeError: the target names something else.
     """
-    module_name, sep, attribute = target.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"expected 'module:attribute', got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(f"cannot import {module_name!r}: {exc}") from exc
-    try:
-        value: object = getattr(module, attribute)
-    except AttributeError as exc:
-        raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from exc
+    value = import_target(target)
     if callable(value) and not isinstance(value, SagaHost | SagaHostBuilder):
         value = value()
     if isinstance(value, SagaHostBuilder):

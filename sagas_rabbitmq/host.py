@@ -22,16 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib
 import inspect
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sagas_core.host import import_target
 from sagas_core.participant import Participant
 from sagas_core.telemetry import configure_from_env
 from sagas_rabbitmq.bus import RabbitBus
@@ -53,20 +52,7 @@ async def load_participants(target: str) -> list[Participant]:
     Raises:
         ValueError: The target is malformed or does not name participants.
     """
-    module_name, sep, attribute = target.partition(":")
-    if not sep or not module_name or not attribute:
-        raise ValueError(f"target must be 'module:attribute', got {target!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        raise ValueError(
-            f"cannot import {module_name!r}: {exc} (run from the directory that holds it, or "
-            "set PYTHONPATH)"
-        ) from exc
-    try:
-        value: object = getattr(module, attribute)
-    except AttributeError as exc:
-        raise ValueError(f"{module_name!r} has no attribute {attribute!r}") from exc
+    value = import_target(target)
     if callable(value) and not isinstance(value, Participant):
         value = value()
         if inspect.isawaitable(value):
@@ -156,9 +142,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready() -> None:
         sys.stdout.write("ready\n")
         sys.stdout.flush()
-
-    if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # like uvicorn: module:attribute from where it runs
 
     async def run() -> None:
         participants = await load_participants(options.target)

@@ -51,6 +51,7 @@ from sagas_abstractions import (
     OutboxRecord,
     RouteKind,
     SagaChange,
+    SagaError,
     SagaInstance,
     SagaStatus,
     StoreError,
@@ -320,22 +321,8 @@ class SqlSagaStore:
                     current = change
                     leased.extend(await self._save_one(conn, change, owner=owner, until=until))
         except (SQLAlchemyError, OSError) as error:
-            saga = current.instance
-            if isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES:
-                # A deadlock or serialization failure: the writer should reload and reapply.
-                raise ConcurrencyConflict(
-                    saga_id=saga.saga_id,
-                    expected_version=current.expected_version,
-                    actual_version=None,
-                    saga_type=saga.saga_type,
-                ) from error
-            batch = f" (in a batch of {len(changes)} changes)" if len(changes) > 1 else ""
-            raise StoreError(
-                f"saving the saga failed{batch}, nothing was written: "
-                f"{type(error).__name__}: {_first_line(error)}",
-                saga_id=saga.saga_id,
-                saga_type=saga.saga_type,
-            ) from error
+            conflict = isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES
+            raise _save_failed(error, current, len(changes), conflict=conflict) from error
         return leased
 
     async def _save_pg(
@@ -360,21 +347,8 @@ class SqlSagaStore:
                         await execute_change(conn, self._pg, change, owner=owner, until=until)
                     )
         except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
-            saga = current.instance
-            if isinstance(error, psycopg.Error) and retryable(error):
-                raise ConcurrencyConflict(
-                    saga_id=saga.saga_id,
-                    expected_version=current.expected_version,
-                    actual_version=None,
-                    saga_type=saga.saga_type,
-                ) from error
-            batch = f" (in a batch of {len(changes)} changes)" if len(changes) > 1 else ""
-            raise StoreError(
-                f"saving the saga failed{batch}, nothing was written: "
-                f"{type(error).__name__}: {_first_line(error)}",
-                saga_id=saga.saga_id,
-                saga_type=saga.saga_type,
-            ) from error
+            conflict = isinstance(error, psycopg.Error) and retryable(error)
+            raise _save_failed(error, current, len(changes), conflict=conflict) from error
         return leased
 
     @contextlib.contextmanager
@@ -1036,6 +1010,27 @@ def _sqlstate(error: DBAPIError) -> str | None:
     original = error.orig
     code = getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
     return code if isinstance(code, str) else None
+
+
+def _save_failed(
+    error: BaseException, change: SagaChange, batch_size: int, *, conflict: bool
+) -> SagaError:
+    """What a failed save raises: a conflict to reload and reapply, or a store error."""
+    saga = change.instance
+    if conflict:  # a deadlock or serialization failure: the writer should reload and reapply
+        return ConcurrencyConflict(
+            saga_id=saga.saga_id,
+            expected_version=change.expected_version,
+            actual_version=None,
+            saga_type=saga.saga_type,
+        )
+    batch = f" (in a batch of {batch_size} changes)" if batch_size > 1 else ""
+    return StoreError(
+        f"saving the saga failed{batch}, nothing was written: "
+        f"{type(error).__name__}: {_first_line(error)}",
+        saga_id=saga.saga_id,
+        saga_type=saga.saga_type,
+    )
 
 
 def _first_line(error: BaseException) -> str:

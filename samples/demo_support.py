@@ -1,4 +1,4 @@
-"""What every sample's command line shares: where saga state lives, and leftovers of a killed run.
+"""What every sample's command line shares: state, a killed run's leftovers, status cells.
 
 Each sample runs on the embedded default: saga state in a SQLite file (``--db PATH``,
 ``$SAGAS_SQLITE_PATH`` or ``.sagas/sagas.sqlite3``), or in memory with ``--memory``.
@@ -23,10 +23,36 @@ if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository
     from sagas_core import Participant, SagaDefinition
 
-__all__ = ["RELAY_LEASE", "demo_parser", "demo_store", "describe_state", "finish_leftovers"]
+__all__ = [
+    "RELAY_LEASE",
+    "demo_parser",
+    "demo_store",
+    "describe_state",
+    "finish_leftovers",
+    "status_cell",
+]
 
 RELAY_LEASE = 1.0
 """Outbox lease of the demos: a killed run's claimed messages go out again a second later."""
+
+_STATUS_STYLES = {
+    SagaStatus.COMPLETED: "green",
+    SagaStatus.COMPENSATED: "yellow",
+    SagaStatus.FAILED: "red",
+}
+
+
+def status_cell(status: SagaStatus | None, *, as_expected: bool, other: str = "red") -> str:
+    """A final status for a demo table (rich markup): coloured, marked when unexpected.
+
+    ``other`` colours the statuses a demo does not expect to end in; ``None`` is "no saga".
+    """
+    if status is None:
+        text = "[magenta]no saga[/magenta]"
+    else:
+        style = _STATUS_STYLES.get(status, other)
+        text = f"[{style}]{status.value}[/{style}]"
+    return text if as_expected else f"{text} [red](unexpected)[/red]"
 
 
 def demo_parser(prog: str, description: str) -> argparse.ArgumentParser:

@@ -14,16 +14,12 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from sagas_abstractions import SagaStatus
 from samples.checkout.demo import CheckoutResult, finish_leftovers, run_demo
-from samples.demo_support import demo_parser, demo_store, describe_state
+from samples.demo_support import demo_parser, demo_store, describe_state, status_cell
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-
-
-_STYLE = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow"}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -56,12 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for column in ("order", "scenario", "final status", "compensated", "effects", "time"):
         table.add_column(column, justify="right" if column == "time" else "left")
     for result in results:
-        style = _STYLE.get(result.status, "red")
-        mark = "" if result.as_expected else " [red](unexpected)[/red]"
         table.add_row(
             result.scenario.checkout.order_id,
             result.scenario.name,
-            f"[{style}]{result.status.value}[/{style}]{mark}",
+            status_cell(result.status, as_expected=result.as_expected),
             ", ".join(result.compensated) or "-",
             " > ".join(effect.partition(".")[2] for effect in result.effects) or "-",
             f"{result.seconds * 1000:.0f} ms",

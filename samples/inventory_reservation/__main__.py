@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from sagas_abstractions import SagaStatus
-from samples.demo_support import demo_parser, demo_store, describe_state
+from samples.demo_support import demo_parser, demo_store, describe_state, status_cell
 from samples.inventory_reservation.demo import DemoRun, finish_leftovers, run_demo
 
 if TYPE_CHECKING:
@@ -23,9 +22,6 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from samples.inventory_reservation.inventory import Inventory
-
-
-_STYLE = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow"}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -54,17 +50,11 @@ def _lines_table(run: DemoRun) -> Table:
         last = index + 1 == len(run.results) or run.results[index + 1].scenario is not (
             result.scenario
         )
-        if result.status is None:
-            status = "[magenta]no saga[/magenta]"
-        else:
-            style = _STYLE.get(result.status, "red")
-            status = f"[{style}]{result.status.value}[/{style}]"
-        mark = "" if result.as_expected else " [red](unexpected)[/red]"
         table.add_row(
             f"{result.cart}/{result.line}",
             result.scenario.name if first else "",
             " > ".join(result.events) or "-",
-            status + mark,
+            status_cell(result.status, as_expected=result.as_expected),
             ", ".join(result.compensated) or "-",
             " > ".join(result.effects) or "-",
             f"{result.seconds * 1000:.0f} ms",

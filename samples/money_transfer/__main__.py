@@ -15,15 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from sagas_abstractions import SagaStatus
-from samples.demo_support import demo_parser, demo_store, describe_state
+from samples.demo_support import demo_parser, demo_store, describe_state, status_cell
 from samples.money_transfer.demo import TransferReport, finish_leftovers, run_demo
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-
-
-_STYLE = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow"}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -51,14 +48,12 @@ def _transfers_table(report: TransferReport) -> Table:
         table.add_column(column, justify="right" if column == "amount" else "left")
     for result in report.named:
         transfer = result.scenario.transfer
-        style = _STYLE.get(result.status, "red")
-        mark = "" if result.as_expected else " [red](unexpected)[/red]"
         table.add_row(
             transfer.transfer_id,
             result.scenario.name,
             f"{transfer.source_account[4:]} -> {transfer.destination_account[4:]}",
             f"{transfer.amount}",
-            f"[{style}]{result.status.value}[/{style}]{mark}",
+            status_cell(result.status, as_expected=result.as_expected),
             ", ".join(result.compensated) or "-",
         )
     if report.storm:

@@ -14,21 +14,13 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from sagas_abstractions import SagaStatus
-from samples.demo_support import demo_parser, demo_store, describe_state
+from samples.demo_support import demo_parser, demo_store, describe_state, status_cell
 from samples.order_processing.demo import OrderResult, run_demo
 from samples.order_processing.saga import order_saga
 
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
-
-
-_STYLE = {
-    SagaStatus.COMPLETED: "green",
-    SagaStatus.COMPENSATED: "yellow",
-    SagaStatus.FAILED: "red",
-}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -63,13 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     for column in ("order", "scenario", "final status", "steps done", "compensations run", "time"):
         table.add_column(column, justify="right" if column == "time" else "left")
     for result in results:
-        style = _STYLE.get(result.status, "magenta")
-        mark = "" if result.as_expected else " [red](unexpected)[/red]"
         order = result.scenario.order.order_id
         table.add_row(
             f"{order} [cyan](resumed)[/cyan]" if result.resumed else order,
             result.scenario.name,
-            f"[{style}]{result.status.value}[/{style}]{mark}",
+            status_cell(result.status, as_expected=result.as_expected, other="magenta"),
             f"{len(result.steps_done)}/{len(order_saga.steps)}",
             ", ".join(result.compensations) or "-",
             f"{result.seconds * 1000:.0f} ms",

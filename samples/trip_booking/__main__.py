@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from sagas_abstractions import SagaStatus
-from samples.demo_support import demo_parser, demo_store, describe_state
+from samples.demo_support import demo_parser, demo_store, describe_state, status_cell
 from samples.trip_booking.demo import TripResult, finish_leftovers, run_demo
 
 if TYPE_CHECKING:
@@ -34,8 +33,6 @@ _LABELS = {
     "cars.cancel": "cancel car",
     "payments.cancel": "refund",
 }
-
-_STYLE = {SagaStatus.COMPLETED: "green", SagaStatus.COMPENSATED: "yellow"}
 
 
 def _arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,12 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for column in ("trip", "scenario", "final status", "undone (in order)", "effects", "time"):
         table.add_column(column, justify="right" if column == "time" else "left")
     for result in results:
-        style = _STYLE.get(result.status, "red")
-        mark = "" if result.as_expected else " [red](unexpected)[/red]"
         table.add_row(
             result.scenario.trip.trip_id,
             result.scenario.name,
-            f"[{style}]{result.status.value}[/{style}]{mark}",
+            status_cell(result.status, as_expected=result.as_expected),
             ", ".join(result.compensated) or "-",
             " > ".join(_LABELS.get(e, e) for e in result.effects) or "-",
             f"{result.seconds * 1000:.0f} ms",

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 from sagas_abstractions import SagaStatus, StepKind
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterator, Mapping, Sequence
     from types import ModuleType
 
     from opentelemetry.metrics import (
@@ -224,8 +224,8 @@ class Telemetry:
         self._instruments: _Instruments | None = None
         # Without an SDK, the global providers are looked at again at most once a second, so
         # the no-op path costs a clock read (a provider set later is picked up within 1 s).
-        self._tracer_checked = float("-inf")
-        self._meter_checked = float("-inf")
+        self._checked = {"trace": float("-inf"), "metrics": float("-inf")}
+        """When to look for a global SDK provider again, per signal."""
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._outbox_lag: dict[str, float] = {}
         self._outbox_size: dict[str, int] = {}
@@ -240,24 +240,37 @@ class Telemetry:
 
     # ------------------------------------------------------------------ providers
 
+    def _provider(self, signal: str, given: Any, lookup: Callable[[Any], Any]) -> Any:
+        """The provider given, else the global SDK one (``None`` while there is none).
+
+        The global provider is looked up at most every few seconds: an SDK configured after
+        start-up is picked up, and a process without one pays almost nothing per hook.
+        """
+        if given is not None:
+            return given
+        now = time.monotonic()
+        if now < self._checked[signal]:
+            return None  # looked a moment ago: no SDK yet
+        api = _api()
+        if api is None:
+            self._checked[signal] = float("inf")
+            return None
+        provider = lookup(api)
+        if _is_api_default(provider):
+            self._checked[signal] = now + _RECHECK_SECONDS
+            return None
+        return provider
+
     @property
     def tracer(self) -> Tracer | None:
         """The tracer, or ``None`` while tracing is off (no API, or no SDK configured)."""
         if self._tracer is not None:
             return self._tracer
-        provider = self._tracer_provider
+        provider = self._provider(
+            "trace", self._tracer_provider, lambda api: api.trace.get_tracer_provider()
+        )
         if provider is None:
-            now = time.monotonic()
-            if now < self._tracer_checked:
-                return None  # looked a moment ago: no SDK yet
-            api = _api()
-            if api is None:
-                self._tracer_checked = float("inf")
-                return None
-            provider = api.trace.get_tracer_provider()
-            if _is_api_default(provider):
-                self._tracer_checked = now + _RECHECK_SECONDS
-                return None
+            return None
         from sagas_core import __version__  # noqa: PLC0415 - avoids an import cycle
 
         self._tracer = provider.get_tracer(INSTRUMENTATION_NAME, __version__)
@@ -268,19 +281,11 @@ class Telemetry:
         """The metric instruments, or ``None`` while metrics are off."""
         if self._instruments is not None:
             return self._instruments
-        provider = self._meter_provider
+        provider = self._provider(
+            "metrics", self._meter_provider, lambda api: api.metrics.get_meter_provider()
+        )
         if provider is None:
-            now = time.monotonic()
-            if now < self._meter_checked:
-                return None  # looked a moment ago: no SDK yet
-            api = _api()
-            if api is None:
-                self._meter_checked = float("inf")
-                return None
-            provider = api.metrics.get_meter_provider()
-            if _is_api_default(provider):
-                self._meter_checked = now + _RECHECK_SECONDS
-                return None
+            return None
         from sagas_core import __version__  # noqa: PLC0415 - avoids an import cycle
 
         self._instruments = _Instruments(

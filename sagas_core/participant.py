@@ -54,7 +54,6 @@ from sagas_abstractions import (
     RouteKind,
     StepKind,
 )
-from sagas_core.builder import local_destination
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
     dead_lettered,
@@ -92,8 +91,6 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.participant")
-
-_LOCAL_PREFIX = local_destination("")
 
 C = TypeVar("C", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -247,6 +244,9 @@ class Participant:
         clock: The source of time.
         retryable_exceptions: Exceptions that mean "try again later".
         telemetry: Consumer and reply spans (the global providers when ``None``).
+        warn_in_memory: Warn, when attached to a real broker, that outcomes kept in memory
+            do not survive a crash. The runtime turns it off for the participant it hosts for
+            local steps (the user never made that one; docs/concepts/steps.md covers them).
     """
 
     def __init__(
@@ -258,8 +258,10 @@ class Participant:
         clock: Clock | None = None,
         retryable_exceptions: tuple[type[BaseException], ...] = (TimeoutError, ConnectionError),
         telemetry: Telemetry | None = None,
+        warn_in_memory: bool = True,
     ) -> None:
         self.destination = destination
+        self.warn_in_memory = warn_in_memory
         self.telemetry = telemetry or Telemetry.default()
         self.dependencies = dependencies if dependencies is not None else Dependencies()
         self.idempotency = idempotency or InMemoryIdempotencyStore()
@@ -377,11 +379,9 @@ class Participant:
         self.check_dependencies()
         self._bus = bus
         if (
-            isinstance(self.idempotency, InMemoryIdempotencyStore)
+            self.warn_in_memory
+            and isinstance(self.idempotency, InMemoryIdempotencyStore)
             and not getattr(bus, "in_process", False)
-            # A worker's own local steps: the user never made this participant, so the warning
-            # would name something they cannot find (docs/concepts/steps.md covers local steps).
-            and not self.destination.startswith(_LOCAL_PREFIX)
         ):
             # Over a real broker, commands outlive this process: a crash after an effect and
             # before the reply makes the redelivered command run again.

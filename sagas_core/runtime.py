@@ -184,6 +184,7 @@ class SagaRuntime:
                 dependencies=self.dependencies,
                 clock=self.clock,
                 telemetry=self.telemetry,
+                warn_in_memory=False,
             )
             for _, _, spec in local:
                 assert spec.handler is not None  # noqa: S101 - local specs always have one

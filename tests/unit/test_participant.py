@@ -20,7 +20,14 @@ from sagas_abstractions import (
     RouteKind,
     StepKind,
 )
-from sagas_core import CommandContext, Dependencies, MissingDependency, Participant
+from sagas_core import (
+    CommandContext,
+    Dependencies,
+    MissingDependency,
+    Participant,
+    SagaBuilder,
+    SagaRuntime,
+)
 from sagas_core.codec import HEADER_REASON, HEADER_STEP, decode_reply, encode_command
 from sagas_core.testing import FakeClock, InMemoryBus
 
@@ -582,5 +589,20 @@ async def test_no_warning_over_the_in_process_bus(caplog: pytest.LogCaptureFixtu
     with caplog.at_level("WARNING", logger="sagas.participant"):
         subscription = await participant.attach(bus)
     await subscription.close()
+    await bus.close()
+    assert "outcomes in memory" not in caplog.text
+
+
+async def test_the_runtimes_own_local_step_participant_is_not_warned_about(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def noop(data: Reserved) -> None:
+        return None
+
+    saga = SagaBuilder("local-only", data=Reserved).step("note").run(noop).build()
+    bus = _BrokerLikeBus()
+    with caplog.at_level("WARNING", logger="sagas.participant"):
+        async with SagaRuntime(sagas=[saga], bus=bus):
+            pass
     await bus.close()
     assert "outcomes in memory" not in caplog.text

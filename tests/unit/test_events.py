@@ -23,11 +23,11 @@ from sagas_abstractions import (
     StepStatus,
     StepSucceeded,
 )
-from sagas_core import SagaBuilder, StepBuilder, event_envelope
+from sagas_core import Orchestrator, SagaBuilder, StepBuilder, event_envelope
 from sagas_core.codec import HEADER_REASON
 from sagas_core.engine import CANCELLED_CODE, decide
 from sagas_core.events import EventRoutes, event_inbox_id
-from sagas_core.testing import FakeClock, SagaTestHarness
+from sagas_core.testing import FakeClock, InMemorySagaStore, SagaTestHarness
 
 
 class ItemAdded(BaseModel):
@@ -653,3 +653,66 @@ async def test_a_late_cancel_is_logged_and_ignored_under_the_ignore_policy(
     assert outcome.ignored == ["c1:1"]
     assert outcome.dead_letter == []
     assert any("could not use it (saga is completed)" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_start_data_function_that_raises_dead_letters_the_event() -> None:
+    def broken(_: ItemAdded) -> Line:
+        raise RuntimeError("no price list")
+
+    saga = (
+        SagaBuilder("broken-data", data=Line)
+        .starts_on(ItemAdded, saga_id=_line_id, data=broken)
+        .step("reserve")
+        .send(ReserveStock, to="inventory")
+        .build()
+    )
+    harness = SagaTestHarness(saga)
+
+    outcome = await harness.publish(_added())
+
+    [reason] = outcome.dead_letter
+    assert "RuntimeError: no price list" in reason
+    assert await harness.store.find() == []
+
+
+async def test_a_start_event_naming_a_saga_of_another_type_is_dead_lettered() -> None:
+    harness = _harness()
+    other = SagaBuilder("other", data=Line).step("s").send(ReserveStock, to="inventory").build()
+    harness.orchestrator.registry.register(other)
+    harness.stub("inventory").on(ReserveStock).never_answer()
+    await harness.orchestrator.start(other, _added().model_dump(), saga_id="c1:1")
+
+    outcome = await harness.publish(_added())
+
+    [reason] = outcome.dead_letter
+    assert "a 'other' saga already has this id" in reason
+    assert (await harness.saga("c1:1")).saga_type == "other"
+
+
+async def test_an_event_for_a_saga_started_under_another_definition_parks_it() -> None:
+    store, clock = InMemorySagaStore(), FakeClock()
+    old = Orchestrator(store=store, definitions=[RESERVATION], clock=clock)
+    await old.start(RESERVATION, _added().model_dump(), saga_id="c1:1")
+    moved = (  # the same saga, its reservations sent elsewhere: another fingerprint
+        SagaBuilder("reservation", data=Line)
+        .cancel_on(ItemRemoved, saga_id=_line_id)
+        .step("reserve")
+        .send(ReserveStock, to="stock")
+        .compensate_with(ReleaseStock)
+        .step("await-order")
+        .wait_for(OrderCompleted, saga_id=_lines)
+        .step("commit")
+        .send(CommitStock, to="stock")
+        .build()
+    )
+    new = Orchestrator(store=store, definitions=[moved], clock=clock)
+
+    outcome = await new.handle_event(
+        event_envelope(ItemRemoved(cart_id="c1", line_id="1"), message_id="r-1")
+    )
+
+    assert outcome.ignored == ["c1:1"]
+    saga = await new.get("c1:1")
+    assert saga.status is SagaStatus.FAILED
+    assert saga.error is not None
+    assert saga.error.code == "definition_changed"

@@ -62,7 +62,7 @@ def ratios(ours: list[Row], raw: list[Row]) -> str:
     head = (
         f"{'in-flight':>9} {'ours/s':>8} {'raw/s':>8} {'ours/raw':>8} "
         f"{'step p99 ours':>13} {'raw':>6} {'ratio':>6} {'cpu us/step ours':>16} {'raw':>6} "
-        f"{'load ours':>9} {'raw':>5}"
+        f"{'all cpu us/step ours':>20} {'raw':>6} {'load ours':>9} {'raw':>5}"
     )
     lines = [head, "-" * len(head)]
     by_level = {row["level"]: row for row in raw}
@@ -72,12 +72,15 @@ def ratios(ours: list[Row], raw: list[Row]) -> str:
             continue
         ours_cpu = row["cpu"]["orch"] / row["steps"] * 1e6
         raw_cpu = base["cpu"]["orch"] / base["steps"] * 1e6
+        # Every process of the run: orchestrator, participants, broker and database.
+        ours_all = sum(row["cpu"].values()) / row["steps"] * 1e6
+        raw_all = sum(base["cpu"].values()) / base["steps"] * 1e6
         lines.append(
             f"{row['level']:>9} {row['sagas_per_s']:>8.1f} {base['sagas_per_s']:>8.1f} "
             f"{ratio(row['sagas_per_s'], base['sagas_per_s']):>8} "
             f"{row['step_p99_ms']:>13.1f} {base['step_p99_ms']:>6.1f} "
             f"{ratio(row['step_p99_ms'], base['step_p99_ms']):>6} "
-            f"{ours_cpu:>16.0f} {raw_cpu:>6.0f} "
+            f"{ours_cpu:>16.0f} {raw_cpu:>6.0f} {ours_all:>20.0f} {raw_all:>6.0f} "
             f"{_load1(row):>9} {_load1(base):>5}"
         )
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from bench.support.measure import (
     load_average,
     machine,
     rss_mib,
+    services_cpu_seconds,
     table,
     write_json,
 )
@@ -280,11 +281,19 @@ class Raw:
             self.step_ms = []
             pids = {"orch": None, "part": self.participants.pid}
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            services_before = services_cpu_seconds()
             saga_ms: list[float] = []
             began = time.perf_counter()
             await self.drive(level, count, saga_ms)
             elapsed = time.perf_counter() - began
             cpu = {name: round(cpu_seconds(pid) - before[name], 3) for name, pid in pids.items()}
+            services_after = services_cpu_seconds()
+            cpu.update(
+                {
+                    name: round(services_after[name] - services_before[name], 3)
+                    for name in services_after
+                }
+            )
         finally:
             await queue.cancel(tag)
             await channel.close()

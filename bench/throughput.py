@@ -56,6 +56,7 @@ from bench.support.measure import (
     load_average,
     machine,
     rss_mib,
+    services_cpu_seconds,
     table,
     write_json,
 )
@@ -294,11 +295,16 @@ class Bench:
                 stale = runtime.orchestrator.stale_cache
                 pids = {"orch": None, **self._child_pids()}
                 cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+                services_before = services_cpu_seconds()
                 saga_ms: list[float] = []
                 began = time.perf_counter()
                 await self.drive(runtime, level, count, saga_ms)
                 elapsed = time.perf_counter() - began
                 cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+                services_after = services_cpu_seconds()
+                cpu.update(
+                    {name: services_after[name] - services_before[name] for name in services_after}
+                )
             finally:
                 stop.set()
                 if poller is not None:

@@ -33,6 +33,34 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICKS
 
 
+SERVICES = {"broker": ("beam.smp",), "db": ("postgres",)}
+"""Process names (``comm``) whose CPU counts as the broker's and the database's."""
+
+
+def services_cpu_seconds() -> dict[str, float]:
+    """CPU seconds of every local RabbitMQ and PostgreSQL process, summed per service.
+
+    Read from /proc for all processes with those names (the broker's Erlang VM, every
+    PostgreSQL backend and background process); readable for other users' processes too. Only
+    meaningful when both run on this machine and nothing else uses them during a measurement.
+    """
+    totals = dict.fromkeys(SERVICES, 0.0)
+    names = {name: service for service, comms in SERVICES.items() for name in comms}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text(encoding="ascii", errors="replace")
+        except OSError:
+            continue  # exited meanwhile
+        comm = text[text.find("(") + 1 : text.rfind(")")]
+        service = names.get(comm)
+        if service is not None:
+            fields = text.rsplit(")", 1)[1].split()
+            totals[service] += (int(fields[11]) + int(fields[12])) / _TICKS
+    return totals
+
+
 def rss_mib(pid: int | None = None) -> tuple[float, float]:
     """(current RSS, peak RSS) of a process in MiB, from /proc/<pid>/status."""
     values = {"VmRSS": 0.0, "VmHWM": 0.0}
@@ -134,11 +162,19 @@ def table(results: list[Result]) -> str:
         f"{'impl':<10} {'in-flight':>9} {'sagas':>6} {'sagas/s':>8} {'steps/s':>8} "
         f"{'step p50':>8} {'p95':>6} {'p99':>6} {'saga p50':>8} {'p99':>6} {'comp p50':>8} "
         f"{'p99':>6} {'cpu us/step':>22} {'rss MiB':>12} {'load':>15}"
+        f"  {'broker/db us/step':>17}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
         steps = max(r.steps, 1)
-        cpu = "/".join(f"{seconds / steps * 1e6:.0f}" for seconds in r.cpu.values())
+        cpu = "/".join(
+            f"{seconds / steps * 1e6:.0f}"
+            for name, seconds in r.cpu.items()
+            if name not in SERVICES
+        )
+        services = "/".join(
+            f"{r.cpu[name] / steps * 1e6:.0f}" for name in SERVICES if name in r.cpu
+        )
         rss = "/".join(f"{value:.0f}" for value in r.rss_mib.values())
         lines.append(
             f"{r.impl:<10} {r.level:>9} {r.sagas:>6} {r.sagas_per_s:>8.1f} {r.steps_per_s:>8.1f} "
@@ -146,6 +182,7 @@ def table(results: list[Result]) -> str:
             f"{_ms(percentile(r.step_ms, 99)):>6} {_ms(percentile(r.saga_ms, 50)):>8} "
             f"{_ms(percentile(r.saga_ms, 99)):>6} {_ms(percentile(r.compensation_ms, 50)):>8} "
             f"{_ms(percentile(r.compensation_ms, 99)):>6} {cpu:>22} {rss:>12} {r.load:>15}"
+            f"  {services or '-':>17}"
         )
     return "\n".join(lines)
 

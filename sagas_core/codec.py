@@ -23,6 +23,7 @@ from sagas_abstractions import (
     SagaEvent,
     StepKind,
 )
+from sagas_core._models import trusted
 
 __all__ = [
     "DEAD_LETTER_KEY",
@@ -60,6 +61,10 @@ REPLY_TYPE = "saga.reply"
 EVENT_TYPE = "saga.event"
 DEAD_LETTER_KEY = "compensation-failed"
 
+_COMMAND_HEADERS = frozenset(
+    {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
+)
+
 
 def _dumps(value: object) -> bytes:
     return pydantic_core.to_json(value)
@@ -73,6 +78,13 @@ def _loads(envelope: Envelope) -> Any:
             f"message {envelope.message_id!r} body is not valid JSON: {exc}",
             saga_id=envelope.correlation_id,
         ) from exc
+
+
+def _envelope(values: dict[str, Any]) -> Envelope:
+    """An envelope of ``values`` (every field, in field order) taken from a validated message."""
+    if not values["key"] or not values["message_id"]:
+        return Envelope(**values)  # the only constraints a message does not imply: raise
+    return trusted(Envelope, values)
 
 
 def _header(envelope: Envelope, name: str) -> str:
@@ -125,21 +137,28 @@ def _saga_headers(saga_type: str, step: str, attempt: int, kind: StepKind) -> di
     }
 
 
-def encode_command(command: CommandMessage) -> Envelope:
-    """Encode a command for its destination; ``command.reply_to`` must be set."""
+def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> Envelope:
+    """Encode a command for its destination.
+
+    Args:
+        command: The command.
+        reply_to: Where the reply goes, when not ``command.reply_to`` (one must be set).
+    """
     headers = dict(command.headers)
     headers.update(_saga_headers(command.saga_type, command.step, command.attempt, command.kind))
     headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
-    return Envelope(
-        route=RouteKind.COMMAND,
-        key=command.destination,
-        message_id=command.message_id,
-        message_type=command.command_type,
-        correlation_id=command.saga_id,
-        reply_to=command.reply_to,
-        headers=headers,
-        body=_dumps(command.payload),
-        timestamp=command.created_at,
+    return _envelope(
+        {
+            "route": RouteKind.COMMAND,
+            "key": command.destination,
+            "message_id": command.message_id,
+            "message_type": command.command_type,
+            "correlation_id": command.saga_id,
+            "reply_to": reply_to or command.reply_to,
+            "headers": headers,
+            "body": _dumps(command.payload),
+            "timestamp": command.created_at,
+        }
     )
 
 
@@ -158,21 +177,24 @@ def decode_command(envelope: Envelope) -> CommandMessage:
             saga_type=saga_type,
             step=step,
         )
-    known = {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
-    return CommandMessage(
-        message_id=envelope.message_id,
-        saga_id=saga_id,
-        saga_type=saga_type,
-        step=step,
-        attempt=attempt,
-        kind=kind,
-        command_type=envelope.message_type,
-        destination=envelope.key,
-        payload=payload,
-        idempotency_key=envelope.headers.get(HEADER_IDEMPOTENCY_KEY) or envelope.message_id,
-        reply_to=envelope.reply_to,
-        created_at=envelope.timestamp,
-        headers={k: v for k, v in envelope.headers.items() if k not in known},
+    # Every value is checked above or comes from the (validated) envelope.
+    return trusted(
+        CommandMessage,
+        {
+            "message_id": envelope.message_id,
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "step": step,
+            "attempt": attempt,
+            "kind": kind,
+            "command_type": envelope.message_type,
+            "destination": envelope.key,
+            "payload": payload,
+            "idempotency_key": envelope.headers.get(HEADER_IDEMPOTENCY_KEY) or envelope.message_id,
+            "reply_to": envelope.reply_to,
+            "created_at": envelope.timestamp,
+            "headers": {k: v for k, v in envelope.headers.items() if k not in _COMMAND_HEADERS},
+        },
     )
 
 
@@ -184,15 +206,18 @@ def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
     body: dict[str, Any] = {"status": reply.status.value, "data": reply.data}
     if reply.error is not None:
         body["error"] = reply.error.model_dump(mode="json")
-    return Envelope(
-        route=RouteKind.REPLY,
-        key=reply_to,
-        message_id=reply.message_id,
-        message_type=REPLY_TYPE,
-        correlation_id=reply.saga_id,
-        headers=headers,
-        body=_dumps(body),
-        timestamp=reply.created_at,
+    return _envelope(
+        {
+            "route": RouteKind.REPLY,
+            "key": reply_to,
+            "message_id": reply.message_id,
+            "message_type": REPLY_TYPE,
+            "correlation_id": reply.saga_id,
+            "reply_to": None,
+            "headers": headers,
+            "body": _dumps(body),
+            "timestamp": reply.created_at,
+        }
     )
 
 
@@ -233,32 +258,40 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
                 f"{exc.errors(include_url=False)[0]['msg']}",
                 **where,
             ) from exc
-    return ReplyMessage(
-        message_id=envelope.message_id,
-        saga_id=saga_id,
-        saga_type=saga_type,
-        step=step,
-        attempt=attempt,
-        kind=kind,
-        status=status,
-        data=data,
-        error=error,
-        in_reply_to=envelope.headers.get(HEADER_IN_REPLY_TO),
-        created_at=envelope.timestamp,
+    # Every value is checked above or comes from the (validated) envelope.
+    return trusted(
+        ReplyMessage,
+        {
+            "message_id": envelope.message_id,
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "step": step,
+            "attempt": attempt,
+            "kind": kind,
+            "status": status,
+            "data": data,
+            "error": error,
+            "in_reply_to": envelope.headers.get(HEADER_IN_REPLY_TO),
+            "created_at": envelope.timestamp,
+        },
     )
 
 
 def encode_event(event: SagaEvent) -> Envelope:
     """Encode a saga event for the events topic (routing key ``<saga-type>.<kind>``)."""
-    return Envelope(
-        route=RouteKind.EVENT,
-        key=event.routing_key,
-        message_id=event.event_id,
-        message_type=EVENT_TYPE,
-        correlation_id=event.saga_id,
-        headers={HEADER_SAGA_TYPE: event.saga_type},
-        body=_dumps(event.model_dump(mode="json")),
-        timestamp=event.at,
+    return _envelope(
+        {
+            "route": RouteKind.EVENT,
+            "key": event.routing_key,
+            "message_id": event.event_id,
+            "message_type": EVENT_TYPE,
+            "correlation_id": event.saga_id,
+            "reply_to": None,
+            "headers": {HEADER_SAGA_TYPE: event.saga_type},
+            # The model's own serializer writes the JSON in one pass (as model_dump + dumps).
+            "body": event.__pydantic_serializer__.to_json(event),
+            "timestamp": event.at,
+        }
     )
 
 

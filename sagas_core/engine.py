@@ -52,6 +52,7 @@ from sagas_abstractions import (
     UnknownSagaType,
     WaitKind,
 )
+from sagas_core._models import replace, trusted
 from sagas_core.definition import ActionKind, describe_validation
 from sagas_core.retry import TIMEOUT_CODE
 
@@ -260,15 +261,16 @@ def _forced(
     detail: str | None,
 ) -> Decision:
     version = instance.version + 1
-    changed = instance.model_copy(
-        update={
+    changed = replace(
+        instance,
+        {
             "status": status,
             "error": error,
             "wait": None,
             "deadline_at": None,
             "version": version,
             "updated_at": at,
-        }
+        },
     )
     event = SagaEvent(
         event_id=f"{instance.saga_id}:{version}:0",
@@ -310,7 +312,7 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
         current_step=0,
         attempt=0,
         data=data.model_dump(mode="json"),
-        steps=tuple(StepState(name=step.name) for step in definition.steps),
+        steps=tuple(_pending_step(step.name) for step in definition.steps),
         saga_deadline_at=saga_deadline,
         version=1,
         created_at=event.at,
@@ -322,6 +324,23 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
     return transition.finish()
+
+
+def _pending_step(name: str) -> StepState:
+    return trusted(
+        StepState,
+        {
+            "name": name,
+            "status": StepStatus.PENDING,
+            "attempts": 0,
+            "compensation_attempts": 0,
+            "result": None,
+            "error": None,
+            "started_at": None,
+            "finished_at": None,
+            "early_event": None,
+        },
+    )
 
 
 def _history(
@@ -345,20 +364,23 @@ def _history(
         message_id, actor = event.message_id, f"event:{event.event}"
     elif isinstance(event, Start):
         message_id, actor = event.message_id, event.source
-    return HistoryEntry(
-        saga_id=instance.saga_id,
-        version=version,
-        at=event.at,
-        input=type(event).__name__,
-        outcome=outcome,
-        from_status=from_status,
-        to_status=to_status,
-        step=step,
-        attempt=attempt,
-        kind=kind,
-        reason=reason,
-        actor=actor,
-        message_id=message_id,
+    return trusted(
+        HistoryEntry,
+        {
+            "saga_id": instance.saga_id,
+            "version": version,
+            "at": event.at,
+            "input": type(event).__name__,
+            "outcome": outcome,
+            "from_status": from_status,
+            "to_status": to_status,
+            "step": step,
+            "attempt": attempt,
+            "kind": kind,
+            "reason": reason,
+            "actor": actor,
+            "message_id": message_id,
+        },
     )
 
 
@@ -821,18 +843,23 @@ class _Transition:
         payload: dict[str, Any],
     ) -> CommandMessage:
         saga_id = self.before.saga_id
-        return CommandMessage(
-            message_id=command_message_id(saga_id, step_def.name, kind, attempt),
-            saga_id=saga_id,
-            saga_type=self.definition.name,
-            step=step_def.name,
-            attempt=attempt,
-            kind=kind,
-            command_type=spec.command_type,
-            destination=spec.destination,
-            payload=payload,
-            idempotency_key=idempotency_key(saga_id, step_def.name, kind),
-            created_at=self.at,
+        return trusted(
+            CommandMessage,
+            {
+                "message_id": command_message_id(saga_id, step_def.name, kind, attempt),
+                "saga_id": saga_id,
+                "saga_type": self.definition.name,
+                "step": step_def.name,
+                "attempt": attempt,
+                "kind": kind,
+                "command_type": spec.command_type,
+                "destination": spec.destination,
+                "payload": payload,
+                "idempotency_key": idempotency_key(saga_id, step_def.name, kind),
+                "reply_to": None,
+                "created_at": self.at,
+                "headers": {},
+            },
         )
 
     def spec(self, index: int, kind: StepKind) -> ActionSpec:
@@ -903,7 +930,7 @@ class _Transition:
     # ------------------------------------------------------------------ bookkeeping
 
     def update_step(self, index: int, **changes: Any) -> None:
-        self.steps[index] = self.steps[index].model_copy(update=changes)
+        self.steps[index] = replace(self.steps[index], changes)
 
     def emit(
         self,
@@ -919,8 +946,9 @@ class _Transition:
     def finish(self) -> Decision:
         before = self.before
         version = before.version if self.created else before.version + 1
-        instance = before.model_copy(
-            update={
+        instance = replace(
+            before,
+            {
                 "status": self.status,
                 "current_step": self.current,
                 "attempt": self.attempt,
@@ -932,21 +960,24 @@ class _Transition:
                 "error": self.error,
                 "version": version,
                 "updated_at": self.at,
-            }
+            },
         )
         events = tuple(
-            SagaEvent(
-                event_id=f"{before.saga_id}:{version}:{number}",
-                saga_id=before.saga_id,
-                saga_type=before.saga_type,
-                kind=pending.kind,
-                status=pending.status,
-                step=pending.step,
-                attempt=pending.attempt,
-                version=version,
-                at=self.at,
-                error=pending.error,
-                detail=pending.detail,
+            trusted(
+                SagaEvent,
+                {
+                    "event_id": f"{before.saga_id}:{version}:{number}",
+                    "saga_id": before.saga_id,
+                    "saga_type": before.saga_type,
+                    "kind": pending.kind,
+                    "status": pending.status,
+                    "step": pending.step,
+                    "attempt": pending.attempt,
+                    "version": version,
+                    "at": self.at,
+                    "error": pending.error,
+                    "detail": pending.detail,
+                },
             )
             for number, pending in enumerate(self.pending_events)
         )

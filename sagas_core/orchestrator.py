@@ -55,6 +55,7 @@ from sagas_abstractions import (
     UnknownSagaType,
 )
 from sagas_abstractions.ports import OutboxHandoff
+from sagas_core._models import trusted
 from sagas_core.codec import (
     decode_reply,
     encode_command,
@@ -130,6 +131,11 @@ _STEP_EVENTS = frozenset(
         EventKind.STEP_COMPENSATED,
     }
 )
+
+
+def _wake(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class OrphanReplyPolicy(StrEnum):
@@ -269,7 +275,8 @@ class Orchestrator:
         self._relay: OutboxRelay | None = None
         self._handoff: OutboxHandoff | None = None
         self._listeners: list[CommitListener] = []
-        self._changed = asyncio.Event()
+        # Futures of wait_for callers, by saga id: a commit wakes the waiters of its sagas only.
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._routes: tuple[int, EventRoutes] | None = None
 
     def add_listener(self, listener: CommitListener) -> None:
@@ -411,29 +418,23 @@ class Orchestrator:
         """
         # No inbox pre-check: the save records the message id in the same transaction and
         # refuses a duplicate (DuplicateMessage), which saves a round trip on every reply.
-        event: SagaInput
-        if reply.status is ReplyStatus.SUCCEEDED:
-            event = StepSucceeded(
-                step=reply.step,
-                attempt=reply.attempt,
-                kind=reply.kind,
-                at=self.clock.now(),
-                message_id=reply.message_id,
-                data=reply.data,
-            )
-        else:
-            assert reply.error is not None  # noqa: S101 - the codec guarantees it
-            event = StepFailed(
-                step=reply.step,
-                attempt=reply.attempt,
-                kind=reply.kind,
-                at=self.clock.now(),
-                message_id=reply.message_id,
-                error=reply.error,
-            )
 
         def make(_: SagaInstance) -> SagaInput:
-            return event.model_copy(update={"at": self.clock.now()})
+            # Made anew for every attempt (a conflict reloads and decides again, later). The
+            # reply was validated, so its values need no second validation.
+            values: dict[str, Any] = {
+                "step": reply.step,
+                "attempt": reply.attempt,
+                "kind": reply.kind,
+                "at": self.clock.now(),
+                "message_id": reply.message_id,
+            }
+            if reply.status is ReplyStatus.SUCCEEDED:
+                values["data"] = reply.data
+                return trusted(StepSucceeded, values)
+            assert reply.error is not None  # noqa: S101 - the codec guarantees it
+            values["error"] = reply.error
+            return trusted(StepFailed, values)
 
         inbox = InboxEntry(self.consumer, reply.message_id)
         try:
@@ -879,9 +880,7 @@ class Orchestrator:
                     instance = await self.get(saga_id)
                     if not instance.status.is_active:
                         return instance
-                    self._changed.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), poll_interval)
+                    await self._changed(saga_id, poll_interval)
         except TimeoutError as exc:
             where = "not found yet"
             if instance is not None:
@@ -894,6 +893,23 @@ class Orchestrator:
                 f"saga {saga_id} did not settle within {timeout:g}s: {where}; is the participant "
                 "for that step running, on the same broker and prefix?"
             ) from exc
+
+    async def _changed(self, saga_id: str, poll_interval: float) -> None:
+        """Wait until this process commits a change of the saga, or ``poll_interval`` passes."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        waiters = self._waiters.setdefault(saga_id, [])
+        waiters.append(waiter)
+        # A timer on the future instead of asyncio.wait_for, which makes a task per wait.
+        timer = loop.call_later(poll_interval, _wake, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            if waiter in waiters:
+                waiters.remove(waiter)
+            if not waiters and self._waiters.get(saga_id) is waiters:
+                del self._waiters[saga_id]
 
     # ------------------------------------------------------------------ the unit of work
 
@@ -989,8 +1005,7 @@ class Orchestrator:
 
     def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
         envelopes = [
-            encode_command(command.model_copy(update={"reply_to": self.reply_to}))
-            for command in decision.commands
+            encode_command(command, reply_to=self.reply_to) for command in decision.commands
         ]
         envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
         if self.status_events is StatusEvents.ALL:
@@ -1080,7 +1095,10 @@ class Orchestrator:
         """After a commit: wake the relay (to claim, unless it got the records in hand)."""
         if claim and self._relay is not None:
             self._relay.kick()
-        self._changed.set()
+        if self._waiters:
+            for instance in instances:
+                for waiter in self._waiters.pop(instance.saga_id, ()):
+                    _wake(waiter)
         for listener in self._listeners:
             try:
                 listener(instances)

@@ -54,6 +54,7 @@ from sagas_abstractions import (
     RouteKind,
     StepKind,
 )
+from sagas_core._models import trusted
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
     dead_lettered,
@@ -443,12 +444,22 @@ class Participant:
             return None
         outcome = await self._outcome(command)
         self.handled += 1
-        reply = ReplyMessage.answering(
-            command,
-            status=outcome.status,
-            at=self.clock.now(),
-            data=outcome.data,
-            error=outcome.error,
+        # ReplyMessage.answering, without validating what the command and outcome hold already.
+        reply = trusted(
+            ReplyMessage,
+            {
+                "message_id": f"{command.message_id}:reply",
+                "saga_id": command.saga_id,
+                "saga_type": command.saga_type,
+                "step": command.step,
+                "attempt": command.attempt,
+                "kind": command.kind,
+                "status": outcome.status,
+                "data": outcome.data,
+                "error": outcome.error,
+                "in_reply_to": command.message_id,
+                "created_at": self.clock.now(),
+            },
         )
         return encode_reply(reply, command.reply_to)
 

@@ -17,6 +17,7 @@ from sagas_abstractions import (
     SagaStatus,
     StoreError,
 )
+from sagas_core._models import trusted
 
 if TYPE_CHECKING:
     import builtins
@@ -150,15 +151,19 @@ class InMemorySagaStore:
         """
         first = self._next_outbox_id
         await self.save(changes)  # atomic; nothing awaits between it and the leases below
+        new = [self._pending[row_id] for row_id in range(first, self._next_outbox_id)]
+        if not new:
+            return []
+        sagas = {row.saga_id for row in new}
+        # Sagas with an earlier unsent record someone else holds: their new records wait too.
+        blocked = {
+            row.saga_id
+            for row in self._pending.values()
+            if row.id < first and row.saga_id in sagas and row.claimed_by != owner
+        }
         leased: list[OutboxRecord] = []
-        for row_id in range(first, self._next_outbox_id):
-            row = self._pending[row_id]
-            held = all(
-                earlier.claimed_by == owner
-                for earlier in self._pending.values()
-                if earlier.saga_id == row.saga_id and earlier.id < row_id
-            )
-            if held:
+        for row in new:
+            if row.saga_id not in blocked:
                 row.claimed_by = owner
                 row.claimed_until = until
                 leased.append(self._record(row))
@@ -285,10 +290,13 @@ class InMemorySagaStore:
 
     @staticmethod
     def _record(row: _OutboxRow) -> OutboxRecord:
-        return OutboxRecord(
-            id=row.id,
-            saga_id=row.saga_id,
-            envelope=row.envelope,
-            created_at=row.created_at,
-            attempts=row.attempts,
+        return trusted(
+            OutboxRecord,
+            {
+                "id": row.id,
+                "saga_id": row.saga_id,
+                "envelope": row.envelope,
+                "created_at": row.created_at,
+                "attempts": row.attempts,
+            },
         )

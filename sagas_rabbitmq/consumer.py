@@ -4,6 +4,10 @@ Handlers run in tasks the subscription owns, not in aiormq's consumer tasks: clo
 (say, when the connection drops) cancels aiormq's tasks, and a handler cancelled halfway through
 its database transaction is worse than one that finishes and then fails to ack (the broker
 redelivers that message and the receiver deduplicates it).
+
+Acks of the handlers that finish together (a group commit acks its whole batch) go to the
+socket in one write (:class:`_AckWriter`): aiormq writes and drains each ack on its own, one
+system call per message.
 """
 
 from __future__ import annotations
@@ -12,9 +16,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import aio_pika
+import aiormq
+import aiormq.exceptions
+from aiormq.abc import ChannelFrame
+from pamqp.commands import Basic
 
 from sagas_abstractions import Envelope, MessageDecodeError, RouteKind
 from sagas_rabbitmq.errors import BROKER_ERRORS
@@ -39,6 +47,75 @@ Republish = Callable[[str, str, aio_pika.Message], Awaitable[None]]
 """Publishes ``message`` to exchange ``[0]`` with routing key ``[1]``, confirmed, or raises."""
 
 _SETTLE_TIMEOUT = 5.0
+
+
+class _AckWriter:
+    """Writes the acks of one subscription together: one frame write for the acks of a burst.
+
+    The first handler to ack yields once, so the handlers finishing in the same loop iteration
+    add their delivery tags, then writes them all (and any that arrive while it waits for room
+    in the connection's write queue). The others return at once: their ack is on its way, and
+    an ack lost with its channel only means a redelivery, which the receiver deduplicates.
+    """
+
+    def __init__(self, queue_name: str) -> None:
+        self._queue_name = queue_name
+        self._pending: dict[aiormq.Channel, list[int]] = {}
+        self._writing = False
+
+    async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
+        """Ack ``delivery_tag`` on ``channel`` (the channel the delivery came on)."""
+        tags = self._pending.get(channel)
+        if tags is None:
+            self._pending[channel] = [delivery_tag]
+        else:
+            tags.append(delivery_tag)
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            await asyncio.sleep(0)
+            await self.flush()
+        finally:
+            self._writing = False
+
+    async def flush(self) -> None:
+        """Write every pending ack (an ack on a closed channel is dropped, with a warning)."""
+        while self._pending:
+            pending, self._pending = self._pending, {}
+            for channel, tags in pending.items():
+                try:
+                    await _write_acks(channel, tags)
+                except BROKER_ERRORS as exc:
+                    _log.warning(
+                        "ack of %d message(s) on %s lost (%s); the broker will redeliver them",
+                        len(tags),
+                        self._queue_name,
+                        exc,
+                    )
+
+
+async def _write_acks(channel: aiormq.Channel, tags: list[int]) -> None:
+    if channel.is_closed:
+        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
+    frame = ChannelFrame.marshall(
+        channel_number=channel.number, frames=[Basic.Ack(delivery_tag=tag) for tag in tags]
+    )
+    queue = channel.write_queue
+    if queue.full():
+        async with asyncio.timeout(_SETTLE_TIMEOUT):
+            await queue.put(frame)
+    else:
+        queue.put_nowait(frame)
+
+
+def _supports_ack_writer(channel: object) -> bool:
+    """Whether ``channel`` has the aiormq internals :class:`_AckWriter` relies on."""
+    return (
+        isinstance(channel, aiormq.Channel)
+        and isinstance(getattr(channel, "write_queue", None), asyncio.Queue)
+        and isinstance(getattr(channel, "number", None), int)
+    )
 
 
 def _routing_key(message: AbstractIncomingMessage) -> str:
@@ -96,6 +173,7 @@ class RabbitSubscription:
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
         self._closing = False
+        self._acks: _AckWriter | None = None
 
     @property
     def in_flight(self) -> int:
@@ -104,6 +182,10 @@ class RabbitSubscription:
 
     async def start(self) -> None:
         """Start consuming (manual acks)."""
+        if _supports_ack_writer(await self._channel.get_underlay_channel()):
+            self._acks = _AckWriter(self.queue_name)
+        else:
+            _log.debug("acking one message at a time on %s", self.queue_name)
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 
     async def is_consuming(self) -> bool:
@@ -154,8 +236,25 @@ class RabbitSubscription:
                 self.failed += 1
                 await self._failed(message, envelope, exc)
                 return
-            if await self._settle(message.ack(), message, "ack"):
+            if await self._ack(message):
                 self.handled += 1
+
+    async def _ack(self, message: AbstractIncomingMessage) -> bool:
+        if self._acks is None or message.delivery_tag is None:
+            return await self._settle(message.ack(), message, "ack")
+        try:
+            # The channel the message came on (raises if it closed since).
+            channel = message.channel
+        except BROKER_ERRORS as exc:
+            _log.warning(
+                "ack of %s on %s lost (%s); the broker will redeliver it",
+                message.message_id,
+                self.queue_name,
+                exc,
+            )
+            return False
+        await self._acks.ack(cast("aiormq.Channel", channel), message.delivery_tag)
+        return True
 
     async def _settle(
         self, action: Awaitable[None], message: AbstractIncomingMessage, what: str
@@ -231,7 +330,7 @@ class RabbitSubscription:
             _log.exception("republishing %s failed; requeueing it", envelope.message_id)
             await self._settle(message.nack(requeue=True), message, "nack")
             return
-        await self._settle(message.ack(), message, "ack")
+        await self._ack(message)
 
     # ------------------------------------------------------------------ closing
 
@@ -257,6 +356,8 @@ class RabbitSubscription:
                         self._close_timeout,
                     )
                     await asyncio.gather(*pending, return_exceptions=True)
+            if self._acks is not None:
+                await self._acks.flush()
             with contextlib.suppress(*BROKER_ERRORS):
                 async with asyncio.timeout(self._close_timeout):
                     await self._channel.close()

@@ -1,0 +1,69 @@
+"""A subscription writes the acks of handlers that finish together at once: none is lost."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiormq
+import pytest
+
+from sagas_abstractions import Envelope, RouteKind
+from sagas_rabbitmq import RabbitBus
+from sagas_rabbitmq import consumer as consumer_module
+from tests.integration.rabbitmq.test_rabbit_bus import _ready_messages, envelope, until
+
+pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
+
+BusFactory = Callable[..., Awaitable[RabbitBus]]
+
+
+async def test_the_acks_of_a_burst_go_out_together_and_every_message_is_acked(
+    bus: RabbitBus, amqp_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writes: list[int] = []
+    original = consumer_module._write_acks
+
+    async def counting(channel: aiormq.Channel, tags: list[int]) -> None:
+        writes.append(len(tags))
+        await original(channel, tags)
+
+    monkeypatch.setattr(consumer_module, "_write_acks", counting)
+    handled: list[str] = []
+
+    async def record(message: Envelope) -> None:
+        handled.append(message.message_id)
+
+    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record, concurrency=16)
+    batch = [envelope(RouteKind.COMMAND, "inventory") for _ in range(40)]
+
+    await bus.publish(batch)
+
+    await until(lambda: subscription.handled == 40)
+    await bus.close()
+    assert sorted(handled) == sorted(m.message_id for m in batch)
+    assert sum(writes) == 40
+    assert len(writes) < 40
+    assert await _ready_messages(amqp_url, subscription.queue_name) == 0
+
+
+async def test_an_ack_on_a_channel_that_closed_is_dropped_and_the_message_redelivered(
+    bus: RabbitBus, amqp_url: str
+) -> None:
+    seen: list[str] = []
+
+    async def close_the_channel_once(message: Envelope) -> None:
+        seen.append(message.message_id)
+        if len(seen) == 1:
+            underlay = await subscription._channel.get_underlay_channel()
+            await underlay.close()
+
+    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", close_the_channel_once)
+    command = envelope(RouteKind.COMMAND, "inventory")
+
+    await bus.publish([command])
+
+    await until(lambda: len(seen) == 2)
+    assert seen == [command.message_id, command.message_id]
+    await until(lambda: subscription.handled == 1)
+    await bus.close()
+    assert await _ready_messages(amqp_url, subscription.queue_name) == 0

@@ -155,6 +155,12 @@ class PgStatements:
         history_values = ", ".join(
             f"r.{_q(column.name)}" for column in tables.history.c if column.name != "id"
         )
+        # Records the relay published meanwhile are marked sent by the next save's statement
+        # (see GroupCommit.mark_sent); with no ids this matches nothing.
+        mark = (
+            f"UPDATE {outbox} SET sent_at = %(sent_at)s::timestamptz, claimed_by = NULL, "
+            "claimed_until = NULL WHERE id = ANY(%(sent)s::bigint[])"
+        )
         tail = f"""
 , h AS (
     INSERT INTO {hist} ({history_columns})
@@ -185,6 +191,8 @@ class PgStatements:
     INSERT INTO {inbox} (consumer, message_id, processed_at)
     SELECT %(consumer)s::text, %(message)s::text, %(at)s::timestamptz
     FROM s WHERE %(consumer)s::text IS NOT NULL
+), m AS (
+    {mark}
 )
 SELECT (SELECT count(*) FROM s),
        (SELECT version FROM {inst} WHERE saga_id = %(id)s::text),
@@ -202,6 +210,7 @@ SELECT (SELECT count(*) FROM s),
             status_set=status_set,
             history_columns=history_columns,
             history_values=history_values,
+            mark=mark,
         )
         self.load = (
             f"SELECT to_json(r)::text FROM (SELECT {model_columns} FROM {inst} "
@@ -227,9 +236,14 @@ RETURNING to_json(t)::text
 """
 
     def save_params(
-        self, change: SagaChange, *, owner: str | None, until: datetime | None
+        self,
+        change: SagaChange,
+        *,
+        owner: str | None,
+        until: datetime | None,
+        marks: _MarkBatch | None = None,
     ) -> tuple[str, dict[str, Any]]:
-        """The statement and parameters writing one change."""
+        """The statement and parameters writing one change (and marking ``marks`` sent)."""
         instance = change.instance
         kind = _kind(change)
         inbox = change.inbox
@@ -247,6 +261,8 @@ RETURNING to_json(t)::text
             "until": until,
             "consumer": None if inbox is None else inbox.consumer,
             "message": None if inbox is None else inbox.message_id,
+            "sent": [] if marks is None else marks.ids,
+            "sent_at": None if marks is None else marks.at,
         }
 
 
@@ -261,6 +277,7 @@ def _save_many(
     status_set: list[str],
     history_columns: str,
     history_values: str,
+    mark: str,
 ) -> str:
     """One statement writing the changes of several sagas (one change per saga), set-based.
 
@@ -330,6 +347,8 @@ WITH c AS (
 ), n AS (
     INSERT INTO {inbox} (consumer, message_id, processed_at)
     SELECT w.consumer, w.message, w.at FROM w WHERE w.consumer IS NOT NULL
+), m AS (
+    {mark}
 )
 SELECT c.i, c.saga_id IN (SELECT saga_id FROM s),
        (SELECT version FROM {inst} AS v WHERE v.saga_id = c.saga_id),
@@ -522,19 +541,24 @@ async def execute_change(
     *,
     owner: str | None,
     until: datetime | None,
+    marks: _MarkBatch | None = None,
 ) -> list[OutboxRecord]:
-    """Write one change; returns the records it leased to ``owner``.
+    """Write one change (and mark ``marks`` sent); returns the records it leased to ``owner``.
 
     Raises:
         ConcurrencyConflict: The saga moved on (or, for an insert, exists); nothing written.
         DuplicateMessage: The inbox has the message already; nothing written.
         psycopg.Error: Anything else (the caller translates it).
     """
-    query, params = statements.save_params(change, owner=owner, until=until)
     instance = change.instance
     try:
+        query, params = statements.save_params(change, owner=owner, until=until, marks=marks)
         cursor = await conn.execute(query, params)
-    except psycopg.errors.UniqueViolation as error:
+    except BaseException as error:
+        if marks is not None:
+            marks.failed()  # nothing of the statement was written: mark them another time
+        if not isinstance(error, psycopg.errors.UniqueViolation):
+            raise
         if change.inbox is not None and error.diag.table_name == statements.inbox_table:
             raise DuplicateMessage(
                 consumer=change.inbox.consumer,
@@ -542,6 +566,8 @@ async def execute_change(
                 saga_id=instance.saga_id,
             ) from error
         raise
+    if marks is not None:
+        marks.done()
     row = await cursor.fetchone()
     assert row is not None  # noqa: S101 - the statement always returns one row
     written, stored, ids, leased = row
@@ -571,6 +597,30 @@ def _records(change: SagaChange, ids: list[int] | None, leased: int | None) -> l
     ]
 
 
+class _MarkBatch:
+    """Outbox ids to mark sent, carried by one statement; its waiters learn how it went."""
+
+    __slots__ = ("at", "ids", "owner", "waiters")
+
+    def __init__(
+        self, owner: GroupCommit, ids: list[int], at: datetime, waiters: list[asyncio.Future[None]]
+    ) -> None:
+        self.owner = owner
+        self.ids = ids
+        self.at = at
+        self.waiters = waiters
+
+    def done(self) -> None:
+        """The statement carrying the ids went through: they are marked."""
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def failed(self) -> None:
+        """The statement carrying the ids failed (nothing written): mark them another time."""
+        self.owner._requeue_marks(self)  # noqa: SLF001 - the batch belongs to its group
+
+
 @dataclass(slots=True)
 class _Pending:
     change: SagaChange
@@ -590,25 +640,104 @@ class GroupCommit:
     inbox row (or any other error) fails the shared statement; its changes are then written
     one by one, so each caller gets its own outcome.
 
+    Marking outbox records sent rides along the same way: :meth:`mark_sent` waits for the next
+    save's statement to carry the ids (no statement, round trip or commit of its own while
+    sagas are moving), or writes them alone after ``mark_delay`` seconds without a save.
+
     Args:
         lane: Where the statements run.
         statements: The store's statements.
         streams: Statements written at once through the group commit.
         max_batch: At most this many changes per statement.
+        mark_delay: At most this many seconds a mark waits for a save to carry it.
     """
 
     def __init__(
-        self, lane: PgLane, statements: PgStatements, *, streams: int = 2, max_batch: int = 64
+        self,
+        lane: PgLane,
+        statements: PgStatements,
+        *,
+        streams: int = 2,
+        max_batch: int = 64,
+        mark_delay: float = 0.02,
     ) -> None:
         self._lane = lane
         self._statements = statements
         self._streams = max(1, streams)
         self._max_batch = max(1, max_batch)
+        self._mark_delay = mark_delay
         self._queue: list[_Pending] = []
         self._running = 0
         self._drains: set[asyncio.Task[None]] = set()
+        self._marks: list[int] = []
+        self._mark_at: datetime | None = None
+        self._mark_waiters: list[asyncio.Future[None]] = []
+        self._mark_timer: asyncio.TimerHandle | None = None
         self.batches = 0
         """Statements that wrote more than one change (for tests and benchmarks)."""
+        self.marks_carried = 0
+        """Mark-sent requests written by a save's statement (for tests and benchmarks)."""
+        self.marks_alone = 0
+        """Mark-sent statements of their own, after ``mark_delay`` without a save."""
+
+    async def mark_sent(self, ids: list[int], *, now: datetime) -> None:
+        """Mark outbox records sent, with the next save's statement or alone; waits until done.
+
+        Raises:
+            psycopg.Error: The statement of their own failed (the caller translates it).
+        """
+        if not ids:
+            return
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._marks.extend(ids)
+        self._mark_at = now if self._mark_at is None else max(self._mark_at, now)
+        self._mark_waiters.append(waiter)
+        if self._mark_timer is None:
+            self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
+        await waiter
+
+    def _take_marks(self) -> _MarkBatch | None:
+        if not self._marks or self._mark_at is None:
+            return None
+        batch = _MarkBatch(self, self._marks, self._mark_at, self._mark_waiters)
+        self._marks, self._mark_at, self._mark_waiters = [], None, []
+        if self._mark_timer is not None:
+            self._mark_timer.cancel()
+            self._mark_timer = None
+        return batch
+
+    def _requeue_marks(self, batch: _MarkBatch) -> None:
+        self._marks[:0] = batch.ids
+        self._mark_at = batch.at if self._mark_at is None else max(self._mark_at, batch.at)
+        self._mark_waiters[:0] = batch.waiters
+        if self._mark_timer is None:
+            loop = asyncio.get_running_loop()
+            self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
+
+    def _marks_due(self) -> None:
+        self._mark_timer = None
+        task = asyncio.get_running_loop().create_task(self._mark_alone())
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _mark_alone(self) -> None:
+        batch = self._take_marks()
+        if batch is None:
+            return  # a save carried them meanwhile
+        self.marks_alone += 1
+        try:
+            async with self._lane.connection() as conn:
+                await conn.execute(self._statements.mark_sent, (batch.at, batch.ids))
+        except BaseException as error:
+            # Told to the waiters (the relay keeps the ids and tries again); not requeued here.
+            for waiter in batch.waiters:
+                if not waiter.done():
+                    waiter.set_exception(error)
+            if isinstance(error, asyncio.CancelledError):
+                raise
+            return
+        batch.done()
 
     async def save(
         self, change: SagaChange, *, owner: str | None, until: datetime | None
@@ -625,7 +754,12 @@ class GroupCommit:
             try:
                 async with self._lane.connection() as conn:
                     return await execute_change(
-                        conn, self._statements, change, owner=owner, until=until
+                        conn,
+                        self._statements,
+                        change,
+                        owner=owner,
+                        until=until,
+                        marks=self._carry(),
                     )
             finally:
                 self._release()
@@ -634,10 +768,20 @@ class GroupCommit:
         return await future
 
     async def close(self) -> None:
-        """Let the saves being written finish (their callers get their outcomes)."""
+        """Let the saves being written finish (their callers get their outcomes), then marks."""
         for drain in list(self._drains):
             with contextlib.suppress(Exception):
                 await drain
+        if self._marks:
+            with contextlib.suppress(Exception):
+                await self._mark_alone()
+
+    def _carry(self) -> _MarkBatch | None:
+        """The waiting marks, for the statement about to run."""
+        batch = self._take_marks()
+        if batch is not None:
+            self.marks_carried += len(batch.waiters)
+        return batch
 
     def _release(self) -> None:
         if not self._queue:
@@ -699,6 +843,7 @@ class GroupCommit:
                         pending.change,
                         owner=pending.owner,
                         until=pending.until,
+                        marks=self._carry(),
                     )
             except Exception as error:  # noqa: BLE001 - handed to the caller that waits for it
                 _settle(pending.future, error)
@@ -716,9 +861,24 @@ class GroupCommit:
             )
             + "]"
         )
-        async with self._lane.connection() as conn:
-            cursor = await conn.execute(self._statements.save_many, {"changes": document})
-            rows = await cursor.fetchall()
+        marks = self._carry()
+        try:
+            async with self._lane.connection() as conn:
+                cursor = await conn.execute(
+                    self._statements.save_many,
+                    {
+                        "changes": document,
+                        "sent": [] if marks is None else marks.ids,
+                        "sent_at": None if marks is None else marks.at,
+                    },
+                )
+        except BaseException:
+            if marks is not None:
+                marks.failed()
+            raise
+        if marks is not None:
+            marks.done()
+        rows = await cursor.fetchall()
         results: list[list[OutboxRecord] | BaseException] = []
         for (index, written, stored, ids, leased), pending in zip(rows, batch, strict=True):
             assert index == len(results)  # noqa: S101 - rows come back in the batch's order

@@ -747,6 +747,9 @@ class SqlSagaStore:
             assert self._pg is not None  # noqa: S101 - PostgreSQL hot path only
             _refuse_naive_now(now)
             with self._translate_pg("marking outbox records sent failed"):
+                if self._group is not None:  # with the next save's statement, or alone
+                    await self._group.mark_sent(list(ids), now=now)
+                    return
                 async with self._lane.connection() as conn:
                     await conn.execute(self._pg.mark_sent, (now, list(ids)))
             return

@@ -7,8 +7,10 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import sqlalchemy as sa
 
-from tests.integration.sqlalchemy.sql_support import sqlite_url
+from sagas_sqlalchemy import SqlSagaStore
+from tests.integration.sqlalchemy.sql_support import sql_store, sqlite_url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -18,3 +20,11 @@ async def url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[s
         yield sqlite_url(tmp_path)
     else:
         yield cast("str", request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+async def psycopg_store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
+    """A store on fresh PostgreSQL tables through psycopg (the hot path with group commit)."""
+    url = sa.make_url(postgres_url).set(drivername="postgresql+psycopg")
+    async with sql_store(url.render_as_string(hide_password=False)) as store:
+        yield store

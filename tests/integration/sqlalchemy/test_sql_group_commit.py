@@ -8,11 +8,9 @@ their rows (and their outbox leases), exactly as if each had been written alone.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
-import sqlalchemy as sa
 
 from sagas_abstractions import (
     ConcurrencyConflict,
@@ -25,7 +23,6 @@ from sagas_abstractions import (
 )
 from sagas_sqlalchemy import SqlSagaStore
 from tests.contracts.store_contract import T0, insert, make_envelope, make_instance, update
-from tests.integration.sqlalchemy.sql_support import sql_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
 
@@ -34,10 +31,8 @@ LEASE = timedelta(seconds=30)
 
 
 @pytest.fixture
-async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
-    url = sa.make_url(postgres_url).set(drivername="postgresql+psycopg")
-    async with sql_store(url.render_as_string(hide_password=False)) as store:
-        yield store
+def store(psycopg_store: SqlSagaStore) -> SqlSagaStore:
+    return psycopg_store
 
 
 def group_batches(store: SqlSagaStore) -> int:

@@ -1,0 +1,180 @@
+"""Marking outbox records sent rides along with saves on PostgreSQL (psycopg).
+
+The relay marks what it published in the background. With sagas moving, the next save's
+statement carries those ids (no statement, round trip or commit of its own); with nothing to
+carry them, they are written alone after a short delay. Either way a mark is never lost: a
+statement that fails writes nothing, and its marks go out with the next one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from sagas_abstractions import DuplicateMessage, InboxEntry, StoreError
+from sagas_sqlalchemy import SqlSagaStore
+from sagas_sqlalchemy._pg import GroupCommit
+from tests.contracts.store_contract import T0, insert, make_envelope, make_instance, update
+from tests.integration.sqlalchemy.sql_support import sql_store
+
+pytestmark = [pytest.mark.integration, pytest.mark.postgres]
+
+LEASE = timedelta(seconds=30)
+BOUND = 10.0  # seconds any single wait below may take before the test fails
+
+
+@pytest.fixture
+def store(psycopg_store: SqlSagaStore) -> SqlSagaStore:
+    return psycopg_store
+
+
+def group(store: SqlSagaStore) -> GroupCommit:
+    assert store._group is not None
+    return store._group
+
+
+async def published(store: SqlSagaStore, saga_id: str, count: int) -> list[int]:
+    """Write ``count`` commands of a new saga leased to relay-a; returns their outbox ids."""
+    saga = make_instance(saga_id)
+    records = await store.save_leased(
+        [insert(saga, outbox=[make_envelope(f"{saga_id}-m{n}", saga_id) for n in range(count)])],
+        owner="relay-a",
+        until=T0 + LEASE,
+    )
+    assert len(records) == count
+    return [record.id for record in records]
+
+
+async def marking(store: SqlSagaStore, ids: list[int]) -> asyncio.Task[None]:
+    """Start marking ``ids`` sent and let it register (it then waits for a statement)."""
+    task = asyncio.create_task(store.mark_sent(ids, now=T0))
+    await asyncio.sleep(0)
+    assert not task.done()
+    return task
+
+
+async def test_the_next_save_carries_the_marks_in_its_own_statement(store: SqlSagaStore) -> None:
+    ids = await published(store, "saga-a", 3)
+    assert await store.pending_count() == 3
+
+    mark = await marking(store, ids)
+    await store.save([insert(make_instance("saga-b"))])
+    async with asyncio.timeout(BOUND):
+        await mark
+
+    assert await store.pending_count() == 0
+    assert (group(store).marks_carried, group(store).marks_alone) == (1, 0)
+    # Sent and released: no relay claims them again.
+    assert await store.claim(owner="relay-b", limit=10, lease=LEASE, now=T0 + 2 * LEASE) == []
+
+
+async def test_marks_are_written_alone_when_no_save_comes(store: SqlSagaStore) -> None:
+    ids = await published(store, "saga-a", 2)
+
+    async with asyncio.timeout(BOUND):
+        await store.mark_sent(ids, now=T0)
+
+    assert await store.pending_count() == 0
+    assert (group(store).marks_carried, group(store).marks_alone) == (0, 1)
+
+
+async def test_a_stale_save_still_carries_the_marks(store: SqlSagaStore) -> None:
+    ids = await published(store, "saga-a", 1)
+    other = make_instance("saga-b")
+    await store.save([insert(other)])
+
+    mark = await marking(store, ids)
+    # Expects version 3, the row has 1: the saga is not written, the statement still runs.
+    with pytest.raises(Exception, match="saga-b") as refused:
+        await store.save([update(other.model_copy(update={"version": 4}))])
+    assert type(refused.value).__name__ == "ConcurrencyConflict"
+    async with asyncio.timeout(BOUND):
+        await mark
+
+    assert await store.pending_count() == 0
+    assert (group(store).marks_carried, group(store).marks_alone) == (1, 0)
+
+
+async def test_marks_of_a_save_that_fails_go_out_with_the_next_statement(
+    store: SqlSagaStore,
+) -> None:
+    ids = await published(store, "saga-a", 2)
+    other = make_instance("saga-b")
+    await store.save([insert(other, inbox=InboxEntry("orchestrator", "seen"))])
+
+    mark = await marking(store, ids)
+    # A duplicate inbox row aborts the whole statement: the marks it carried are not written.
+    with pytest.raises(DuplicateMessage):
+        await store.save([update(other, inbox=InboxEntry("orchestrator", "seen"))])
+    assert not mark.done()
+    assert await store.pending_count() == 2
+
+    async with asyncio.timeout(BOUND):
+        await mark  # written alone after the delay
+
+    assert await store.pending_count() == 0
+    assert group(store).marks_alone == 1
+
+
+async def test_saves_written_together_carry_the_marks(store: SqlSagaStore) -> None:
+    ids = await published(store, "saga-a", 4)
+    sagas = [make_instance(f"saga-{n}") for n in range(20)]
+
+    mark = await marking(store, ids)
+    outcomes = await asyncio.gather(*(store.save([insert(saga)]) for saga in sagas))
+    async with asyncio.timeout(BOUND):
+        await mark
+
+    assert outcomes == [None] * len(sagas)
+    assert await store.pending_count() == 0
+    assert group(store).marks_alone == 0
+    for saga in sagas:
+        assert await store.load(saga.saga_id) == saga
+
+
+async def test_marks_from_many_rounds_share_one_statement(store: SqlSagaStore) -> None:
+    first = await published(store, "saga-a", 2)
+    second = await published(store, "saga-b", 2)
+
+    marks = [await marking(store, first), await marking(store, second)]
+    await store.save([insert(make_instance("saga-c"))])
+    async with asyncio.timeout(BOUND):
+        await asyncio.gather(*marks)
+
+    assert await store.pending_count() == 0
+    assert (group(store).marks_carried, group(store).marks_alone) == (2, 0)
+
+
+async def test_closing_the_store_writes_the_waiting_marks(postgres_url: str) -> None:
+    url = sa.make_url(postgres_url).set(drivername="postgresql+psycopg")
+    async with sql_store(url.render_as_string(hide_password=False)) as store:
+        ids = await published(store, "saga-a", 2)
+        mark = await marking(store, ids)
+        async with asyncio.timeout(BOUND):
+            await group(store).close()
+            await mark
+        assert await store.pending_count() == 0
+
+
+async def test_a_failing_mark_statement_reaches_the_caller_as_a_store_error(
+    store: SqlSagaStore,
+) -> None:
+    ids = await published(store, "saga-a", 1)
+    outbox = store._tables.outbox.name
+    engine = store._engine
+    async with engine.begin() as conn:
+        await conn.execute(sa.text(f'ALTER TABLE "{outbox}" RENAME TO "{outbox}_away"'))
+    try:
+        with pytest.raises(StoreError, match="marking outbox records sent failed"):
+            async with asyncio.timeout(BOUND):
+                await store.mark_sent(ids, now=T0)
+    finally:
+        async with engine.begin() as conn:
+            await conn.execute(sa.text(f'ALTER TABLE "{outbox}_away" RENAME TO "{outbox}"'))
+    # The relay keeps the ids and marks them again; this time it works.
+    async with asyncio.timeout(BOUND):
+        await store.mark_sent(ids, now=T0)
+    assert await store.pending_count() == 0

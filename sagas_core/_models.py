@@ -25,7 +25,7 @@ _set = object.__setattr__
 
 
 def trusted(cls: type[M], values: dict[str, Any]) -> M:
-    """An instance of ``cls`` holding ``values``, without validating them.
+    """An instance of ``cls`` (a frozen model) holding ``values``, without validating them.
 
     ``values`` must give every field, in declaration order (the order validation stores them
     in, which is the order of ``model_dump`` and of the JSON; the unit tests check the callers),
@@ -33,23 +33,41 @@ def trusted(cls: type[M], values: dict[str, Any]) -> M:
     """
     made = cls.__new__(cls)
     _set(made, "__dict__", values)
-    _set(made, "__pydantic_fields_set__", set(values))
+    # Every field is set, so every instance can share one set: frozen models never change it in
+    # place (``model_copy`` copies it first). One allocation, and one object for the GC, less.
+    _set(made, "__pydantic_fields_set__", _all_fields(cls))
     _set(made, "__pydantic_extra__", None)
     _set(made, "__pydantic_private__", None)
     return made
 
 
-def replace(model: M, changes: Mapping[str, Any]) -> M:
-    """``model.model_copy(update=changes)`` without its generic copying: a third the time.
+def _all_fields(cls: type[BaseModel]) -> set[str]:
+    shared = _ALL_FIELDS.get(cls)
+    if shared is None:
+        if not cls.model_config.get("frozen"):
+            raise TypeError(f"{cls.__name__} is not frozen: its instances cannot share a set")
+        shared = _ALL_FIELDS[cls] = set(cls.__pydantic_fields__)
+    return shared
 
-    Like ``model_copy``, nothing is validated: pass values of the fields' types.
+
+_ALL_FIELDS: dict[type[BaseModel], set[str]] = {}
+
+
+def replace(model: M, changes: Mapping[str, Any]) -> M:
+    """``model.model_copy(update=changes)`` of a frozen model, without the generic copying.
+
+    A third the time. Like ``model_copy``, nothing is validated: pass values of the fields'
+    types. The copy shares the set of set fields when the changes add none to it.
     """
     cls = type(model)
     copied = cls.__new__(cls)
     values = dict(model.__dict__)
     values.update(changes)
     _set(copied, "__dict__", values)
-    _set(copied, "__pydantic_fields_set__", model.__pydantic_fields_set__ | changes.keys())
+    fields_set = model.__pydantic_fields_set__
+    if not changes.keys() <= fields_set:
+        fields_set = fields_set | changes.keys()  # a new set: the old one may be shared
+    _set(copied, "__pydantic_fields_set__", fields_set)
     _set(copied, "__pydantic_extra__", model.__pydantic_extra__)
     _set(copied, "__pydantic_private__", model.__pydantic_private__)
     return copied

@@ -30,7 +30,7 @@ _STATUS_FIELDS = ("status", "error", "wait", "deadline_at", "version", "updated_
 """The fields a ``status_only`` :class:`~sagas_abstractions.SagaChange` writes."""
 
 
-@dataclass
+@dataclass(slots=True)
 class _OutboxRow:
     id: int
     saga_id: str

@@ -189,3 +189,11 @@ def test_replace_and_trusted_set_fields_like_pydantic() -> None:
         route=RouteKind.EVENT, key="k", message_id="m", message_type="t", body=b"{}", timestamp=T0
     )
     assert replace(envelope, {"key": "other"}).key == "other"
+
+
+def test_only_frozen_models_are_made_unvalidated() -> None:
+    class Loose(BaseModel):
+        name: str
+
+    with pytest.raises(TypeError, match="not frozen"):
+        trusted(Loose, {"name": "x"})

@@ -5,6 +5,12 @@ Handlers run in tasks the subscription owns, not in aiormq's consumer tasks: clo
 its database transaction is worse than one that finishes and then fails to ack (the broker
 redelivers that message and the receiver deduplicates it).
 
+The consumer is registered on the aiormq channel itself, not through aio-pika's
+``Queue.consume``: aio-pika wraps each delivery in an ``IncomingMessage`` and a task of its own
+before our callback even runs, which then starts the handler's task; here aiormq's task starts
+it directly. The subscription consumes again, with the same tag, whenever the robust channel
+reopens (after a reconnection), once the channel has declared the queue again.
+
 Acks of the handlers that finish together (a group commit acks its whole batch) go to the
 socket in one write (:class:`_AckWriter`): aiormq writes and drains each ack on its own, one
 system call per message.
@@ -16,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import aio_pika
 import aiormq
@@ -35,7 +41,8 @@ from sagas_rabbitmq.topology import (
 from sagas_rabbitmq.wire import from_amqp, header_text, to_amqp
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
+    from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
+    from aiormq.abc import DeliveredMessage
 
     from sagas_abstractions import MessageHandler
 
@@ -109,6 +116,23 @@ async def _write_acks(channel: aiormq.Channel, tags: list[int]) -> None:
         queue.put_nowait(frame)
 
 
+def _tag(message: DeliveredMessage) -> int:
+    tag = message.delivery_tag
+    if tag is None:  # pragma: no cover - a Basic.Deliver always carries one
+        raise ValueError("a delivery without a delivery tag")
+    return tag
+
+
+def _nack(message: DeliveredMessage) -> Awaitable[None]:
+    """Hand ``message`` back to its queue (on the channel it came on)."""
+    return message.channel.basic_nack(_tag(message), requeue=True)
+
+
+def _reject(message: DeliveredMessage) -> Awaitable[None]:
+    """Reject ``message`` for good: its queue dead-letters it."""
+    return message.channel.basic_reject(_tag(message), requeue=False)
+
+
 def _supports_ack_writer(channel: object) -> bool:
     """Whether ``channel`` has the aiormq internals :class:`_AckWriter` relies on."""
     return (
@@ -118,9 +142,9 @@ def _supports_ack_writer(channel: object) -> bool:
     )
 
 
-def _routing_key(message: AbstractIncomingMessage) -> str:
+def _routing_key(message: DeliveredMessage) -> str:
     """The routing key the message was first published with (a classic retry keeps it)."""
-    original = (message.headers or {}).get(ROUTING_KEY_HEADER)
+    original = (message.header.properties.headers or {}).get(ROUTING_KEY_HEADER)
     if original:
         return header_text(original)
     return message.routing_key or ""
@@ -130,8 +154,8 @@ class RabbitSubscription:
     """A running consumer of one queue (implements :class:`~sagas_abstractions.Subscription`).
 
     It keeps strong references to its channel and queue so the robust connection can restore
-    the consumer after a reconnection (a consumer whose queue object was garbage-collected
-    silently never comes back).
+    them after a reconnection (a queue object that was garbage-collected is silently never
+    declared again); it then consumes again itself, under the same consumer tag.
 
     Attributes:
         route: The route consumed.
@@ -174,6 +198,7 @@ class RabbitSubscription:
         self._consumer_tag: str | None = None
         self._closing = False
         self._acks: _AckWriter | None = None
+        self._task_name = f"sagas-rabbitmq:{self.queue_name}"
 
     @property
     def in_flight(self) -> int:
@@ -182,11 +207,30 @@ class RabbitSubscription:
 
     async def start(self) -> None:
         """Start consuming (manual acks)."""
-        if _supports_ack_writer(await self._channel.get_underlay_channel()):
+        underlay = await self._channel.get_underlay_channel()
+        if _supports_ack_writer(underlay):
             self._acks = _AckWriter(self.queue_name)
         else:
             _log.debug("acking one message at a time on %s", self.queue_name)
-        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+        await self._consume(underlay)
+        self._channel.reopen_callbacks.add(self._on_reopen)
+
+    async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
+        consume_ok = await underlay.basic_consume(
+            self.queue_name, self._on_message, no_ack=False, consumer_tag=self._consumer_tag
+        )
+        self._consumer_tag = consume_ok.consumer_tag
+
+    async def _on_reopen(self, _channel: object) -> None:
+        """Consume again on the reopened channel (it has declared and bound the queue again)."""
+        if self._closing:
+            return
+        try:
+            async with asyncio.timeout(self._close_timeout):
+                await self._consume(await self._channel.get_underlay_channel())
+        except BROKER_ERRORS:
+            # aio-pika ignores what its reopen callbacks raise; is_ready() reports this one.
+            _log.exception("consuming %s again after a reconnection failed", self.queue_name)
 
     async def is_consuming(self) -> bool:
         """Whether the broker currently knows this consumer (false while reconnecting)."""
@@ -201,28 +245,26 @@ class RabbitSubscription:
 
     # ------------------------------------------------------------------ deliveries
 
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+    async def _on_message(self, message: DeliveredMessage) -> None:
         if self._closing:
-            await self._settle(message.nack(requeue=True), message, "nack")
+            await self._settle(_nack(message), message, "nack")
             return
-        task = asyncio.create_task(
-            self._handle(message), name=f"sagas-rabbitmq:{self.queue_name}:{message.message_id}"
-        )
+        task = asyncio.create_task(self._handle(message), name=self._task_name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _envelope_key(self, message: AbstractIncomingMessage) -> str:
+    def _envelope_key(self, message: DeliveredMessage) -> str:
         if self.route in (RouteKind.EVENT, RouteKind.DEAD_LETTER):
             return _routing_key(message) or self.key
         return self.key
 
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+    async def _handle(self, message: DeliveredMessage) -> None:
         async with self._slots:
             try:
                 envelope = from_amqp(message, self.route, self._envelope_key(message))
             except MessageDecodeError:
                 _log.exception("dead-lettering a message on %s that breaks the protocol", self.key)
-                await self._settle(message.reject(requeue=False), message, "reject")
+                await self._settle(_reject(message), message, "reject")
                 return
             try:
                 await self._handler(envelope)
@@ -230,7 +272,7 @@ class RabbitSubscription:
                 # Cancelled by close() after its grace period: hand the message back.
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(1.0):
-                        await message.nack(requeue=True)
+                        await _nack(message)
                 raise
             except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
                 self.failed += 1
@@ -239,26 +281,22 @@ class RabbitSubscription:
             if await self._ack(message):
                 self.handled += 1
 
-    async def _ack(self, message: AbstractIncomingMessage) -> bool:
-        if self._acks is None or message.delivery_tag is None:
-            return await self._settle(message.ack(), message, "ack")
-        try:
-            # The channel the message came on (raises if it closed since).
-            channel = message.channel
-        except BROKER_ERRORS as exc:
+    async def _ack(self, message: DeliveredMessage) -> bool:
+        # The channel the message came on: acks go there or nowhere.
+        channel = message.channel
+        if self._acks is None:
+            return await self._settle(channel.basic_ack(_tag(message)), message, "ack")
+        if channel.is_closed:
             _log.warning(
-                "ack of %s on %s lost (%s); the broker will redeliver it",
-                message.message_id,
+                "ack of %s on %s lost (its channel closed); the broker will redeliver it",
+                message.header.properties.message_id,
                 self.queue_name,
-                exc,
             )
             return False
-        await self._acks.ack(cast("aiormq.Channel", channel), message.delivery_tag)
+        await self._acks.ack(cast("aiormq.Channel", channel), _tag(message))
         return True
 
-    async def _settle(
-        self, action: Awaitable[None], message: AbstractIncomingMessage, what: str
-    ) -> bool:
+    async def _settle(self, action: Awaitable[Any], message: DeliveredMessage, what: str) -> bool:
         try:
             async with asyncio.timeout(_SETTLE_TIMEOUT):
                 await action
@@ -268,16 +306,14 @@ class RabbitSubscription:
             _log.warning(
                 "%s of %s on %s lost (%s); the broker will redeliver it",
                 what,
-                message.message_id,
+                message.header.properties.message_id,
                 self.queue_name,
                 exc,
             )
             return False
         return True
 
-    async def _failed(
-        self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
-    ) -> None:
+    async def _failed(self, message: DeliveredMessage, envelope: Envelope, exc: Exception) -> None:
         if self._topology.quorum:
             # The quorum queue counts deliveries and dead-letters past x-delivery-limit.
             _log.warning(
@@ -287,12 +323,12 @@ class RabbitSubscription:
                 envelope.headers.get("x-delivery-count", "0"),
                 exc,
             )
-            await self._settle(message.nack(requeue=True), message, "nack")
+            await self._settle(_nack(message), message, "nack")
             return
         await self._failed_classic(message, envelope, exc)
 
     async def _failed_classic(
-        self, message: AbstractIncomingMessage, envelope: Envelope, exc: Exception
+        self, message: DeliveredMessage, envelope: Envelope, exc: Exception
     ) -> None:
         # Classic queues do not count deliveries: republish a copy carrying the count (at the
         # tail of the queue), or, past the limit, to the dead-letter exchange with the reason.
@@ -328,7 +364,7 @@ class RabbitSubscription:
             await self._republish(exchange, routing_key, to_amqp(envelope, headers=headers))
         except Exception:  # noqa: BLE001 - any failure: keep the original instead
             _log.exception("republishing %s failed; requeueing it", envelope.message_id)
-            await self._settle(message.nack(requeue=True), message, "nack")
+            await self._settle(_nack(message), message, "nack")
             return
         await self._ack(message)
 
@@ -340,10 +376,12 @@ class RabbitSubscription:
             return
         self._closing = True
         try:
+            self._channel.reopen_callbacks.discard(self._on_reopen)
             if self._consumer_tag is not None:
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(self._close_timeout):
-                        await self._queue.cancel(self._consumer_tag)
+                        underlay = await self._channel.get_underlay_channel()
+                        await underlay.basic_cancel(self._consumer_tag)
             if self._tasks:
                 _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
                 for task in pending:

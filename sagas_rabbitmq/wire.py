@@ -22,7 +22,7 @@ from sagas_abstractions import Envelope, MessageDecodeError, RouteKind
 from sagas_rabbitmq.topology import DEAD_LETTER_REASON_HEADER
 
 if TYPE_CHECKING:
-    from aio_pika.abc import AbstractIncomingMessage
+    from aiormq.abc import DeliveredMessage
 
 __all__ = ["CONTENT_TYPE", "amqp_properties", "from_amqp", "header_text", "to_amqp"]
 
@@ -88,33 +88,34 @@ def _death_reason(headers: dict[str, Any]) -> str | None:
     return f"{reason} in queue {queue}"
 
 
-def from_amqp(message: AbstractIncomingMessage, route: RouteKind, key: str) -> Envelope:
+def from_amqp(message: DeliveredMessage, route: RouteKind, key: str) -> Envelope:
     """The envelope an AMQP delivery carries, addressed to ``route``/``key``.
 
     Raises:
         MessageDecodeError: The message lacks ``message_id`` (receivers could not dedupe it).
     """
-    if not message.message_id:
+    properties = message.header.properties
+    if not properties.message_id:
         raise MessageDecodeError(
             f"a message on {route.value}/{key} has no message_id property (see docs/protocol.md)",
-            saga_id=message.correlation_id,
+            saga_id=properties.correlation_id,
         )
-    raw = dict(message.headers or {})
+    raw = properties.headers or {}
     headers = {name: header_text(value) for name, value in raw.items()}
     if route is RouteKind.DEAD_LETTER and DEAD_LETTER_REASON_HEADER not in headers:
         reason = _death_reason(raw)
         if reason is not None:
             headers[DEAD_LETTER_REASON_HEADER] = reason
-    timestamp = message.timestamp or datetime.now(UTC)
+    timestamp = properties.timestamp or datetime.now(UTC)
     if timestamp.tzinfo is None:
         timestamp = timestamp.replace(tzinfo=UTC)
     return Envelope(
         route=route,
         key=key,
-        message_id=message.message_id,
-        message_type=message.type or "",
-        correlation_id=message.correlation_id,
-        reply_to=message.reply_to,
+        message_id=properties.message_id,
+        message_type=properties.message_type or "",
+        correlation_id=properties.correlation_id,
+        reply_to=properties.reply_to,
         headers=headers,
         body=message.body,
         timestamp=timestamp,

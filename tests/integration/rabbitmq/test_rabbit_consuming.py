@@ -1,7 +1,8 @@
-"""A subscription writes the acks of handlers that finish together at once: none is lost."""
+"""Consuming on the aiormq channel: acks written together, none lost; the consumer comes back."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import aiormq
@@ -10,7 +11,7 @@ import pytest
 from sagas_abstractions import Envelope, RouteKind
 from sagas_rabbitmq import RabbitBus
 from sagas_rabbitmq import consumer as consumer_module
-from tests.integration.rabbitmq.test_rabbit_bus import _ready_messages, envelope, until
+from tests.integration.rabbitmq.test_rabbit_bus import WAIT, _ready_messages, envelope, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -67,3 +68,28 @@ async def test_an_ack_on_a_channel_that_closed_is_dropped_and_the_message_redeli
     await until(lambda: subscription.handled == 1)
     await bus.close()
     assert await _ready_messages(amqp_url, subscription.queue_name) == 0
+
+
+async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: RabbitBus) -> None:
+    received: list[str] = []
+
+    async def record(message: Envelope) -> None:
+        received.append(message.message_id)
+
+    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record)
+    first = await subscription._channel.get_underlay_channel()
+    tag = subscription._consumer_tag
+
+    await first.close()
+
+    async def consuming_on_a_new_channel() -> bool:
+        underlay = await subscription._channel.get_underlay_channel()
+        return underlay is not first and await subscription.is_consuming()
+
+    async with asyncio.timeout(WAIT):
+        while not await consuming_on_a_new_channel():
+            await asyncio.sleep(0.05)
+    assert subscription._consumer_tag == tag
+    command = envelope(RouteKind.COMMAND, "inventory")
+    await bus.publish([command])
+    await until(lambda: received == [command.message_id])

@@ -38,10 +38,11 @@ class SagaStatus(StrEnum):
     @property
     def is_active(self) -> bool:
         """Whether the saga is still moving on its own (running or compensating)."""
-        return self in (SagaStatus.RUNNING, SagaStatus.COMPENSATING)
+        return self in _ACTIVE
 
 
 _TERMINAL = frozenset({SagaStatus.COMPLETED, SagaStatus.COMPENSATED, SagaStatus.RESOLVED})
+_ACTIVE = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 
 class StepStatus(StrEnum):

@@ -57,6 +57,9 @@ class InMemorySagaStore:
 
     def __init__(self) -> None:
         self._sagas: dict[str, SagaInstance] = {}
+        # Next deadline of each saga that has one: the timeout service polls often, and a scan
+        # of every saga ever stored grows with the store.
+        self._deadlines: dict[str, datetime] = {}
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, _OutboxRow] = {}
         self._pending: dict[int, _OutboxRow] = {}  # unsent rows, in id (insertion) order
@@ -129,6 +132,11 @@ class InMemorySagaStore:
                 if change.expected_version is None or instance.version > change.expected_version:
                     self._sagas[instance.saga_id] = instance
                     self._claims.pop(instance.saga_id, None)  # the claimed deadline has moved
+                    deadline = instance.next_deadline_at
+                    if deadline is None:
+                        self._deadlines.pop(instance.saga_id, None)
+                    else:
+                        self._deadlines[instance.saga_id] = deadline
                 self._history.setdefault(instance.saga_id, []).extend(change.history)
                 for envelope in change.outbox:
                     row_id = self._next_outbox_id
@@ -207,9 +215,9 @@ class InMemorySagaStore:
     async def due(self, now: datetime, limit: int) -> builtins.list[SagaInstance]:
         """Active sagas whose next deadline has passed, earliest first."""
         due = [
-            (deadline, saga)
-            for saga in self._sagas.values()
-            if (deadline := saga.next_deadline_at) is not None and deadline <= now
+            (deadline, self._sagas[saga_id])
+            for saga_id, deadline in self._deadlines.items()
+            if deadline <= now
         ]
         due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
         return [saga for _, saga in due[:limit]]
@@ -220,11 +228,9 @@ class InMemorySagaStore:
         """Claim due sagas nobody else holds a live claim on, earliest first."""
         async with self._lock:
             due = [
-                (deadline, saga)
-                for saga in self._sagas.values()
-                if (deadline := saga.next_deadline_at) is not None
-                and deadline <= now
-                and self._claimable(saga.saga_id, owner=owner, now=now)
+                (deadline, self._sagas[saga_id])
+                for saga_id, deadline in self._deadlines.items()
+                if deadline <= now and self._claimable(saga_id, owner=owner, now=now)
             ]
             due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
             claimed = [saga for _, saga in due[: max(limit, 0)]]

@@ -285,6 +285,8 @@ class Participant:
     def dependencies(self, resolver: Resolver | ScopedResolver) -> None:
         self._dependencies = resolver
         self._scoped = resolver if isinstance(resolver, ScopedResolver) else None
+        # The built-in resolver's scope makes nothing unless a handler parameter asks for it.
+        self._scope_optional = type(resolver) is Dependencies
 
     @property
     def idempotency(self) -> IdempotencyStore:
@@ -469,7 +471,8 @@ class Participant:
         # execution still in flight (say, one that timed out at the orchestrator), so it undoes
         # what that execution did instead of racing it.
         step_key = f"{command.saga_id}:{command.step}"
-        lock, users = self._locks.get(step_key, (asyncio.Lock(), 0))
+        held = self._locks.get(step_key)
+        lock, users = held if held is not None else (asyncio.Lock(), 0)
         self._locks[step_key] = (lock, users + 1)
         try:
             async with lock:
@@ -554,18 +557,13 @@ class Participant:
                 INVALID_COMMAND_CODE,
                 f"{command.command_type} payload is invalid: {describe_validation(exc)}",
             )
-        context = CommandContext(
-            saga_id=command.saga_id,
-            saga_type=command.saga_type,
-            step=command.step,
-            attempt=command.attempt,
-            kind=command.kind,
-            idempotency_key=command.idempotency_key,
-            message_id=command.message_id,
-            headers=command.headers,
-        )
         try:
-            result = await self._call(handler, parsed, context, command, resources or {})
+            if handler.plan.others or not self._scope_optional:
+                result = await self._call(handler, parsed, command, resources or {})
+            else:
+                # Nothing to inject, and the built-in resolver's scope would hold nothing: the
+                # scope (a context manager and an exit stack a command) is skipped.
+                result = await handler.function(parsed)
             return CachedOutcome(ReplyStatus.SUCCEEDED, _result_data(result))
         except _FinalizerFailed as failed:
             return self._failure(failed.error, command, finalizing=True)
@@ -580,7 +578,6 @@ class Participant:
         self,
         handler: _Handler,
         parsed: BaseModel,
-        context: CommandContext,
         command: CommandMessage,
         resources: Mapping[type, object],
     ) -> Any:
@@ -591,7 +588,7 @@ class Participant:
             kwargs: dict[str, object] = {}
             for name, annotation in handler.plan.others:
                 if annotation is CommandContext:
-                    kwargs[name] = context
+                    kwargs[name] = _context(command)
                 elif annotation in resources:
                     kwargs[name] = resources[annotation]
                 else:
@@ -662,6 +659,19 @@ class _FinalizerFailed(Exception):  # noqa: N818 - private marker, never escapes
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _context(command: CommandMessage) -> CommandContext:
+    return CommandContext(
+        saga_id=command.saga_id,
+        saga_type=command.saga_type,
+        step=command.step,
+        attempt=command.attempt,
+        kind=command.kind,
+        idempotency_key=command.idempotency_key,
+        message_id=command.message_id,
+        headers=command.headers,
+    )
 
 
 async def _resolved(scope: MessageScope, annotation: Any) -> Any:

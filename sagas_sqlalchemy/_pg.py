@@ -155,12 +155,12 @@ class PgStatements:
         history_values = ", ".join(
             f"r.{_q(column.name)}" for column in tables.history.c if column.name != "id"
         )
-        # Records the relay published meanwhile are marked sent by the next save's statement
-        # (see GroupCommit.mark_sent); with no ids this matches nothing.
-        mark = (
-            f"UPDATE {outbox} SET sent_at = %(sent_at)s::timestamptz, claimed_by = NULL, "
-            "claimed_until = NULL WHERE id = ANY(%(sent)s::bigint[])"
-        )
+        # Records the relay published meanwhile go with the next save's statement (see
+        # GroupCommit.mark_sent); with no ids this matches nothing. A published record is
+        # deleted, not updated: an update writes a whole new row version and an entry in each
+        # index, a delete neither (measured with bench/store_cost.py: about a quarter less WAL
+        # per transition, and less than half the database CPU at one saga in flight).
+        mark = f"DELETE FROM {outbox} WHERE id = ANY(%(sent)s::bigint[])"
         tail = f"""
 , h AS (
     INSERT INTO {hist} ({history_columns})
@@ -216,10 +216,7 @@ SELECT (SELECT count(*) FROM s),
             f"SELECT to_json(r)::text FROM (SELECT {model_columns} FROM {inst} "
             "WHERE saga_id = %s::text) AS r"
         )
-        self.mark_sent = (
-            f"UPDATE {outbox} SET sent_at = %s::timestamptz, claimed_by = NULL, "
-            "claimed_until = NULL WHERE id = ANY(%s::bigint[])"
-        )
+        self.mark_sent = f"DELETE FROM {outbox} WHERE id = ANY(%s::bigint[])"
         self.claim_due = f"""
 UPDATE {inst} AS t SET deadline_claimed_by = %(owner)s::text,
                        deadline_claimed_until = %(until)s::timestamptz
@@ -262,7 +259,6 @@ RETURNING to_json(t)::text
             "consumer": None if inbox is None else inbox.consumer,
             "message": None if inbox is None else inbox.message_id,
             "sent": [] if marks is None else marks.ids,
-            "sent_at": None if marks is None else marks.at,
         }
 
 
@@ -600,14 +596,13 @@ def _records(change: SagaChange, ids: list[int] | None, leased: int | None) -> l
 class _MarkBatch:
     """Outbox ids to mark sent, carried by one statement; its waiters learn how it went."""
 
-    __slots__ = ("at", "ids", "owner", "waiters")
+    __slots__ = ("ids", "owner", "waiters")
 
     def __init__(
-        self, owner: GroupCommit, ids: list[int], at: datetime, waiters: list[asyncio.Future[None]]
+        self, owner: GroupCommit, ids: list[int], waiters: list[asyncio.Future[None]]
     ) -> None:
         self.owner = owner
         self.ids = ids
-        self.at = at
         self.waiters = waiters
 
     def done(self) -> None:
@@ -640,9 +635,10 @@ class GroupCommit:
     inbox row (or any other error) fails the shared statement; its changes are then written
     one by one, so each caller gets its own outcome.
 
-    Marking outbox records sent rides along the same way: :meth:`mark_sent` waits for the next
-    save's statement to carry the ids (no statement, round trip or commit of its own while
-    sagas are moving), or writes them alone after ``mark_delay`` seconds without a save.
+    Marking outbox records sent (deleting them) rides along the same way: :meth:`mark_sent`
+    waits for the next save's statement to carry the ids (no statement, round trip or commit of
+    its own while sagas are moving), or deletes them alone after ``mark_delay`` seconds without
+    a save.
 
     Args:
         lane: Where the statements run.
@@ -670,7 +666,6 @@ class GroupCommit:
         self._running = 0
         self._drains: set[asyncio.Task[None]] = set()
         self._marks: list[int] = []
-        self._mark_at: datetime | None = None
         self._mark_waiters: list[asyncio.Future[None]] = []
         self._mark_timer: asyncio.TimerHandle | None = None
         self.batches = 0
@@ -680,8 +675,8 @@ class GroupCommit:
         self.marks_alone = 0
         """Mark-sent statements of their own, after ``mark_delay`` without a save."""
 
-    async def mark_sent(self, ids: list[int], *, now: datetime) -> None:
-        """Mark outbox records sent, with the next save's statement or alone; waits until done.
+    async def mark_sent(self, ids: list[int]) -> None:
+        """Delete published outbox records, with the next save's statement or alone; waits.
 
         Raises:
             psycopg.Error: The statement of their own failed (the caller translates it).
@@ -691,17 +686,16 @@ class GroupCommit:
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         self._marks.extend(ids)
-        self._mark_at = now if self._mark_at is None else max(self._mark_at, now)
         self._mark_waiters.append(waiter)
         if self._mark_timer is None:
             self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
         await waiter
 
     def _take_marks(self) -> _MarkBatch | None:
-        if not self._marks or self._mark_at is None:
+        if not self._marks:
             return None
-        batch = _MarkBatch(self, self._marks, self._mark_at, self._mark_waiters)
-        self._marks, self._mark_at, self._mark_waiters = [], None, []
+        batch = _MarkBatch(self, self._marks, self._mark_waiters)
+        self._marks, self._mark_waiters = [], []
         if self._mark_timer is not None:
             self._mark_timer.cancel()
             self._mark_timer = None
@@ -709,7 +703,6 @@ class GroupCommit:
 
     def _requeue_marks(self, batch: _MarkBatch) -> None:
         self._marks[:0] = batch.ids
-        self._mark_at = batch.at if self._mark_at is None else max(self._mark_at, batch.at)
         self._mark_waiters[:0] = batch.waiters
         if self._mark_timer is None:
             loop = asyncio.get_running_loop()
@@ -728,7 +721,7 @@ class GroupCommit:
         self.marks_alone += 1
         try:
             async with self._lane.connection() as conn:
-                await conn.execute(self._statements.mark_sent, (batch.at, batch.ids))
+                await conn.execute(self._statements.mark_sent, (batch.ids,))
         except BaseException as error:
             # Told to the waiters (the relay keeps the ids and tries again); not requeued here.
             for waiter in batch.waiters:
@@ -866,11 +859,7 @@ class GroupCommit:
             async with self._lane.connection() as conn:
                 cursor = await conn.execute(
                     self._statements.save_many,
-                    {
-                        "changes": document,
-                        "sent": [] if marks is None else marks.ids,
-                        "sent_at": None if marks is None else marks.at,
-                    },
+                    {"changes": document, "sent": [] if marks is None else marks.ids},
                 )
         except BaseException:
             if marks is not None:

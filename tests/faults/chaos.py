@@ -44,8 +44,9 @@ import aio_pika
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from sagas_abstractions import Envelope, RouteKind, SagaStatus, StepKind
+from sagas_abstractions import SagaStatus, StepKind
 from sagas_core import Orchestrator, SystemClock, event_envelope
+from sagas_core.builder import local_destination
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
 from sagas_rabbitmq.testing import (
     close_connections,
@@ -83,6 +84,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SEED_ENV = "SAGAS_FAULT_SEED"
 DEFAULT_SEED = 20261125
 SERVICES = ("inventory", "payments", "shipping")
+TAP_SAMPLE = 400  # commands looked at (from the oldest) to choose the ones sent again
 BROKER_RESTART_ENV = "SAGAS_FAULT_BROKER_RESTART"
 
 
@@ -448,6 +450,31 @@ class Run:
         await asyncio.gather(
             *(self.processes.start(name) for name in [*self.workers[1:], *SERVICES])
         )
+        await self._tap_commands()
+
+    @property
+    def tap(self) -> str:
+        """A queue that keeps a copy of every command (the duplicate fault sends them again)."""
+        return f"{self.prefix}.faults-tap"
+
+    async def _tap_commands(self) -> None:
+        """Bind :attr:`tap` to the commands exchange for every destination of the saga.
+
+        Published commands leave the outbox, so copies are taken on the broker side. The tap is
+        a durable classic queue (it survives broker restarts) nobody consumes; it is deleted
+        before the run drains.
+        """
+        connection = await aio_pika.connect(
+            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-tap"}
+        )
+        async with connection:
+            channel = await connection.channel()
+            exchange = await channel.get_exchange(f"{self.prefix}.commands", ensure=False)
+            queue = await channel.declare_queue(
+                self.tap, durable=True, arguments={"x-queue-type": "classic"}
+            )
+            for destination in (*SERVICES, local_destination(fault_saga.name)):
+                await queue.bind(exchange, routing_key=destination)
 
     async def cleanup(self) -> None:
         """Kill the processes, delete the run's queues, exchanges and tables. Never raises."""
@@ -755,49 +782,41 @@ class Run:
     async def _duplicate(self) -> bool:
         """Publish copies of sent commands again, same message id, straight to the exchange."""
         await self._join_background(["broker"])
-        outbox = self.store.tables.outbox
-        async with self.engine.connect() as conn:
-            ids = sorted(
-                (
-                    await conn.execute(
-                        sa.select(outbox.c.id).where(
-                            outbox.c.route == RouteKind.COMMAND.value,
-                            outbox.c.sent_at.is_not(None),
-                        )
-                    )
-                ).scalars()
-            )
-            chosen = self.rng.sample(ids, k=min(len(ids), self.rng.randint(2, 6)))
-            rows = (
-                (await conn.execute(sa.select(outbox).where(outbox.c.id.in_(chosen))))
-                .mappings()
-                .all()
-            )
-        if not rows:
-            self.event("duplicate skipped: no command sent yet")
-            return False
         connection = await aio_pika.connect(
             self.amqp_url, timeout=10, client_properties={"connection_name": "faults-duplicator"}
         )
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
+            tap = await channel.declare_queue(self.tap, passive=True)
+            taken: list[aio_pika.abc.AbstractIncomingMessage] = []
+            while len(taken) < TAP_SAMPLE and (
+                message := await tap.get(no_ack=False, fail=False, timeout=5)
+            ):
+                taken.append(message)
+            chosen = self.rng.sample(taken, k=min(len(taken), self.rng.randint(2, 6)))
             exchange = await channel.get_exchange(f"{self.prefix}.commands", ensure=False)
-            for row in rows:
-                envelope = Envelope(
-                    route=RouteKind.COMMAND,
-                    key=row["key"],
-                    message_id=row["message_id"],
-                    message_type=row["message_type"],
-                    correlation_id=row["correlation_id"],
-                    reply_to=row["reply_to"],
-                    headers=dict(row["headers"]),
-                    body=bytes(row["body"]),
-                    timestamp=row["timestamp"],
+            for message in chosen:
+                again = aio_pika.Message(
+                    message.body,
+                    headers=message.headers,
+                    message_id=message.message_id,
+                    correlation_id=message.correlation_id,
+                    type=message.type,
+                    reply_to=message.reply_to,
+                    timestamp=message.timestamp,
+                    content_type=message.content_type,
+                    content_encoding=message.content_encoding,
+                    delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
                 )
-                await exchange.publish(to_amqp(envelope), routing_key=row["key"], timeout=10)
+                await exchange.publish(again, routing_key=message.routing_key or "", timeout=10)
+            for message in taken:
+                await message.nack(requeue=True)  # kept for the next duplicate fault
+        if not chosen:
+            self.event("duplicate skipped: no command sent yet")
+            return False
         self.event(
             "published again: "
-            + ", ".join(f"{row['message_type']}#{row['message_id'][-24:]}" for row in rows)
+            + ", ".join(f"{m.type}#{(m.message_id or '')[-24:]}" for m in chosen)
         )
         return True
 
@@ -838,6 +857,16 @@ class Run:
                 counts[name] = declared.declaration_result.message_count or 0
         return counts
 
+    async def _untap(self) -> None:
+        """Delete the tap (its copies are not work left undone)."""
+        connection = await aio_pika.connect(
+            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-tap"}
+        )
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(self.tap)
+        self._queue_names = set()  # listed again without it
+
     async def _wait_empty(self, within: float, *, queues: Callable[[str], bool]) -> None:
         """Wait until the chosen queues hold nothing twice in a row (bounded, best effort)."""
         deadline = time.monotonic() + within
@@ -852,6 +881,7 @@ class Run:
     async def drain(self) -> tuple[dict[str, int], list[aio_pika.abc.AbstractIncomingMessage]]:
         """Stop participants, then workers, gracefully; return what the queues still hold."""
         dead_letter = f"{self.prefix}.dead-letter"
+        await self._untap()
         await self._wait_empty(20.0, queues=lambda name: name != dead_letter)
         services = await self.processes.terminate(list(SERVICES))
         # Replies the participants sent last are consumed by the workers still running.

@@ -1,9 +1,10 @@
 """Marking outbox records sent rides along with saves on PostgreSQL (psycopg).
 
-The relay marks what it published in the background. With sagas moving, the next save's
-statement carries those ids (no statement, round trip or commit of its own); with nothing to
-carry them, they are written alone after a short delay. Either way a mark is never lost: a
-statement that fails writes nothing, and its marks go out with the next one.
+The relay marks what it published in the background; a record marked sent is deleted. With
+sagas moving, the next save's statement carries those ids (no statement, round trip or commit
+of its own); with nothing to carry them, they are written alone after a short delay. Either way
+a mark is never lost: a statement that fails writes nothing, and its marks go out with the next
+one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ async def published(store: SqlSagaStore, saga_id: str, count: int) -> list[int]:
     return [record.id for record in records]
 
 
+async def outbox_rows(store: SqlSagaStore) -> int:
+    outbox = store._tables.outbox
+    async with store._engine.connect() as conn:
+        return int(await conn.scalar(sa.select(sa.func.count()).select_from(outbox)) or 0)
+
+
 async def marking(store: SqlSagaStore, ids: list[int]) -> asyncio.Task[None]:
     """Start marking ``ids`` sent and let it register (it then waits for a statement)."""
     task = asyncio.create_task(store.mark_sent(ids, now=T0))
@@ -66,6 +73,7 @@ async def test_the_next_save_carries_the_marks_in_its_own_statement(store: SqlSa
         await mark
 
     assert await store.pending_count() == 0
+    assert await outbox_rows(store) == 0  # published records are deleted
     assert (group(store).marks_carried, group(store).marks_alone) == (1, 0)
     # Sent and released: no relay claims them again.
     assert await store.claim(owner="relay-b", limit=10, lease=LEASE, now=T0 + 2 * LEASE) == []

@@ -13,6 +13,11 @@ timeout, a write and a drain per message, and aio-pika a ``Message`` and a task 
 top: together the largest share of the orchestrator's CPU. Because this relies on aiormq
 internals, the bus checks on connect that the channel has them and otherwise publishes through
 aio-pika, one message at a time (:attr:`RabbitBus.batch_publishing` tells which).
+
+Concurrent publishers share writes too (:meth:`RabbitBus._write`): the batches that queue up
+while one is being written go out together in the next write. A participant publishes one
+reply per command from many handlers at once; a socket write each was the largest part of its
+CPU. A publisher alone writes at once, without waiting for company.
 """
 
 from __future__ import annotations
@@ -106,6 +111,8 @@ class RabbitBus:
         self._closed = False
         self._batch_publishing = False
         self._publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
+        self._writes: list[_Write] = []
+        self._write_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -324,7 +331,7 @@ class RabbitBus:
                         results[position] = exc
                     else:
                         positions.append(position)
-                confirmations = await _write_batch(underlay, outgoing)
+                confirmations = await self._write(underlay, outgoing)
         except Exception as exc:  # noqa: BLE001 - as gather(return_exceptions=True) would
             return [exc] * len(envelopes)
         pending = [c for c in confirmations if not c.done()]
@@ -340,6 +347,52 @@ class RabbitBus:
                 else confirmation.exception()
             )
         return results
+
+    async def _write(
+        self, channel: aiormq.Channel, messages: list[_Outgoing]
+    ) -> list[asyncio.Future[Any]]:
+        """Write ``messages`` with those of concurrent publishers; their confirmation futures.
+
+        Whoever holds the write lock writes every batch queued so far, so a publisher that
+        waited for the lock usually finds its batch written already.
+        """
+        write = _Write(channel, messages, asyncio.get_running_loop().create_future())
+        self._writes.append(write)
+        try:
+            async with self._write_lock:
+                if not write.confirmations.done():
+                    await self._write_queued()
+        finally:
+            if not write.confirmations.done():
+                # Gave up (timeout, cancelled) before its batch was taken: drop it.
+                write.abandoned = True
+                if write in self._writes:
+                    self._writes.remove(write)
+        return write.confirmations.result()
+
+    async def _write_queued(self) -> None:
+        writes, self._writes = self._writes, []
+        try:
+            for channel in {id(w.channel): w.channel for w in writes}.values():
+                group = [w for w in writes if w.channel is channel]
+                confirmations = await _write_batch(channel, [m for w in group for m in w.messages])
+                start = 0
+                for write in group:
+                    end = start + len(write.messages)
+                    if not write.abandoned:
+                        write.confirmations.set_result(confirmations[start:end])
+                    start = end
+        except BaseException as exc:
+            failure = (
+                exc
+                if isinstance(exc, Exception)
+                else ConnectionError("the write of this batch was interrupted")
+            )
+            for write in writes:
+                if not write.confirmations.done() and not write.abandoned:
+                    write.confirmations.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
 
     async def _publish_underlay(self) -> aiormq.Channel:
         """The aiormq channel under the publishing channel (a new one after a reconnection)."""
@@ -495,6 +548,16 @@ class _Outgoing(NamedTuple):
     message_id: str
     frames: list[bytes]
     body: bytes
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Write:
+    """A publisher's batch waiting to be written, and where its confirmations go."""
+
+    channel: aiormq.Channel
+    messages: list[_Outgoing]
+    confirmations: asyncio.Future[list[asyncio.Future[Any]]]
+    abandoned: bool = False
 
 
 def _supports_batch_publish(channel: object) -> bool:

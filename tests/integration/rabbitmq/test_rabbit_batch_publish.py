@@ -216,3 +216,38 @@ async def test_a_body_larger_than_a_frame_is_split_and_arrives_whole(bus: Rabbit
     await until(lambda: len(received) == 4)
     assert [m.message_id for m in received] == [m.message_id for m in batch]
     assert [m.body for m in received] == [m.body for m in batch]
+
+
+async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_failures(
+    bus: RabbitBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    received = await _collect(bus, "inventory")
+    await bus.publish(_commands(1))  # declares the queue, so the publishers below start together
+    await until(lambda: len(received) == 1)
+    writes: list[int] = []
+    original = bus_module._write_batch
+
+    async def counting(
+        channel: aiormq.Channel, messages: Sequence[Any]
+    ) -> list[asyncio.Future[Any]]:
+        writes.append(len(messages))
+        return await original(channel, messages)
+
+    monkeypatch.setattr(bus_module, "_write_batch", counting)
+    good = _commands(20)
+    lost = envelope(RouteKind.REPLY, "nobody-listens-here")
+
+    results = await asyncio.gather(
+        *(bus.publish([message]) for message in [*good[:10], lost, *good[10:]]),
+        return_exceptions=True,
+    )
+
+    failures = [result for result in results if result is not None]
+    assert len(failures) == 1
+    assert isinstance(failures[0], PublishError)
+    assert lost.message_id in str(failures[0])
+    assert results[10] is failures[0]
+    assert sum(writes) == 21
+    assert len(writes) < 21
+    await until(lambda: len(received) == 21)
+    assert {m.message_id for m in received[1:]} == {m.message_id for m in good}

@@ -304,23 +304,34 @@ def _forced(
 def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, datetime]) -> Decision:
     data = definition.parse_data(event.data, saga_id=event.saga_id)
     saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
-    seed = SagaInstance(
-        saga_id=event.saga_id,
-        saga_type=definition.name,
-        definition_version=definition.fingerprint,
-        status=SagaStatus.RUNNING,
-        current_step=0,
-        attempt=0,
-        data=data.model_dump(mode="json"),
-        steps=tuple(_pending_step(step.name) for step in definition.steps),
-        saga_deadline_at=saga_deadline,
-        version=1,
-        created_at=event.at,
-        updated_at=event.at,
-        correlation_id=event.correlation_id,
-        trace_context=dict(event.trace_context),
+    dumped = data.model_dump(mode="json")
+    # Every value comes from the validated input and the definition (its name is checked by
+    # the builder against the same limits), so the instance is not validated again.
+    seed = trusted(
+        SagaInstance,
+        {
+            "saga_id": event.saga_id,
+            "saga_type": definition.name,
+            "definition_version": definition.fingerprint,
+            "status": SagaStatus.RUNNING,
+            "current_step": 0,
+            "attempt": 0,
+            "attempt_base": 0,
+            "wait": None,
+            "deadline_at": None,
+            "saga_deadline_at": saga_deadline,
+            "data": dumped,
+            "steps": tuple(_pending_step(step.name) for step in definition.steps),
+            "error": None,
+            "version": 1,
+            "created_at": event.at,
+            "updated_at": event.at,
+            "correlation_id": event.correlation_id,
+            "trace_context": dict(event.trace_context),
+        },
     )
     transition = _Transition(definition, seed, event, created=True, circuits=circuits)
+    transition.seed_parsed(dumped, data)
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
     return transition.finish()
@@ -514,6 +525,10 @@ class _Transition:
         model = self.definition.parse_data(self.data, saga_id=self.before.saga_id)
         self._parsed = (self.data, model)
         return model
+
+    def seed_parsed(self, data: dict[str, Any], model: BaseModel) -> None:
+        """``model`` is ``data`` validated already: ``parsed_data()`` needs not do it again."""
+        self._parsed = (data, model)
 
     def deadline_passed(self) -> bool:
         return self.deadline_at is not None and self.at >= self.deadline_at

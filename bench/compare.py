@@ -4,8 +4,8 @@ Each side runs in its own processes (so CPU and peak RSS are its own), interleav
 level (raw, then ours, at each concurrency), with the same saga count. ``python -m bench`` runs
 this.
 
-Usage: ``python -m bench.compare [--levels 1,8,64] [--sagas 300] [--json out.json]
-[--inmemory]``
+Usage: ``python -m bench.compare [--levels 1,8,64] [--sagas 300] [--per-flight 16]
+[--repeat 1] [--json out.json] [--inmemory]``
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,38 +59,60 @@ def _load1(row: Row) -> str:
     return str(row.get("load", "?")).split(" ")[0]
 
 
-def ratios(ours: list[Row], raw: list[Row]) -> str:
+def ratios(pairs: list[tuple[Row, Row]]) -> str:
+    """One line per (ours, raw) pair measured back to back, then the median ratio per level."""
     head = (
-        f"{'in-flight':>9} {'ours/s':>8} {'raw/s':>8} {'ours/raw':>8} "
+        f"{'in-flight':>9} {'sagas':>6} {'ours/s':>8} {'raw/s':>8} {'ours/raw':>8} "
         f"{'step p99 ours':>13} {'raw':>6} {'ratio':>6} {'cpu us/step ours':>16} {'raw':>6} "
         f"{'all cpu us/step ours':>20} {'raw':>6} {'load ours':>9} {'raw':>5}"
     )
     lines = [head, "-" * len(head)]
-    by_level = {row["level"]: row for row in raw}
-    for row in ours:
-        base = by_level.get(row["level"])
-        if base is None:
-            continue
+    by_level: dict[int, list[float]] = {}
+    for row, base in pairs:
         ours_cpu = row["cpu"]["orch"] / row["steps"] * 1e6
         raw_cpu = base["cpu"]["orch"] / base["steps"] * 1e6
         # Every process of the run: orchestrator, participants, broker and database.
         ours_all = sum(row["cpu"].values()) / row["steps"] * 1e6
         raw_all = sum(base["cpu"].values()) / base["steps"] * 1e6
+        by_level.setdefault(row["level"], []).append(row["sagas_per_s"] / base["sagas_per_s"])
         lines.append(
-            f"{row['level']:>9} {row['sagas_per_s']:>8.1f} {base['sagas_per_s']:>8.1f} "
-            f"{ratio(row['sagas_per_s'], base['sagas_per_s']):>8} "
+            f"{row['level']:>9} {row['sagas']:>6} {row['sagas_per_s']:>8.1f} "
+            f"{base['sagas_per_s']:>8.1f} {ratio(row['sagas_per_s'], base['sagas_per_s']):>8} "
             f"{row['step_p99_ms']:>13.1f} {base['step_p99_ms']:>6.1f} "
             f"{ratio(row['step_p99_ms'], base['step_p99_ms']):>6} "
             f"{ours_cpu:>16.0f} {raw_cpu:>6.0f} {ours_all:>20.0f} {raw_all:>6.0f} "
             f"{_load1(row):>9} {_load1(base):>5}"
         )
+    if any(len(values) > 1 for values in by_level.values()):
+        lines.append("")
+        for level, values in by_level.items():
+            shown = ", ".join(f"{value:.2f}" for value in values)
+            lines.append(
+                f"{level:>9} in flight: ours/raw median {statistics.median(values):.2f} "
+                f"(runs: {shown})"
+            )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,8,64")
-    parser.add_argument("--sagas", type=int, default=300)
+    parser.add_argument(
+        "--sagas", type=int, default=300, help="measured sagas per level (at least)"
+    )
+    parser.add_argument(
+        "--per-flight",
+        type=int,
+        default=16,
+        help="measure at least this many sagas per saga in flight (so 64 in flight runs "
+        "1,024), so every level runs long enough to be read; 0: --sagas everywhere",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each level this many times, raw and ours back to back each time",
+    )
     parser.add_argument("--json", default=str(Path(tempfile.gettempdir()) / "sagas-bench.json"))
     parser.add_argument("--inmemory", action="store_true", help="also run inmemory_overhead")
     parser.add_argument(
@@ -107,23 +130,30 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     raw: list[Row] = []
     ours: list[Row] = []
+    pairs: list[tuple[Row, Row]] = []
     with tempfile.TemporaryDirectory() as directory:
-        # Interleaved level by level, so a change in the machine's load hits both sides alike.
+        # Interleaved level by level (and run by run), so a change in the machine's load hits
+        # both sides alike.
         for level in args.levels.split(","):
-            out = Path(directory) / f"{level}.json"
-            raw += run_side("bench.raw_baseline", level, args.sagas, out)
-            ours += run_side(
-                "bench.throughput",
-                level,
-                args.sagas,
-                out,
-                "--loop",
-                args.loop,
-                "--status-events",
-                args.status_events,
-            )
+            sagas = max(args.sagas, int(level) * args.per_flight)
+            for _ in range(max(1, args.repeat)):
+                out = Path(directory) / f"{level}.json"
+                base = run_side("bench.raw_baseline", level, sagas, out)
+                mine = run_side(
+                    "bench.throughput",
+                    level,
+                    sagas,
+                    out,
+                    "--loop",
+                    args.loop,
+                    "--status-events",
+                    args.status_events,
+                )
+                raw += base
+                ours += mine
+                pairs += zip(mine, base, strict=True)
     print("\n== ours / raw, measured side by side")
-    print(ratios(ours, raw))
+    print(ratios(pairs))
     payload: dict[str, Any] = {"machine": machine(), "raw": raw, "ours": ours}
     if args.inmemory:
         payload["inmemory"] = inmemory()

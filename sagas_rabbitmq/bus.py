@@ -37,14 +37,13 @@ import pamqp.frame
 from aiormq.abc import ChannelFrame
 from pamqp.body import ContentBody
 from pamqp.commands import Basic
-from pamqp.header import ContentHeader
 
 from sagas_abstractions import Envelope, PublishError, RouteKind, TransportError
 from sagas_rabbitmq.consumer import RabbitSubscription
 from sagas_rabbitmq.errors import BROKER_ERRORS, publish_error, transport_error
 from sagas_rabbitmq.settings import RabbitSettings
 from sagas_rabbitmq.topology import Topology
-from sagas_rabbitmq.wire import amqp_properties, to_amqp
+from sagas_rabbitmq.wire import content_header_frame, to_amqp
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -327,7 +326,7 @@ class RabbitBus:
                 for position, envelope in enumerate(envelopes):
                     try:
                         outgoing.append(self._frames(underlay.number, envelope))
-                    except ValueError as exc:  # this envelope only, as aiormq would
+                    except (ValueError, TypeError) as exc:  # this one only, as aiormq would
                         results[position] = exc
                     else:
                         positions.append(position)
@@ -421,12 +420,8 @@ class RabbitBus:
             if len(self._publish_frames) >= _PUBLISH_FRAME_CACHE:
                 self._publish_frames.clear()
             self._publish_frames[key] = publish
-        body = envelope.body
-        header = pamqp.frame.marshal(
-            ContentHeader(properties=amqp_properties(envelope), body_size=len(body)),
-            channel_number,
-        )
-        return _Outgoing(envelope.message_id, [publish, header], body)
+        header = content_header_frame(envelope, channel_number)
+        return _Outgoing(envelope.message_id, [publish, header], envelope.body)
 
     async def _publish_one(self, envelope: Envelope) -> None:
         exchange = self._exchanges[self.topology.exchange_for(envelope.route)]

@@ -38,7 +38,7 @@ def _match(pattern: tuple[str, ...], words: tuple[str, ...]) -> bool:
     return (head in ("*", words[0])) and _match(rest, words[1:])
 
 
-@dataclass
+@dataclass(slots=True)
 class _Delivery:
     envelope: Envelope
     count: int = 1

@@ -266,6 +266,8 @@ class Telemetry:
         """The tracer, or ``None`` while tracing is off (no API, or no SDK configured)."""
         if self._tracer is not None:
             return self._tracer
+        if self._tracer_provider is None and time.monotonic() < self._checked["trace"]:
+            return None  # the common no-SDK case, without the call below (hooks ask often)
         provider = self._provider(
             "trace", self._tracer_provider, lambda api: api.trace.get_tracer_provider()
         )
@@ -281,6 +283,8 @@ class Telemetry:
         """The metric instruments, or ``None`` while metrics are off."""
         if self._instruments is not None:
             return self._instruments
+        if self._meter_provider is None and time.monotonic() < self._checked["metrics"]:
+            return None  # as in tracer
         provider = self._provider(
             "metrics", self._meter_provider, lambda api: api.metrics.get_meter_provider()
         )

@@ -63,6 +63,7 @@ class InMemorySagaStore:
         self._history: dict[str, list[HistoryEntry]] = {}
         self._outbox: dict[int, _OutboxRow] = {}
         self._pending: dict[int, _OutboxRow] = {}  # unsent rows, in id (insertion) order
+        self._pending_by_saga: dict[str, dict[int, _OutboxRow]] = {}  # the same, per saga
         self._inbox: set[tuple[str, str]] = set()
         self._claims: dict[str, tuple[str, datetime]] = {}  # saga id -> (owner, claimed until)
         self._next_outbox_id = 1
@@ -148,6 +149,7 @@ class InMemorySagaStore:
                         created_at=instance.updated_at,
                     )
                     self._outbox[row_id] = self._pending[row_id] = row
+                    self._pending_by_saga.setdefault(row.saga_id, {})[row_id] = row
             self._inbox |= seen_inbox
 
     async def save_leased(
@@ -162,12 +164,14 @@ class InMemorySagaStore:
         new = [self._pending[row_id] for row_id in range(first, self._next_outbox_id)]
         if not new:
             return []
-        sagas = {row.saga_id for row in new}
         # Sagas with an earlier unsent record someone else holds: their new records wait too.
         blocked = {
-            row.saga_id
-            for row in self._pending.values()
-            if row.id < first and row.saga_id in sagas and row.claimed_by != owner
+            saga_id
+            for saga_id in {row.saga_id for row in new}
+            if any(
+                row.id < first and row.claimed_by != owner
+                for row in self._pending_by_saga[saga_id].values()
+            )
         }
         leased: list[OutboxRecord] = []
         for row in new:
@@ -275,6 +279,10 @@ class InMemorySagaStore:
         for row_id in ids:
             row = self._pending.pop(row_id, None)
             if row is not None:
+                of_saga = self._pending_by_saga[row.saga_id]
+                del of_saga[row_id]
+                if not of_saga:
+                    del self._pending_by_saga[row.saga_id]
                 row.sent_at = now
                 row.claimed_by = None
                 row.claimed_until = None

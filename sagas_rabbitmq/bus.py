@@ -525,6 +525,7 @@ class RabbitBus:
                     republish=self._republish,
                     close_timeout=self.settings.close_timeout,
                     on_closed=self._subscriptions.discard,
+                    retry_interval=self.settings.reconnect_interval,
                 )
                 await subscription.start()
                 self._subscriptions.add(subscription)

@@ -9,7 +9,9 @@ The consumer is registered on the aiormq channel itself, not through aio-pika's
 ``Queue.consume``: aio-pika wraps each delivery in an ``IncomingMessage`` and a task of its own
 before our callback even runs, which then starts the handler's task; here aiormq's task starts
 it directly. The subscription consumes again, with the same tag, whenever the robust channel
-reopens (after a reconnection), once the channel has declared the queue again.
+reopens (after a reconnection), once the channel has declared the queue again; and when the
+broker cancels the consumer (its queue was deleted, say) it declares the queue again and
+consumes again, retrying until it can, as aio-pika does for the consumers it knows.
 
 Acks of the handlers that finish together (a group commit acks its whole batch) go to the
 socket in one write (:class:`_AckWriter`): aiormq writes and drains each ack on its own, one
@@ -179,6 +181,7 @@ class RabbitSubscription:
         republish: Republish,
         close_timeout: float,
         on_closed: Callable[[RabbitSubscription], None],
+        retry_interval: float = 1.0,
     ) -> None:
         self.route = route
         self.key = key
@@ -192,6 +195,8 @@ class RabbitSubscription:
         self._topology = topology
         self._republish = republish
         self._close_timeout = close_timeout
+        self._retry_interval = retry_interval
+        self._recovery: asyncio.Task[None] | None = None
         self._on_closed = on_closed
         self._slots = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -216,10 +221,42 @@ class RabbitSubscription:
         self._channel.reopen_callbacks.add(self._on_reopen)
 
     async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
+        if self._consumer_tag in getattr(underlay, "consumers", {}):
+            return  # consuming already (a reopen and a recovery can race)
+        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
         consume_ok = await underlay.basic_consume(
             self.queue_name, self._on_message, no_ack=False, consumer_tag=self._consumer_tag
         )
         self._consumer_tag = consume_ok.consumer_tag
+
+    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
+        if frame.consumer_tag != self._consumer_tag or self._closing:
+            return
+        _log.warning("the broker cancelled the consumer of %s; consuming again", self.queue_name)
+        self._start_recovery()
+
+    def _start_recovery(self) -> None:
+        if self._recovery is None or self._recovery.done():
+            self._recovery = asyncio.create_task(self._recover(), name=self._task_name)
+
+    async def _recover(self) -> None:
+        """Declare the queue (and its bindings) again and consume again, until it works."""
+        while not self._closing:
+            try:
+                async with asyncio.timeout(self._close_timeout):
+                    await self._queue.restore()
+                    await self._consume(await self._channel.get_underlay_channel())
+            except BROKER_ERRORS as exc:
+                _log.warning(
+                    "consuming %s again failed (%s); retrying in %.1fs",
+                    self.queue_name,
+                    exc,
+                    self._retry_interval,
+                )
+                await asyncio.sleep(self._retry_interval)
+            else:
+                _log.info("consuming %s again", self.queue_name)
+                return
 
     async def _on_reopen(self, _channel: object) -> None:
         """Consume again on the reopened channel (it has declared and bound the queue again)."""
@@ -228,9 +265,12 @@ class RabbitSubscription:
         try:
             async with asyncio.timeout(self._close_timeout):
                 await self._consume(await self._channel.get_underlay_channel())
-        except BROKER_ERRORS:
-            # aio-pika ignores what its reopen callbacks raise; is_ready() reports this one.
-            _log.exception("consuming %s again after a reconnection failed", self.queue_name)
+        except BROKER_ERRORS as exc:
+            # aio-pika ignores what its reopen callbacks raise: retry here until it works.
+            _log.warning(
+                "consuming %s again after a reconnection failed (%s)", self.queue_name, exc
+            )
+            self._start_recovery()
 
     async def is_consuming(self) -> bool:
         """Whether the broker currently knows this consumer (false while reconnecting)."""
@@ -377,6 +417,9 @@ class RabbitSubscription:
         self._closing = True
         try:
             self._channel.reopen_callbacks.discard(self._on_reopen)
+            if self._recovery is not None:
+                self._recovery.cancel()
+                await asyncio.gather(self._recovery, return_exceptions=True)
             if self._consumer_tag is not None:
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(self._close_timeout):

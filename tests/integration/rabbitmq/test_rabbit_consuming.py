@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
+import aio_pika
+import aio_pika.exceptions
 import aiormq
 import pytest
 
-from sagas_abstractions import Envelope, RouteKind
-from sagas_rabbitmq import RabbitBus
+from sagas_abstractions import Envelope, PublishError, RouteKind
+from sagas_rabbitmq import RabbitBus, RabbitSubscription
 from sagas_rabbitmq import consumer as consumer_module
 from tests.integration.rabbitmq.test_rabbit_bus import WAIT, _ready_messages, envelope, until
 
@@ -71,12 +74,7 @@ async def test_an_ack_on_a_channel_that_closed_is_dropped_and_the_message_redeli
 
 
 async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: RabbitBus) -> None:
-    received: list[str] = []
-
-    async def record(message: Envelope) -> None:
-        received.append(message.message_id)
-
-    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record)
+    subscription, received = await _recording(bus)
     first = await subscription._channel.get_underlay_channel()
     tag = subscription._consumer_tag
 
@@ -93,3 +91,41 @@ async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: Rabb
     command = envelope(RouteKind.COMMAND, "inventory")
     await bus.publish([command])
     await until(lambda: received == [command.message_id])
+
+
+async def test_a_consumer_the_broker_cancels_comes_back_when_its_queue_is_deleted(
+    bus: RabbitBus, amqp_url: str
+) -> None:
+    subscription, received = await _recording(bus)
+    connection = await aio_pika.connect(amqp_url, timeout=WAIT)
+    async with connection:
+        channel = await connection.channel()
+        await channel.queue_delete(subscription.queue_name)  # the broker cancels the consumer
+
+    async with asyncio.timeout(WAIT):
+        while not (
+            await subscription.is_consuming() and await _queue_exists(amqp_url, subscription)
+        ):
+            await asyncio.sleep(0.05)
+    command = envelope(RouteKind.COMMAND, "inventory")
+    for _ in range(2):  # the first may be returned: the bus thinks the queue is still there
+        with contextlib.suppress(PublishError):
+            await bus.publish([command])
+    await until(lambda: command.message_id in received)
+
+
+async def _recording(bus: RabbitBus) -> tuple[RabbitSubscription, list[str]]:
+    received: list[str] = []
+
+    async def record(message: Envelope) -> None:
+        received.append(message.message_id)
+
+    return await bus.subscribe(RouteKind.COMMAND, "inventory", record), received
+
+
+async def _queue_exists(amqp_url: str, subscription: RabbitSubscription) -> bool:
+    try:
+        await _ready_messages(amqp_url, subscription.queue_name)
+    except aio_pika.exceptions.ChannelNotFoundEntity:
+        return False
+    return True

@@ -129,3 +129,19 @@ async def _queue_exists(amqp_url: str, subscription: RabbitSubscription) -> bool
     except aio_pika.exceptions.ChannelNotFoundEntity:
         return False
     return True
+
+
+async def test_without_the_aiormq_internals_each_message_is_acked_on_its_own(
+    bus: RabbitBus, amqp_url: str
+) -> None:
+    subscription, received = await _recording(bus)
+    subscription._acks = None  # what start decides for a channel without a write queue
+    batch = [envelope(RouteKind.COMMAND, "inventory") for _ in range(5)]
+
+    await bus.publish(batch)
+
+    await until(lambda: subscription.handled == 5)
+    await bus.close()
+    assert sorted(received) == sorted(m.message_id for m in batch)
+    assert not consumer_module._supports_ack_writer(object())
+    assert await _ready_messages(amqp_url, subscription.queue_name) == 0

@@ -360,7 +360,7 @@ class RabbitBus:
         try:
             async with self._write_lock:
                 if not write.confirmations.done():
-                    await self._write_queued()
+                    await self._write_queued(write)
         finally:
             if not write.confirmations.done():
                 # Gave up (timeout, cancelled) before its batch was taken: drop it.
@@ -369,7 +369,8 @@ class RabbitBus:
                     self._writes.remove(write)
         return write.confirmations.result()
 
-    async def _write_queued(self) -> None:
+    async def _write_queued(self, own: _Write) -> None:
+        """Write every queued batch; ``own`` (the caller's) hears of a failure by the raise."""
         writes, self._writes = self._writes, []
         try:
             for channel in {id(w.channel): w.channel for w in writes}.values():
@@ -388,10 +389,9 @@ class RabbitBus:
                 else ConnectionError("the write of this batch was interrupted")
             )
             for write in writes:
-                if not write.confirmations.done() and not write.abandoned:
+                if write is not own and not write.confirmations.done() and not write.abandoned:
                     write.confirmations.set_exception(failure)
-            if not isinstance(exc, Exception):
-                raise
+            raise
 
     async def _publish_underlay(self) -> aiormq.Channel:
         """The aiormq channel under the publishing channel (a new one after a reconnection)."""

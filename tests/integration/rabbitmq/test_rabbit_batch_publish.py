@@ -251,3 +251,40 @@ async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_fail
     assert len(writes) < 21
     await until(lambda: len(received) == 21)
     assert {m.message_id for m in received[1:]} == {m.message_id for m in good}
+
+
+async def test_a_publisher_cancelled_while_writing_for_others_fails_their_batches_at_once(
+    bus: RabbitBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await bus.publish(_commands(1))  # declares the queue
+    original = bus_module._write_batch
+    first_entered, release_first, second_entered = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def held_then_stuck(
+        channel: aiormq.Channel, messages: Sequence[Any]
+    ) -> list[asyncio.Future[Any]]:
+        if not first_entered.is_set():
+            first_entered.set()
+            await release_first.wait()
+            return await original(channel, messages)
+        second_entered.set()
+        await asyncio.sleep(3600)
+        raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(bus_module, "_write_batch", held_then_stuck)
+    first = asyncio.create_task(bus.publish(_commands(1)))
+    await first_entered.wait()
+    writer = asyncio.create_task(bus.publish(_commands(1)))
+    others = [asyncio.create_task(bus.publish(_commands(1))) for _ in range(3)]
+    await asyncio.sleep(0.05)  # all queued behind the first write
+    release_first.set()
+    await first
+    await second_entered.wait()  # the next publisher writes every queued batch
+
+    writer.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    results = await asyncio.gather(*others, return_exceptions=True)
+    # Told of the interruption, not left to time out.
+    assert all(isinstance(r, PublishError) and "interrupted" in str(r) for r in results)

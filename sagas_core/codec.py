@@ -128,6 +128,14 @@ def _coordinates(envelope: Envelope) -> tuple[str, str, str, int, StepKind]:
     return saga_id, saga_type, step, attempt, kind
 
 
+_HEAD = ("message_id", "saga_id", "saga_type", "step", "attempt", "kind")
+
+
+def _head(envelope: Envelope, coordinates: tuple[str, str, str, int, StepKind]) -> dict[str, Any]:
+    """The fields a command and a reply begin with (in their order), from a checked envelope."""
+    return dict(zip(_HEAD, (envelope.message_id, *coordinates), strict=True))
+
+
 def _saga_headers(saga_type: str, step: str, attempt: int, kind: StepKind) -> dict[str, str]:
     return {
         HEADER_SAGA_TYPE: saga_type,
@@ -168,7 +176,8 @@ def decode_command(envelope: Envelope) -> CommandMessage:
     Raises:
         MessageDecodeError: naming the missing or malformed property.
     """
-    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
+    coordinates = _coordinates(envelope)
+    saga_id, saga_type, step, _, _ = coordinates
     payload = _loads(envelope)
     if not isinstance(payload, dict):
         raise MessageDecodeError(
@@ -181,12 +190,7 @@ def decode_command(envelope: Envelope) -> CommandMessage:
     return trusted(
         CommandMessage,
         {
-            "message_id": envelope.message_id,
-            "saga_id": saga_id,
-            "saga_type": saga_type,
-            "step": step,
-            "attempt": attempt,
-            "kind": kind,
+            **_head(envelope, coordinates),
             "command_type": envelope.message_type,
             "destination": envelope.key,
             "payload": payload,
@@ -227,7 +231,8 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
     Raises:
         MessageDecodeError: naming the missing or malformed property.
     """
-    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
+    coordinates = _coordinates(envelope)
+    saga_id, saga_type, step, _, _ = coordinates
     body = _loads(envelope)
     where = {"saga_id": saga_id, "saga_type": saga_type, "step": step}
     if not isinstance(body, dict):
@@ -262,12 +267,7 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
     return trusted(
         ReplyMessage,
         {
-            "message_id": envelope.message_id,
-            "saga_id": saga_id,
-            "saga_type": saga_type,
-            "step": step,
-            "attempt": attempt,
-            "kind": kind,
+            **_head(envelope, coordinates),
             "status": status,
             "data": data,
             "error": error,

@@ -116,8 +116,8 @@ async def test_every_model_a_compensated_saga_makes_is_as_validated() -> None:
         assert_as_validated(decode_reply(envelope))
 
 
-def test_codec_envelopes_are_as_validated() -> None:
-    command = CommandMessage(
+def a_command(destination: str = "inventory") -> CommandMessage:
+    return CommandMessage(
         message_id="s:step:execute:1",
         saga_id="s",
         saga_type="order",
@@ -125,12 +125,16 @@ def test_codec_envelopes_are_as_validated() -> None:
         attempt=1,
         kind=StepKind.EXECUTE,
         command_type="Reserve",
-        destination="inventory",
+        destination=destination,
         payload={"sku": "a"},
         idempotency_key="s:step",
         created_at=T0,
         headers={"traceparent": "00-1-2-01"},
     )
+
+
+def test_codec_envelopes_are_as_validated() -> None:
+    command = a_command()
     envelope = encode_command(command, reply_to="sagas.replies.default")
     assert envelope == encode_command(command.model_copy(update={"reply_to": envelope.reply_to}))
     assert_as_validated(envelope)
@@ -160,19 +164,7 @@ def test_codec_envelopes_are_as_validated() -> None:
 
 
 def test_an_empty_address_is_still_refused() -> None:
-    command = CommandMessage(
-        message_id="m",
-        saga_id="s",
-        saga_type="order",
-        step="step",
-        attempt=1,
-        kind=StepKind.EXECUTE,
-        command_type="Reserve",
-        destination="",
-        payload={},
-        idempotency_key="k",
-        created_at=T0,
-    )
+    command = a_command(destination="")
     with pytest.raises(ValidationError, match="key"):
         encode_command(command, reply_to="r")
 

@@ -160,7 +160,18 @@ class PgStatements:
         # deleted, not updated: an update writes a whole new row version and an entry in each
         # index, a delete neither (measured with bench/store_cost.py: about a quarter less WAL
         # per transition, and less than half the database CPU at one saga in flight).
-        mark = f"DELETE FROM {outbox} WHERE id = ANY(%(sent)s::bigint[])"
+        # Rows another transaction has locked (a relay's claim re-leasing records it holds)
+        # are skipped, not waited for: waiting could close a lock cycle with that claim (a
+        # deadlock, found only after deadlock_timeout). What was skipped is reported as
+        # ``kept`` and deleted by a later statement.
+        mark = (
+            f"DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} "
+            "WHERE id = ANY(%(sent)s::bigint[]) FOR UPDATE SKIP LOCKED) RETURNING id"
+        )
+        kept = (
+            f"(SELECT array_agg(p.id) FROM {outbox} AS p "
+            "WHERE p.id = ANY(%(sent)s::bigint[]) AND p.id NOT IN (SELECT id FROM m))"
+        )
         tail = f"""
 , h AS (
     INSERT INTO {hist} ({history_columns})
@@ -197,7 +208,8 @@ class PgStatements:
 SELECT (SELECT count(*) FROM s),
        (SELECT version FROM {inst} WHERE saga_id = %(id)s::text),
        (SELECT array_agg(id ORDER BY id) FROM o),
-       (SELECT count(*) FROM o WHERE claimed_by IS NOT NULL)
+       (SELECT count(*) FROM o WHERE claimed_by IS NOT NULL),
+       {kept}
 """
         self.save = {kind: f"WITH s AS ({row}){tail}" for kind, row in self._row.items()}
         self.save_many = _save_many(
@@ -211,12 +223,13 @@ SELECT (SELECT count(*) FROM s),
             history_columns=history_columns,
             history_values=history_values,
             mark=mark,
+            kept=kept,
         )
         self.load = (
             f"SELECT to_json(r)::text FROM (SELECT {model_columns} FROM {inst} "
             "WHERE saga_id = %s::text) AS r"
         )
-        self.mark_sent = f"DELETE FROM {outbox} WHERE id = ANY(%s::bigint[])"
+        self.mark_sent = f"WITH m AS ({mark}) SELECT {kept}"
         self.claim_due = f"""
 UPDATE {inst} AS t SET deadline_claimed_by = %(owner)s::text,
                        deadline_claimed_until = %(until)s::timestamptz
@@ -274,6 +287,7 @@ def _save_many(
     history_columns: str,
     history_values: str,
     mark: str,
+    kept: str,
 ) -> str:
     """One statement writing the changes of several sagas (one change per saga), set-based.
 
@@ -349,7 +363,8 @@ WITH c AS (
 SELECT c.i, c.saga_id IN (SELECT saga_id FROM s),
        (SELECT version FROM {inst} AS v WHERE v.saga_id = c.saga_id),
        (SELECT array_agg(o.id ORDER BY o.id) FROM o WHERE o.saga_id = c.saga_id),
-       (SELECT count(*) FROM o WHERE o.saga_id = c.saga_id AND o.claimed_by IS NOT NULL)
+       (SELECT count(*) FROM o WHERE o.saga_id = c.saga_id AND o.claimed_by IS NOT NULL),
+       {kept}
 FROM c ORDER BY c.i
 """
 
@@ -550,6 +565,7 @@ async def execute_change(
     try:
         query, params = statements.save_params(change, owner=owner, until=until, marks=marks)
         cursor = await conn.execute(query, params)
+        row = await cursor.fetchone()
     except BaseException as error:
         if marks is not None:
             marks.failed()  # nothing of the statement was written: mark them another time
@@ -562,11 +578,10 @@ async def execute_change(
                 saga_id=instance.saga_id,
             ) from error
         raise
-    if marks is not None:
-        marks.done()
-    row = await cursor.fetchone()
     assert row is not None  # noqa: S101 - the statement always returns one row
-    written, stored, ids, leased = row
+    written, stored, ids, leased, kept = row
+    if marks is not None:
+        marks.done(kept)
     if not written:
         raise ConcurrencyConflict(
             saga_id=instance.saga_id,
@@ -605,8 +620,12 @@ class _MarkBatch:
         self.ids = ids
         self.waiters = waiters
 
-    def done(self) -> None:
-        """The statement carrying the ids went through: they are marked."""
+    def done(self, kept: list[int] | None) -> None:
+        """The statement carrying the ids went through: marked, but for ``kept`` (locked)."""
+        if kept:
+            self.ids = kept
+            self.owner._requeue_marks(self)  # noqa: SLF001 - the batch belongs to its group
+            return
         for waiter in self.waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -721,7 +740,8 @@ class GroupCommit:
         self.marks_alone += 1
         try:
             async with self._lane.connection() as conn:
-                await conn.execute(self._statements.mark_sent, (batch.ids,))
+                cursor = await conn.execute(self._statements.mark_sent, {"sent": batch.ids})
+                row = await cursor.fetchone()
         except BaseException as error:
             # Told to the waiters (the relay keeps the ids and tries again); not requeued here.
             for waiter in batch.waiters:
@@ -730,7 +750,7 @@ class GroupCommit:
             if isinstance(error, asyncio.CancelledError):
                 raise
             return
-        batch.done()
+        batch.done(row[0] if row else None)
 
     async def save(
         self, change: SagaChange, *, owner: str | None, until: datetime | None
@@ -861,15 +881,15 @@ class GroupCommit:
                     self._statements.save_many,
                     {"changes": document, "sent": [] if marks is None else marks.ids},
                 )
+                rows = await cursor.fetchall()
         except BaseException:
             if marks is not None:
                 marks.failed()
             raise
         if marks is not None:
-            marks.done()
-        rows = await cursor.fetchall()
+            marks.done(rows[0][5] if rows else None)
         results: list[list[OutboxRecord] | BaseException] = []
-        for (index, written, stored, ids, leased), pending in zip(rows, batch, strict=True):
+        for (index, written, stored, ids, leased, _), pending in zip(rows, batch, strict=True):
             assert index == len(results)  # noqa: S101 - rows come back in the batch's order
             change = pending.change
             if not written:

@@ -761,7 +761,7 @@ class SqlSagaStore:
                     await self._group.mark_sent(list(ids))
                     return
                 async with self._lane.connection() as conn:
-                    await conn.execute(self._pg.mark_sent, (list(ids),))
+                    await conn.execute(self._pg.mark_sent, {"sent": list(ids)})
             return
         outbox = self._tables.outbox
         with self._translate("marking outbox records sent failed"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import psycopg
 import pytest
 import sqlalchemy as sa
 
@@ -186,3 +187,32 @@ async def test_a_failing_mark_statement_reaches_the_caller_as_a_store_error(
     async with asyncio.timeout(BOUND):
         await store.mark_sent(ids, now=T0)
     assert await store.pending_count() == 0
+
+
+async def test_a_row_locked_by_another_transaction_is_skipped_then_deleted_later(
+    store: SqlSagaStore, postgres_url: str
+) -> None:
+    # A relay's claim can hold a published record's row (re-leasing it) while a save carries
+    # its mark: waiting for that lock could close a cycle with the claim (a deadlock the
+    # server finds only after deadlock_timeout). The mark skips the row and tries again.
+    locked, free = await published(store, "saga-a", 2)
+    outbox = store._tables.outbox.name
+    libpq_url = sa.make_url(postgres_url).set(drivername="postgresql")
+    async with await psycopg.AsyncConnection.connect(
+        libpq_url.render_as_string(hide_password=False)
+    ) as claim:
+        await claim.execute(
+            f'SELECT id FROM "{outbox}" WHERE id = %s FOR UPDATE',  # noqa: S608 - test table
+            (locked,),
+        )
+
+        mark = await marking(store, [locked, free])
+        async with asyncio.timeout(BOUND):  # not held up by the lock
+            await store.save([insert(make_instance("saga-b"))])
+        assert not mark.done()  # the locked row is still to delete
+        assert await outbox_rows(store) == 1
+
+        await claim.rollback()
+    async with asyncio.timeout(BOUND):
+        await mark
+    assert await outbox_rows(store) == 0

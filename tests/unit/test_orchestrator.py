@@ -765,6 +765,24 @@ async def test_wait_for_wakes_on_a_local_commit(
     assert saga.status is SagaStatus.COMPENSATED
 
 
+async def test_wait_for_sleeps_through_commits_of_other_sagas_and_leaves_no_waiter_behind(
+    orchestrator: Orchestrator, store: RecordingStore
+) -> None:
+    await start(orchestrator)
+    await start(orchestrator, saga_id="saga-2")
+    waiter = asyncio.create_task(orchestrator.wait_for("saga-1", timeout=2, poll_interval=5))
+    await asyncio.sleep(0.01)
+
+    await orchestrator.compensate("saga-2", actor="alice")  # wakes the waiters of saga-2 only
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    assert list(orchestrator._waiters) == ["saga-1"]
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert not orchestrator._waiters
+
+
 async def test_wait_for_raises_timeout_error_when_the_saga_does_not_settle(
     orchestrator: Orchestrator,
 ) -> None:

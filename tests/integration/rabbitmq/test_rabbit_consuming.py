@@ -37,10 +37,10 @@ async def test_the_acks_of_a_burst_go_out_together_and_every_message_is_acked(
     async def record(message: Envelope) -> None:
         handled.append(message.message_id)
 
-    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record, concurrency=16)
     batch = [envelope(RouteKind.COMMAND, "inventory") for _ in range(40)]
+    await bus.publish(batch)  # waiting in the queue: the broker delivers a prefetch at once
 
-    await bus.publish(batch)
+    subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record, concurrency=16)
 
     await until(lambda: subscription.handled == 40)
     await bus.close()

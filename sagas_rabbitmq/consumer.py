@@ -223,7 +223,9 @@ class RabbitSubscription:
     async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
         if self._consumer_tag in getattr(underlay, "consumers", {}):
             return  # consuming already (a reopen and a recovery can race)
-        underlay.on_consumer_cancel_callbacks.add(self._on_broker_cancel)
+        cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
+        if cancel_callbacks is not None:  # older aiormq cannot tell (nor could aio-pika then)
+            cancel_callbacks.add(self._on_broker_cancel)
         consume_ok = await underlay.basic_consume(
             self.queue_name, self._on_message, no_ack=False, consumer_tag=self._consumer_tag
         )

@@ -392,6 +392,7 @@ class SagaHost:
             delivery_limit=self.settings.delivery_limit,
             prefetch=self.settings.prefetch,
             group=self.settings.group,
+            reply_affinity=self.settings.rabbitmq_reply_affinity,
         )
         self._closers.append(rabbit_bus.close)
         return rabbit_bus

@@ -49,6 +49,8 @@ class SagasSettings(BaseSettings):
         amqp_url: RabbitMQ URL. Unset: the in-process bus (participants must be in-process).
         rabbitmq_prefix: Prefix of every exchange and queue name.
         rabbitmq_quorum: Quorum queues (``false`` falls back to classic queues).
+        rabbitmq_reply_affinity: Replies come back to the worker that sent the command (its
+            own reply queue; after 5 s unclaimed they move to the group's queue).
         delivery_limit: Deliveries of a failing message before it is dead-lettered.
         group: The orchestrator group (names the reply queue).
         concurrency: Messages handled at once per consumer.
@@ -80,6 +82,7 @@ class SagasSettings(BaseSettings):
     amqp_url: str | None = Field(default=None, repr=False)
     rabbitmq_prefix: str = Field(default="sagas", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,60}$")
     rabbitmq_quorum: bool = True
+    rabbitmq_reply_affinity: bool = True
     delivery_limit: int = Field(default=5, ge=0, le=1000)
     group: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,60}$")
     concurrency: int = Field(default=16, ge=1, le=10_000)

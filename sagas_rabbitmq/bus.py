@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import uuid
 from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
@@ -112,6 +113,9 @@ class RabbitBus:
         self._publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._writes: list[_Write] = []
         self._write_lock = asyncio.Lock()
+        self.instance = uuid.uuid4().hex[:12]
+        """This bus's name in its own reply addresses (see ``RabbitSettings.reply_affinity``)."""
+        self._affinity: dict[str, str] = {}  # reply address -> this process's own address
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -130,6 +134,9 @@ class RabbitBus:
         close_timeout: float = 10.0,
         group: str = "default",
         connection_name: str | None = None,
+        reply_affinity: bool = True,
+        reply_affinity_ttl: float = 5.0,
+        reply_affinity_expires: float = 1800.0,
     ) -> RabbitBus:
         """Connect to ``url`` and declare the topology (see :class:`RabbitSettings`).
 
@@ -150,6 +157,9 @@ class RabbitBus:
                 close_timeout=close_timeout,
                 group=group,
                 connection_name=connection_name,
+                reply_affinity=reply_affinity,
+                reply_affinity_ttl=reply_affinity_ttl,
+                reply_affinity_expires=reply_affinity_expires,
             )
         )
 
@@ -278,6 +288,8 @@ class RabbitBus:
             raise PublishError("RabbitMQ bus is closed; no message was published")
         if not envelopes:
             return
+        if self._affinity:
+            envelopes = [self._own_reply_address(envelope) for envelope in envelopes]
         for destination in dict.fromkeys(e.key for e in envelopes if e.route is RouteKind.COMMAND):
             try:
                 await self._command_queue(destination)
@@ -311,6 +323,13 @@ class RabbitBus:
         if len(failures) > 1:
             error.add_note(f"{len(failures) - 1} more of the {len(envelopes)} envelopes failed")
         raise error from first
+
+    def _own_reply_address(self, envelope: Envelope) -> Envelope:
+        """A command whose replies this process consumes asks for them at its own address."""
+        if envelope.route is not RouteKind.COMMAND or envelope.reply_to is None:
+            return envelope
+        own = self._affinity.get(envelope.reply_to)
+        return envelope if own is None else envelope.model_copy(update={"reply_to": own})
 
     async def _publish_batch(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
         """Write the batch at once and wait for its confirms; the error of each envelope, if any."""
@@ -535,7 +554,72 @@ class RabbitBus:
                     await channel.close()
             raise transport_error(f"subscribing to {route.value}/{key}", exc) from exc
         _log.debug("consuming %s with concurrency %d", subscription.queue_name, concurrency)
+        if route is RouteKind.REPLY and self.settings.reply_affinity:
+            try:
+                await self._subscribe_own_replies(subscription, key, handler, concurrency)
+            except BaseException:
+                await subscription.close()
+                raise
         return subscription
+
+    async def _subscribe_own_replies(
+        self, shared: RabbitSubscription, key: str, handler: MessageHandler, concurrency: int
+    ) -> None:
+        """Consume this process's own reply queue too, with the same handler and bound.
+
+        Commands this bus publishes with ``reply_to=key`` then ask for their replies at
+        ``<key>@<instance>`` (see ``RabbitSettings.reply_affinity``). A reply waits there at
+        most ``reply_affinity_ttl`` seconds, then moves to the shared queue of ``key``.
+        """
+        topology, settings = self.topology, self.settings
+        own = topology.affinity_key(key, self.instance)
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(settings.connect_timeout):
+                channel = await self._connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=settings.prefetch or concurrency)
+                queue = await channel.declare_queue(
+                    topology.affinity_queue(key, self.instance),
+                    durable=True,
+                    arguments=topology.affinity_arguments(
+                        key,
+                        ttl=settings.reply_affinity_ttl,
+                        expires=settings.reply_affinity_expires,
+                    ),
+                )
+                await queue.bind(topology.replies_exchange, routing_key=own)
+                self._declared.add(queue.name)
+
+                def closed(subscription: RabbitSubscription) -> None:
+                    # Replies asked for from now on go to the shared queue.
+                    if self._affinity.get(key) == own:
+                        del self._affinity[key]
+                    self._subscriptions.discard(subscription)
+
+                companion = RabbitSubscription(
+                    channel=channel,
+                    queue=queue,
+                    route=RouteKind.REPLY,
+                    key=key,  # the address asked for: its replies look the same on both queues
+                    handler=handler,
+                    concurrency=concurrency,
+                    topology=topology,
+                    republish=self._republish,
+                    close_timeout=settings.close_timeout,
+                    on_closed=closed,
+                    retry_interval=settings.reconnect_interval,
+                    slots=shared.slots,
+                )
+                await companion.start()
+        except BROKER_ERRORS as exc:
+            if channel is not None:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
+            raise transport_error(f"subscribing to {RouteKind.REPLY.value}/{own}", exc) from exc
+        self._subscriptions.add(companion)
+        shared.add_companion(companion)
+        self._affinity[key] = own
+        _log.debug("consuming %s (this process's own replies)", companion.queue_name)
 
 
 class _Outgoing(NamedTuple):

@@ -182,6 +182,7 @@ class RabbitSubscription:
         close_timeout: float,
         on_closed: Callable[[RabbitSubscription], None],
         retry_interval: float = 1.0,
+        slots: asyncio.Semaphore | None = None,
     ) -> None:
         self.route = route
         self.key = key
@@ -198,7 +199,9 @@ class RabbitSubscription:
         self._retry_interval = retry_interval
         self._recovery: asyncio.Task[None] | None = None
         self._on_closed = on_closed
-        self._slots = asyncio.Semaphore(concurrency)
+        # Shared with a companion subscription (see add_companion): one bound for both.
+        self._slots = slots or asyncio.Semaphore(concurrency)
+        self._companions: list[RabbitSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
         self._closing = False
@@ -412,8 +415,23 @@ class RabbitSubscription:
 
     # ------------------------------------------------------------------ closing
 
+    @property
+    def slots(self) -> asyncio.Semaphore:
+        """The bound on handlers at once (a companion shares it)."""
+        return self._slots
+
+    def add_companion(self, companion: RabbitSubscription) -> None:
+        """Close ``companion`` along with this subscription (a second queue, same handler)."""
+        self._companions.append(companion)
+
     async def close(self) -> None:
-        """Cancel the consumer, let handlers in flight finish (bounded), close the channel."""
+        """Cancel the consumer, let handlers in flight finish (bounded), close the channel.
+
+        Companions (see :meth:`add_companion`) close at the same time.
+        """
+        await asyncio.gather(self._close_own(), *(c.close() for c in self._companions))
+
+    async def _close_own(self) -> None:
         if self._closing:
             return
         self._closing = True

@@ -32,6 +32,16 @@ class RabbitSettings:
             one group share them (competing consumers) and other groups get their own copies.
         connection_name: Shown by ``rabbitmqctl list_connections``; defaults to
             ``sagas:<prefix>:<group>``.
+        reply_affinity: Route the replies to this process's commands back to this process
+            (its own reply queue), so several workers of a group do not take turns on a saga
+            (each turn costs a reload and an outbox claim). Off: every reply goes to the
+            group's shared reply queue.
+        reply_affinity_ttl: Seconds a reply waits in a process's own queue before it moves to
+            the group's shared queue, where any worker takes it (the process died, or is
+            stuck).
+        reply_affinity_expires: Seconds after its process stopped consuming it before the
+            broker deletes a process's own reply queue (``x-expires``; far longer than the
+            TTL, so its replies have moved to the shared queue by then).
     """
 
     url: str = "amqp://guest:guest@localhost:5672/"
@@ -45,6 +55,9 @@ class RabbitSettings:
     close_timeout: float = 10.0
     group: str = "default"
     connection_name: str | None = None
+    reply_affinity: bool = True
+    reply_affinity_ttl: float = 5.0
+    reply_affinity_expires: float = 1800.0
 
     def __post_init__(self) -> None:
         if not self.prefix or any(c.isspace() for c in self.prefix):
@@ -53,9 +66,20 @@ class RabbitSettings:
             raise ValueError(f"delivery_limit must be >= 0, got {self.delivery_limit}")
         if self.prefetch is not None and self.prefetch < 1:
             raise ValueError(f"prefetch must be >= 1 or None, got {self.prefetch}")
-        for name in ("publish_timeout", "connect_timeout", "reconnect_interval", "close_timeout"):
+        for name in (
+            "publish_timeout",
+            "connect_timeout",
+            "reconnect_interval",
+            "close_timeout",
+            "reply_affinity_ttl",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.reply_affinity_expires < 2 * self.reply_affinity_ttl + 10:
+            raise ValueError(
+                "reply_affinity_expires must be at least 2 * reply_affinity_ttl + 10 seconds "
+                f"(replies must move to the shared queue first), got {self.reply_affinity_expires}"
+            )
 
     @property
     def client_name(self) -> str:

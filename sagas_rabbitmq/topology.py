@@ -137,6 +137,34 @@ class Topology:
         name = key if key.startswith(own) else f"{own}{key}"
         return queue_safe(name)
 
+    @staticmethod
+    def affinity_key(key: str, instance: str) -> str:
+        """The reply address of one process of the group that reads ``key``'s replies."""
+        return f"{key}@{instance}"
+
+    def affinity_queue(self, key: str, instance: str) -> str:
+        """The queue of a process's own replies (see :meth:`affinity_arguments`)."""
+        return f"{self.reply_queue(key)}.own.{queue_safe(instance)}"
+
+    def affinity_arguments(self, key: str, *, ttl: float, expires: float) -> dict[str, Any]:
+        """Arguments of a process's own reply queue.
+
+        A reply not taken within ``ttl`` seconds (its process died, or is stuck) expires into
+        the group's shared reply queue (dead-lettered to the replies exchange under ``key``),
+        where any worker of the group takes it; the broker deletes the queue ``expires``
+        seconds after its process stopped consuming it.
+        """
+        arguments = self.queue_arguments()
+        arguments.update(
+            {
+                "x-dead-letter-exchange": self.replies_exchange,
+                "x-dead-letter-routing-key": key,
+                "x-message-ttl": round(ttl * 1000),
+                "x-expires": round(expires * 1000),
+            }
+        )
+        return arguments
+
     def event_queue(self, pattern: str, ordinal: int = 1) -> str:
         """The queue of the ``ordinal``-th subscription to ``pattern`` in this group."""
         name = f"{self.events_exchange}.{self.group}.{queue_safe(pattern)}"

@@ -170,6 +170,8 @@ async def test_connect_declares_the_dead_letter_queue_and_names_carry_the_prefix
         f"{prefix}.dead-letter",
         f"{prefix}.commands.inventory",
         f"{prefix}.replies.sagas.replies.default",
+        # this process's own replies (RabbitSettings.reply_affinity)
+        f"{prefix}.replies.sagas.replies.default.own.{bus.instance}",
         f"{prefix}.events.default.order.any.{digest}",
     }
     consumers = await asyncio.to_thread(list_consumers, f"{prefix}.")

@@ -86,8 +86,10 @@ async def _run_with_fault(
         await until(orchestrator_bus.is_ready, timeout=10)
         await until(participant_bus.is_ready, timeout=10)
         consumers = await asyncio.to_thread(list_consumers, f"{prefix}.")
+        reply_to = runtime.orchestrator.reply_to
         expected = {
-            orchestrator_bus.topology.reply_queue(runtime.orchestrator.reply_to): 1,
+            orchestrator_bus.topology.reply_queue(reply_to): 1,
+            orchestrator_bus.topology.affinity_queue(reply_to, orchestrator_bus.instance): 1,
             **{participant_bus.topology.command_queue(d): 1 for d in ("flights", "hotels", "cars")},
         }
         assert consumers == expected

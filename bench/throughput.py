@@ -61,7 +61,14 @@ from bench.support.measure import (
     write_json,
 )
 from bench.support.processes import Child
-from bench.support.remote import SAGA, WAITING_SAGA, BenchData, bench_saga, waiting_saga
+from bench.support.remote import (
+    SAGA,
+    WAITING_SAGA,
+    BenchData,
+    OrderPlaced,
+    bench_saga,
+    waiting_saga,
+)
 from sagas_abstractions import Envelope, ReplyMessage, ReplyStatus, RouteKind, SagaStatus
 from sagas_core import SagaRuntime
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
@@ -268,9 +275,17 @@ class Bench:
                 future: asyncio.Future[None] = loop.create_future()
                 self.probe.done[saga_id] = future
                 began = time.perf_counter()
-                await runtime.start_saga(
-                    SAGA, BenchData(order_id=saga_id, fail=self.args.fail_step), saga_id=saga_id
-                )
+                if self.args.workers > 1:
+                    # Started by an event every worker of the group competes for, so each
+                    # worker starts (and, with reply affinity, carries) its share.
+                    await runtime.publish_event(
+                        OrderPlaced(order_id=saga_id, fail=self.args.fail_step),
+                        message_id=f"placed-{saga_id}",
+                    )
+                else:
+                    await runtime.start_saga(
+                        SAGA, BenchData(order_id=saga_id, fail=self.args.fail_step), saga_id=saga_id
+                    )
                 await asyncio.wait_for(future, SAGA_TIMEOUT)
                 saga_ms.append((time.perf_counter() - began) * 1000)
                 del self.probe.done[saga_id]

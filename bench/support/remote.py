@@ -32,6 +32,10 @@ class BenchData(BaseModel):
     shipment_id: str | None = None
 
 
+class OrderPlaced(BenchData):
+    """Starts a bench saga when published (``--workers 2``: the workers share the starts)."""
+
+
 class Reserve(BaseModel):
     order_id: str
     amount: int
@@ -72,6 +76,7 @@ class Shipped(BaseModel):
 def _saga() -> SagaDefinition:
     return (
         SagaBuilder(SAGA, data=BenchData)
+        .starts_on(OrderPlaced, saga_id="order_id")
         .step("reserve")
         .send(Reserve, to="bench-inventory", reply=Reserved)
         .compensate_with(Release)

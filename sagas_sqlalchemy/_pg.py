@@ -482,6 +482,13 @@ class PgLane:
             await conn.set_autocommit(True)
             # JSON renders timestamps in the session time zone; sagas reads them back in UTC.
             await conn.execute("SET TIME ZONE 'UTC'")
+            # Every hot statement finds its rows through an index (a key, a saga's outbox
+            # records, due deadlines). Left to its estimates, the planner scans the outbox
+            # whole: it holds few live rows (published ones are deleted) and a fresh table has
+            # no statistics, so a sequential scan looks cheapest, and the generic plan keeps
+            # it. But between vacuums the outbox is mostly dead rows, and every save checked
+            # each of them, three times (bench: 8,626 outbox scans in a 1,500-saga run).
+            await conn.execute("SET enable_seqscan = off")
         except BaseException:
             await self._drop(conn)
             raise

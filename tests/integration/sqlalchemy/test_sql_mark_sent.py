@@ -216,3 +216,31 @@ async def test_a_row_locked_by_another_transaction_is_skipped_then_deleted_later
     async with asyncio.timeout(BOUND):
         await mark
     assert await outbox_rows(store) == 0
+
+
+async def test_the_hot_statements_find_outbox_rows_by_index_not_by_scanning_it(
+    store: SqlSagaStore,
+) -> None:
+    # The outbox holds few live rows (published ones are deleted) and many dead ones between
+    # vacuums; a fresh table has no statistics. Left alone, the planner scans it whole for every
+    # save (and the generic plan keeps doing so): the store's connections forbid that.
+    await published(store, "saga-a", 2)
+    saga = make_instance("saga-b")
+    change = insert(saga, outbox=[make_envelope("m-b", "saga-b")])
+    assert store._lane is not None
+    assert store._pg is not None
+    outbox = store._tables.outbox.name
+    query, params = store._pg.save_params(change, owner="relay-a", until=T0 + LEASE)
+
+    async with store._lane.connection() as conn:
+        cursor = await conn.execute("EXPLAIN " + query, params)
+        plan = "\n".join(row[0] for row in await cursor.fetchall())
+        marked = await conn.execute(
+            "EXPLAIN " + store._pg.mark_sent,
+            {"sent": [1, 2, 3]},
+        )
+        plan += "\n".join(row[0] for row in await marked.fetchall())
+
+    assert f"Seq Scan on {outbox}" not in plan
+    assert f'Seq Scan on "{outbox}"' not in plan
+    assert outbox in plan  # the statements do read the outbox (through its indexes)

@@ -236,6 +236,8 @@ class Raw:
         await self.cleanup.aclose()
 
     async def _close_broker(self) -> None:
+        # Participants first: a consumer still running would declare its queue again.
+        await self.participants.stop()
         channel = await self.connection.channel()
         for what in (*STEPS, "replies"):
             await channel.queue_delete(queue_name(self.prefix, what))

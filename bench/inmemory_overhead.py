@@ -13,6 +13,7 @@ import time
 from pydantic import BaseModel
 
 from sagas_core import SagaBuilder, SagaRuntime
+from sagas_core.runtime import tune_gc
 
 
 class Data(BaseModel):
@@ -61,11 +62,20 @@ def main() -> None:
     parser.add_argument("--sagas", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--in-flight", type=int, default=64)
+    parser.add_argument(
+        "--gc",
+        choices=("worker", "default"),
+        default="worker",
+        help="worker: the garbage collector tuned as `sagas worker` tunes it (tune_gc); "
+        "default: Python's own settings",
+    )
     args = parser.parse_args()
+    if args.gc == "worker":
+        tune_gc()
     plain = asyncio.run(plain_chain(args.sagas, args.steps))
     elapsed = asyncio.run(ours(args.sagas, args.steps, args.in_flight))
     total_steps = args.sagas * args.steps
-    print(f"sagas={args.sagas} steps/saga={args.steps} in_flight={args.in_flight}")
+    print(f"sagas={args.sagas} steps/saga={args.steps} in_flight={args.in_flight} gc={args.gc}")
     print(f"plain awaited chain : {plain / total_steps * 1e6:8.2f} us/step")
     print(
         f"sagas in-memory     : {elapsed / total_steps * 1e6:8.2f} us/step "

@@ -72,7 +72,7 @@ from bench.support.remote import (
 from sagas_abstractions import Envelope, ReplyMessage, ReplyStatus, RouteKind, SagaStatus
 from sagas_core import SagaRuntime
 from sagas_core.codec import HEADER_KIND, HEADER_STEP
-from sagas_core.runtime import run_event_loop
+from sagas_core.runtime import run_event_loop, tune_gc
 from sagas_rabbitmq import RabbitBus
 from sagas_rabbitmq.testing import sweep, unique_prefix
 from sagas_sqlalchemy import SqlSagaStore
@@ -181,6 +181,7 @@ class Bench:
             self.prefix,
             "--concurrency",
             str(PARTICIPANT_CONCURRENCY),
+            *(["--no-tune-gc"] if self.args.gc == "default" else []),
             env={"BENCH_LOOP": self.args.loop},
         )
         self.bus = await RabbitBus.connect(self.args.amqp_url, prefix=self.prefix)
@@ -368,6 +369,7 @@ class Bench:
             "SAGAS_LOG_LEVEL": "WARNING",
             "BENCH_LOOP": self.args.loop,
             "BENCH_STATS_FILE": str(stats),
+            "SAGAS_TUNE_GC": "true" if self.args.gc == "worker" else "false",
         }
         self.worker = await Child.start(
             "worker2", "sagas_core.cli", "worker", "bench.support.worker_host:host", env=env
@@ -442,6 +444,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sagas", type=int, default=300, help="measured sagas per level")
     parser.add_argument("--fail-step", action="store_true", help="fail the last step")
     parser.add_argument("--workers", type=int, choices=(1, 2), default=1)
+    parser.add_argument(
+        "--gc",
+        choices=("worker", "default"),
+        default="worker",
+        help="worker: the garbage collector of ours' processes tuned as `sagas worker` tunes "
+        "it (tune_gc); default: Python's own settings",
+    )
     parser.add_argument("--memory", action="store_true", help="RSS at 100 vs 10,000 waiting")
     parser.add_argument("--memory-sagas", type=int, default=10_000)
     parser.add_argument(
@@ -503,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> list[Result]:
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
         profiler.enable()
+    if args.gc == "worker":
+        tune_gc()  # as `sagas worker` does (the participant process gets it from its host)
     if args.loop == "asyncio":
         results, meta = asyncio.run(run(args))
     else:

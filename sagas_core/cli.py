@@ -21,7 +21,7 @@ from sagas_core.clock import SystemClock
 from sagas_core.embedded import close_store
 from sagas_core.host import SagaHost, load_host, open_settings_store
 from sagas_core.orchestrator import Orchestrator
-from sagas_core.runtime import run_event_loop
+from sagas_core.runtime import run_event_loop, tune_gc
 from sagas_core.settings import SagasSettings, SettingsError, load_settings
 from sagas_core.telemetry import configure_from_env
 from sagas_core.worker import configure_logging, run_worker
@@ -140,6 +140,8 @@ def worker(
         raise _fail(str(exc)) from exc
     configure_logging(host.settings.log_level, host.settings.log_format)
     configure_from_env("sagas-worker")  # the standard OTEL_* variables, when they are set
+    if host.settings.tune_gc:
+        tune_gc()  # after the host's imports: a long-running process (docs/performance.md)
     raise typer.Exit(run_event_loop(run_worker(host)))  # on uvloop when installed
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Self, TypeVar
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from sagas_core.circuit import CircuitBreaker
     from sagas_core.definition import SagaDefinition
 
-__all__ = ["SagaRuntime", "run_event_loop"]
+__all__ = ["SagaRuntime", "run_event_loop", "tune_gc"]
 
 _log = logging.getLogger("sagas.runtime")
 
@@ -62,6 +63,26 @@ def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(main)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(main)
+
+
+def tune_gc(young: int = 10_000) -> None:
+    """Tune Python's cyclic garbage collector for a long-running worker process.
+
+    Call it once, after start-up (``sagas worker`` and ``sagas participant`` do). Every object
+    alive then (modules, saga definitions, the models' validators) is moved out of the
+    collector's sight (:func:`gc.freeze`), so a full collection scans only what the process
+    made since; and the youngest generation is collected every ``young`` allocations net
+    instead of every 700, so a message's short-lived objects are mostly freed by reference
+    counting before a collection walks them. It changes when cycles are collected, not
+    whether: memory held by cyclic garbage grows by at most ``young`` objects. Measured on
+    ``bench/inmemory_overhead.py`` (docs/performance.md): 10-15% less time per step.
+    """
+    if young < 1:
+        raise ValueError(f"young must be >= 1, got {young}")
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(young, middle, old)
 
 
 class SagaRuntime:

@@ -65,6 +65,8 @@ class SagasSettings(BaseSettings):
         circuit_open_seconds: How long an open circuit waits before a probe goes through.
         status_events: Status events published to the saga-events topic: ``all`` (every
             change, per step too), ``lifecycle`` (the saga's own changes) or ``none``.
+        tune_gc: ``sagas worker`` tunes the garbage collector for a long-running process
+            (:func:`sagas_core.runtime.tune_gc`); ``false`` keeps Python's own settings.
     """
 
     model_config = SettingsConfigDict(
@@ -95,6 +97,7 @@ class SagasSettings(BaseSettings):
     circuit_failures: int | None = Field(default=None, ge=1, le=10_000)
     circuit_open_seconds: float = Field(default=30.0, gt=0, le=86_400)
     status_events: Literal["all", "lifecycle", "none"] = "all"
+    tune_gc: bool = True
 
     @field_validator("log_level", mode="before")
     @classmethod

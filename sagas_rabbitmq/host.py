@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from sagas_core.host import import_target
 from sagas_core.participant import Participant
+from sagas_core.runtime import tune_gc
 from sagas_core.telemetry import configure_from_env
 from sagas_rabbitmq.bus import RabbitBus
 from sagas_rabbitmq.settings import RabbitSettings
@@ -123,6 +124,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--group", default="participants")
+    parser.add_argument(
+        "--no-tune-gc",
+        action="store_true",
+        help="keep Python's own garbage collector settings (see sagas_core.runtime.tune_gc)",
+    )
     return parser
 
 
@@ -145,6 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     async def run() -> None:
         participants = await load_participants(options.target)
+        if not options.no_tune_gc:
+            tune_gc()  # a long-running process, its modules loaded (docs/performance.md)
         await serve(participants, settings, concurrency=options.concurrency, on_ready=ready)
 
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,6 +12,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from pydantic import BaseModel
 
 from sagas_abstractions import (
@@ -31,6 +34,7 @@ from sagas_core import (
 )
 from sagas_core.codec import HEADER_KIND, HEADER_REASON, decode_command, encode_reply
 from sagas_core.definition import SagaDefinition
+from sagas_core.runtime import tune_gc
 from sagas_core.testing import InMemoryBus, InMemorySagaStore
 
 WAIT = 5.0
@@ -381,3 +385,24 @@ async def test_start_and_stop_are_idempotent() -> None:
         await runtime.stop()
         await runtime.stop()
     assert not runtime.running
+
+
+def test_tune_gc_freezes_what_start_up_made_and_collects_the_young_less_often() -> None:
+    # In a process of its own: it changes the collector for the whole process.
+    script = (
+        "import gc\n"
+        "from sagas_core.runtime import tune_gc\n"
+        "before = gc.get_threshold()\n"
+        "tune_gc(5000)\n"
+        "after = gc.get_threshold()\n"
+        "print(after[0], after[1:] == before[1:], gc.get_freeze_count() > 1000)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.split() == ["5000", "True", "True"]
+
+
+def test_tune_gc_refuses_a_threshold_below_one() -> None:
+    with pytest.raises(ValueError, match="young must be >= 1"):
+        tune_gc(0)

@@ -709,13 +709,17 @@ class GroupCommit:
         """
         if not ids:
             return
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._marks.extend(ids)
         self._mark_waiters.append(waiter)
-        if self._mark_timer is None:
-            self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
+        self._arm_marks()
         await waiter
+
+    def _arm_marks(self) -> None:
+        """Write the waiting marks alone ``mark_delay`` from now, unless a save carries them."""
+        if self._mark_timer is None:
+            loop = asyncio.get_running_loop()
+            self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
 
     def _take_marks(self) -> _MarkBatch | None:
         if not self._marks:
@@ -730,9 +734,7 @@ class GroupCommit:
     def _requeue_marks(self, batch: _MarkBatch) -> None:
         self._marks[:0] = batch.ids
         self._mark_waiters[:0] = batch.waiters
-        if self._mark_timer is None:
-            loop = asyncio.get_running_loop()
-            self._mark_timer = loop.call_later(self._mark_delay, self._marks_due)
+        self._arm_marks()
 
     def _marks_due(self) -> None:
         self._mark_timer = None

@@ -754,14 +754,10 @@ class SqlSagaStore:
         if not ids:
             return
         if self._lane is not None:
-            assert self._pg is not None  # noqa: S101 - PostgreSQL hot path only
+            assert self._group is not None  # noqa: S101 - PostgreSQL hot path only
             _refuse_naive_now(now)
             with self._translate_pg("marking outbox records sent failed"):
-                if self._group is not None:  # with the next save's statement, or alone
-                    await self._group.mark_sent(list(ids))
-                    return
-                async with self._lane.connection() as conn:
-                    await conn.execute(self._pg.mark_sent, {"sent": list(ids)})
+                await self._group.mark_sent(list(ids))  # with the next save's statement, or alone
             return
         outbox = self._tables.outbox
         with self._translate("marking outbox records sent failed"):

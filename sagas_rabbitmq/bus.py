@@ -47,7 +47,7 @@ from sagas_rabbitmq.topology import Topology
 from sagas_rabbitmq.wire import content_header_frame, to_amqp
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Sequence
     from types import TracebackType
 
     from aio_pika.abc import (
@@ -527,32 +527,19 @@ class RabbitBus:
             raise ValueError("concurrency must be >= 1")
         if self._closed:
             raise TransportError("RabbitMQ bus is closed; cannot subscribe")
-        channel: AbstractRobustChannel | None = None
-        try:
-            async with asyncio.timeout(self.settings.connect_timeout):
-                channel = await self._connection.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=self.settings.prefetch or concurrency)
-                queue = await self._declare(channel, route, key)
-                subscription = RabbitSubscription(
-                    channel=channel,
-                    queue=queue,
-                    route=route,
-                    key=key,
-                    handler=handler,
-                    concurrency=concurrency,
-                    topology=self.topology,
-                    republish=self._republish,
-                    close_timeout=self.settings.close_timeout,
-                    on_closed=self._subscriptions.discard,
-                    retry_interval=self.settings.reconnect_interval,
-                )
-                await subscription.start()
-                self._subscriptions.add(subscription)
-        except BROKER_ERRORS as exc:
-            if channel is not None:
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await channel.close()
-            raise transport_error(f"subscribing to {route.value}/{key}", exc) from exc
+
+        async def declare(channel: AbstractRobustChannel) -> AbstractRobustQueue:
+            return await self._declare(channel, route, key)
+
+        subscription = await self._open_subscription(
+            route,
+            key,
+            handler,
+            concurrency,
+            declare=declare,
+            on_closed=self._subscriptions.discard,
+            what=f"{route.value}/{key}",
+        )
         _log.debug("consuming %s with concurrency %d", subscription.queue_name, concurrency)
         if route is RouteKind.REPLY and self.settings.reply_affinity:
             try:
@@ -560,6 +547,47 @@ class RabbitBus:
             except BaseException:
                 await subscription.close()
                 raise
+        return subscription
+
+    async def _open_subscription(
+        self,
+        route: RouteKind,
+        key: str,
+        handler: MessageHandler,
+        concurrency: int,
+        *,
+        declare: Callable[[AbstractRobustChannel], Awaitable[AbstractRobustQueue]],
+        on_closed: Callable[[RabbitSubscription], None],
+        what: str,
+        slots: asyncio.Semaphore | None = None,
+    ) -> RabbitSubscription:
+        """A consumer on a channel of its own, of the queue ``declare`` declares on it."""
+        channel: AbstractRobustChannel | None = None
+        try:
+            async with asyncio.timeout(self.settings.connect_timeout):
+                channel = await self._connection.channel(publisher_confirms=False)
+                await channel.set_qos(prefetch_count=self.settings.prefetch or concurrency)
+                subscription = RabbitSubscription(
+                    channel=channel,
+                    queue=await declare(channel),
+                    route=route,
+                    key=key,
+                    handler=handler,
+                    concurrency=concurrency,
+                    topology=self.topology,
+                    republish=self._republish,
+                    close_timeout=self.settings.close_timeout,
+                    on_closed=on_closed,
+                    retry_interval=self.settings.reconnect_interval,
+                    slots=slots,
+                )
+                await subscription.start()
+        except BROKER_ERRORS as exc:
+            if channel is not None:
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await channel.close()
+            raise transport_error(f"subscribing to {what}", exc) from exc
+        self._subscriptions.add(subscription)
         return subscription
 
     async def _subscribe_own_replies(
@@ -573,50 +601,35 @@ class RabbitBus:
         """
         topology, settings = self.topology, self.settings
         own = topology.affinity_key(key, self.instance)
-        channel: AbstractRobustChannel | None = None
-        try:
-            async with asyncio.timeout(settings.connect_timeout):
-                channel = await self._connection.channel(publisher_confirms=False)
-                await channel.set_qos(prefetch_count=settings.prefetch or concurrency)
-                queue = await channel.declare_queue(
-                    topology.affinity_queue(key, self.instance),
-                    durable=True,
-                    arguments=topology.affinity_arguments(
-                        key,
-                        ttl=settings.reply_affinity_ttl,
-                        expires=settings.reply_affinity_expires,
-                    ),
-                )
-                await queue.bind(topology.replies_exchange, routing_key=own)
-                self._declared.add(queue.name)
 
-                def closed(subscription: RabbitSubscription) -> None:
-                    # Replies asked for from now on go to the shared queue.
-                    if self._affinity.get(key) == own:
-                        del self._affinity[key]
-                    self._subscriptions.discard(subscription)
+        async def declare(channel: AbstractRobustChannel) -> AbstractRobustQueue:
+            queue = await channel.declare_queue(
+                topology.affinity_queue(key, self.instance),
+                durable=True,
+                arguments=topology.affinity_arguments(
+                    key, ttl=settings.reply_affinity_ttl, expires=settings.reply_affinity_expires
+                ),
+            )
+            await queue.bind(topology.replies_exchange, routing_key=own)
+            self._declared.add(queue.name)
+            return queue
 
-                companion = RabbitSubscription(
-                    channel=channel,
-                    queue=queue,
-                    route=RouteKind.REPLY,
-                    key=key,  # the address asked for: its replies look the same on both queues
-                    handler=handler,
-                    concurrency=concurrency,
-                    topology=topology,
-                    republish=self._republish,
-                    close_timeout=settings.close_timeout,
-                    on_closed=closed,
-                    retry_interval=settings.reconnect_interval,
-                    slots=shared.slots,
-                )
-                await companion.start()
-        except BROKER_ERRORS as exc:
-            if channel is not None:
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await channel.close()
-            raise transport_error(f"subscribing to {RouteKind.REPLY.value}/{own}", exc) from exc
-        self._subscriptions.add(companion)
+        def closed(subscription: RabbitSubscription) -> None:
+            # Replies asked for from now on go to the shared queue.
+            if self._affinity.get(key) == own:
+                del self._affinity[key]
+            self._subscriptions.discard(subscription)
+
+        companion = await self._open_subscription(
+            RouteKind.REPLY,
+            key,  # the address asked for: its replies look the same on both queues
+            handler,
+            concurrency,
+            declare=declare,
+            on_closed=closed,
+            what=f"{RouteKind.REPLY.value}/{own}",
+            slots=shared.slots,
+        )
         shared.add_companion(companion)
         self._affinity[key] = own
         _log.debug("consuming %s (this process's own replies)", companion.queue_name)

@@ -452,6 +452,12 @@ class Run:
         )
         await self._tap_commands()
 
+    async def _broker(self, name: str, *, timeout: float = 10) -> aio_pika.abc.AbstractConnection:
+        """A connection of the suite itself, named for ``rabbitmqctl list_connections``."""
+        return await aio_pika.connect(
+            self.amqp_url, timeout=timeout, client_properties={"connection_name": name}
+        )
+
     @property
     def tap(self) -> str:
         """A queue that keeps a copy of every command (the duplicate fault sends them again)."""
@@ -464,9 +470,7 @@ class Run:
         a durable classic queue (it survives broker restarts) nobody consumes; it is deleted
         before the run drains.
         """
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-tap"}
-        )
+        connection = await self._broker("faults-tap")
         async with connection:
             channel = await connection.channel()
             exchange = await channel.get_exchange(f"{self.prefix}.commands", ensure=False)
@@ -555,9 +559,7 @@ class Run:
         deadline = time.monotonic() + 60
         while True:
             try:
-                connection = await aio_pika.connect(
-                    self.amqp_url, timeout=5, client_properties={"connection_name": "faults-shop"}
-                )
+                connection = await self._broker("faults-shop", timeout=5)
                 async with connection:
                     channel = await connection.channel(
                         publisher_confirms=True, on_return_raises=True
@@ -782,9 +784,7 @@ class Run:
     async def _duplicate(self) -> bool:
         """Publish copies of sent commands again, same message id, straight to the exchange."""
         await self._join_background(["broker"])
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-duplicator"}
-        )
+        connection = await self._broker("faults-duplicator")
         async with connection:
             channel = await connection.channel(publisher_confirms=True)
             tap = await channel.declare_queue(self.tap, passive=True)
@@ -847,9 +847,7 @@ class Run:
             self._queue_names = set(await asyncio.to_thread(list_queues, f"{self.prefix}."))
         names = self._queue_names
         counts = {}
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-inspector"}
-        )
+        connection = await self._broker("faults-inspector")
         async with connection:
             channel = await connection.channel()
             for name in sorted(names):
@@ -859,9 +857,7 @@ class Run:
 
     async def _untap(self) -> None:
         """Delete the tap (its copies are not work left undone)."""
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-tap"}
-        )
+        connection = await self._broker("faults-tap")
         async with connection:
             channel = await connection.channel()
             await channel.queue_delete(self.tap)
@@ -894,9 +890,7 @@ class Run:
                 )
         counts = await self.queue_counts(relist=True)
         letters: list[aio_pika.abc.AbstractIncomingMessage] = []
-        connection = await aio_pika.connect(
-            self.amqp_url, timeout=10, client_properties={"connection_name": "faults-inspector"}
-        )
+        connection = await self._broker("faults-inspector")
         async with connection:
             channel = await connection.channel()
             queue = await channel.declare_queue(dead_letter, passive=True)

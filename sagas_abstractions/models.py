@@ -128,13 +128,18 @@ class SagaInstance(BaseModel):
         The saga-level deadline only counts while the saga runs forward: compensation has its
         own per-command timeouts and must be allowed to finish.
         """
-        if not self.status.is_active:
+        status = self.status
+        if not status.is_active:
             return None
-        candidates = [self.deadline_at]
-        if self.status is SagaStatus.RUNNING:
-            candidates.append(self.saga_deadline_at)
-        present = [moment for moment in candidates if moment is not None]
-        return min(present) if present else None
+        deadline = self.deadline_at
+        saga_deadline = self.saga_deadline_at
+        if (
+            status is SagaStatus.RUNNING
+            and saga_deadline is not None
+            and (deadline is None or saga_deadline < deadline)
+        ):
+            return saga_deadline
+        return deadline
 
 
 class HistoryEntry(BaseModel):

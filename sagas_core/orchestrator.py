@@ -275,7 +275,8 @@ class Orchestrator:
         self._relay: OutboxRelay | None = None
         self._handoff: OutboxHandoff | None = None
         self._listeners: list[CommitListener] = []
-        # Futures of wait_for callers, by saga id: a commit wakes the waiters of its sagas only.
+        # Futures of wait_for callers, by saga id: a commit that settles a saga (no longer
+        # active) wakes the waiters of that saga only.
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._routes: tuple[int, EventRoutes] | None = None
 
@@ -867,7 +868,8 @@ class Orchestrator:
     ) -> SagaInstance:
         """Wait until the saga is terminal or failed, and return it.
 
-        Wakes on local commits and polls the store (so it sees other workers' commits too).
+        Wakes when this process commits the saga settled, and polls the store (so it sees other
+        workers' commits too).
 
         Raises:
             TimeoutError: the saga did not settle within ``timeout`` seconds; the message says
@@ -895,7 +897,7 @@ class Orchestrator:
             ) from exc
 
     async def _changed(self, saga_id: str, poll_interval: float) -> None:
-        """Wait until this process commits a change of the saga, or ``poll_interval`` passes."""
+        """Wait until this process commits the saga settled, or ``poll_interval`` passes."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] = loop.create_future()
         waiters = self._waiters.setdefault(saga_id, [])
@@ -1097,8 +1099,10 @@ class Orchestrator:
             self._relay.kick()
         if self._waiters:
             for instance in instances:
-                for waiter in self._waiters.pop(instance.saga_id, ()):
-                    _wake(waiter)
+                # wait_for waits for a saga to settle: an active saga's waiters stay asleep.
+                if not instance.status.is_active:
+                    for waiter in self._waiters.pop(instance.saga_id, ()):
+                        _wake(waiter)
         for listener in self._listeners:
             try:
                 listener(instances)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass, field
+from collections import deque
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
@@ -44,10 +45,47 @@ class _Delivery:
     count: int = 1
 
 
-@dataclass
 class _Queue:
-    messages: asyncio.Queue[_Delivery] = field(default_factory=asyncio.Queue)
-    consumers: int = 0
+    """An unbounded FIFO of deliveries that consumers wait on.
+
+    ``asyncio.Queue`` minus what the bus never uses (bounds, ``join``): a put and a get are one
+    call each instead of six, on every message.
+    """
+
+    __slots__ = ("_getters", "consumers", "messages")
+
+    def __init__(self) -> None:
+        self.messages: deque[_Delivery] = deque()
+        self.consumers = 0
+        self._getters: deque[asyncio.Future[None]] = deque()
+
+    def put(self, delivery: _Delivery) -> None:
+        self.messages.append(delivery)
+        self._wake_next()
+
+    async def get(self) -> _Delivery:
+        messages = self.messages
+        while not messages:
+            getter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._getters.append(getter)
+            try:
+                await getter
+            except BaseException:
+                getter.cancel()  # in case it is not done yet
+                with contextlib.suppress(ValueError):
+                    self._getters.remove(getter)
+                if messages and not getter.cancelled():
+                    self._wake_next()  # it was woken for a message it will not take: pass it on
+                raise
+        return messages.popleft()
+
+    def _wake_next(self) -> None:
+        getters = self._getters
+        while getters:
+            getter = getters.popleft()
+            if not getter.done():
+                getter.set_result(None)
+                return
 
 
 class _Consumer:
@@ -132,13 +170,13 @@ class InMemoryBus:
     def queued(self, route: RouteKind, key: str) -> int:
         """How many messages wait in the queue for ``route``/``key``."""
         queue = self._queues.get((route, key))
-        return 0 if queue is None else queue.messages.qsize()
+        return 0 if queue is None else len(queue.messages)
 
     def dead_letters(self) -> list[Envelope]:
         """Messages waiting in the dead-letter queue (the bus's own and parked compensations)."""
         return [m for m in self.published if m.route is RouteKind.DEAD_LETTER] + [
             d.envelope
-            for d in list(self._queue(DEAD_LETTER_QUEUE).messages._queue)  # type: ignore[attr-defined] # noqa: SLF001
+            for d in list(self._queue(DEAD_LETTER_QUEUE).messages)
             if d.envelope.route is not RouteKind.DEAD_LETTER
         ]
 
@@ -147,7 +185,7 @@ class InMemoryBus:
         async with asyncio.timeout(timeout):
             while True:
                 busy = self._in_flight or any(
-                    q.consumers and not q.messages.empty()
+                    q.consumers and q.messages
                     for q in [*self._queues.values(), *(q for _, q in self._event_queues)]
                 )
                 if not busy:
@@ -163,22 +201,27 @@ class InMemoryBus:
         if self._publish_failures:
             self._publish_failures -= 1
             raise PublishError("injected publish failure")
+        published = self.published
         for envelope in envelopes:
-            self.published.append(envelope)
-            copies = 2 if self.duplicate_deliveries else 1
-            for _ in range(copies):
+            published.append(envelope)
+            self._route(envelope)
+            if self.duplicate_deliveries:
                 self._route(envelope)
 
     def _route(self, envelope: Envelope) -> None:
-        if envelope.route is RouteKind.EVENT:
+        route = envelope.route
+        if route is RouteKind.EVENT:
             for pattern, queue in self._event_queues:
                 if topic_matches(pattern, envelope.key):
-                    queue.messages.put_nowait(_Delivery(envelope))
+                    queue.put(_Delivery(envelope))
             return
-        if envelope.route is RouteKind.DEAD_LETTER:
-            self._queue(DEAD_LETTER_QUEUE).messages.put_nowait(_Delivery(envelope))
+        if route is RouteKind.DEAD_LETTER:
+            self._queue(DEAD_LETTER_QUEUE).put(_Delivery(envelope))
             return
-        self._queue((envelope.route, envelope.key)).messages.put_nowait(_Delivery(envelope))
+        target = self._queues.get((route, envelope.key))
+        if target is None:
+            target = self._queues[route, envelope.key] = _Queue()
+        target.put(_Delivery(envelope))
 
     def _queue(self, address: tuple[RouteKind, str]) -> _Queue:
         queue = self._queues.get(address)
@@ -219,25 +262,21 @@ class InMemoryBus:
         # only while it waits for a message, and waits while it handles one.
         try:
             while not consumer.stopping:
-                delivery = await queue.messages.get()
+                delivery = await queue.get()
                 consumer.busy = True
                 self._in_flight += 1
                 try:
-                    await self._handle(queue, handler, delivery)
+                    await handler(delivery.envelope)
+                except asyncio.CancelledError:
+                    queue.put(delivery)  # not acked: back to the queue
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
+                    self._redeliver(queue, delivery, exc)
                 finally:
                     self._in_flight -= 1
                     consumer.busy = False
         finally:
             queue.consumers -= 1
-
-    async def _handle(self, queue: _Queue, handler: MessageHandler, delivery: _Delivery) -> None:
-        try:
-            await handler(delivery.envelope)
-        except asyncio.CancelledError:
-            queue.messages.put_nowait(delivery)  # not acked: back to the queue
-            raise
-        except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
-            self._redeliver(queue, delivery, exc)
 
     def _redeliver(self, queue: _Queue, delivery: _Delivery, exc: Exception) -> None:
         if delivery.count < self.max_deliveries:
@@ -248,7 +287,7 @@ class InMemoryBus:
                 self.max_deliveries,
                 exc,
             )
-            queue.messages.put_nowait(_Delivery(delivery.envelope, delivery.count + 1))
+            queue.put(_Delivery(delivery.envelope, delivery.count + 1))
             return
         _log.error(
             "handler failed for %s %d times, dead-lettering it: %s",
@@ -258,7 +297,7 @@ class InMemoryBus:
         )
         headers = dict(delivery.envelope.headers)
         headers["x-death-reason"] = f"delivery limit {self.max_deliveries} reached: {exc}"
-        self._queue(DEAD_LETTER_QUEUE).messages.put_nowait(
+        self._queue(DEAD_LETTER_QUEUE).put(
             _Delivery(delivery.envelope.model_copy(update={"headers": headers}))
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -67,7 +66,6 @@ class InMemorySagaStore:
         self._inbox: set[tuple[str, str]] = set()
         self._claims: dict[str, tuple[str, datetime]] = {}  # saga id -> (owner, claimed until)
         self._next_outbox_id = 1
-        self._lock = asyncio.Lock()
         self._failures: list[BaseException] = []
 
     # ------------------------------------------------------------------ test hooks
@@ -89,68 +87,90 @@ class InMemorySagaStore:
 
     async def save(self, changes: Sequence[SagaChange]) -> None:
         """Write all changes atomically (validated first, then applied)."""
-        async with self._lock:
-            if self._failures:
-                raise self._failures.pop(0)
-            seen_inbox: set[tuple[str, str]] = set()
-            versions: dict[str, int | None] = {}
-            for change in changes:
-                saga_id = change.instance.saga_id
-                stored = (
-                    versions.get(saga_id)
-                    if saga_id in versions
-                    else (self._sagas[saga_id].version if saga_id in self._sagas else None)
+        self._write(changes)
+
+    def _write(self, changes: Sequence[SagaChange]) -> None:
+        # Synchronous from the first check to the last write: nothing else runs in between, so
+        # every save (and every claim) is atomic without a lock.
+        if self._failures:
+            raise self._failures.pop(0)
+        seen_inbox = self._checked(changes)
+        sagas = self._sagas
+        for change in changes:
+            instance = change.instance
+            saga_id = instance.saga_id
+            expected = change.expected_version
+            if change.status_only:
+                instance = sagas[saga_id].model_copy(
+                    update={field: getattr(instance, field) for field in _STATUS_FIELDS}
                 )
-                if change.status_only and change.expected_version is None:
+            if expected is None or instance.version > expected:
+                sagas[saga_id] = instance
+                self._claims.pop(saga_id, None)  # the claimed deadline has moved
+                deadline = instance.next_deadline_at
+                if deadline is None:
+                    self._deadlines.pop(saga_id, None)
+                else:
+                    self._deadlines[saga_id] = deadline
+            if change.history:
+                history = self._history.get(saga_id)
+                if history is None:
+                    self._history[saga_id] = list(change.history)
+                else:
+                    history.extend(change.history)
+            if change.outbox:
+                self._append_outbox(saga_id, change.outbox, instance.updated_at)
+        if seen_inbox:
+            self._inbox.update(seen_inbox)
+
+    def _checked(self, changes: Sequence[SagaChange]) -> builtins.list[tuple[str, str]]:
+        """Check every version and inbox entry of ``changes``; returns the inbox keys to add."""
+        seen_inbox: list[tuple[str, str]] = []
+        versions: dict[str, int] = {}
+        for change in changes:
+            instance = change.instance
+            saga_id = instance.saga_id
+            if saga_id in versions:
+                stored: int | None = versions[saga_id]
+            else:
+                row = self._sagas.get(saga_id)
+                stored = None if row is None else row.version
+            expected = change.expected_version
+            if expected is None:
+                if change.status_only:
                     raise ValueError("a status_only change updates a saga: set expected_version")
-                if change.expected_version is None:
-                    if stored is not None:
-                        raise ConcurrencyConflict(
-                            saga_id=saga_id,
-                            expected_version=None,
-                            actual_version=stored,
-                            saga_type=change.instance.saga_type,
-                        )
-                elif stored != change.expected_version:
+                if stored is not None:
                     raise ConcurrencyConflict(
                         saga_id=saga_id,
-                        expected_version=change.expected_version,
+                        expected_version=None,
                         actual_version=stored,
-                        saga_type=change.instance.saga_type,
+                        saga_type=instance.saga_type,
                     )
-                versions[saga_id] = change.instance.version
-                if change.inbox is not None:
-                    key = (change.inbox.consumer, change.inbox.message_id)
-                    if key in self._inbox or key in seen_inbox:
-                        raise DuplicateMessage(consumer=key[0], message_id=key[1], saga_id=saga_id)
-                    seen_inbox.add(key)
-            for change in changes:
-                instance = change.instance
-                if change.status_only:
-                    instance = self._sagas[instance.saga_id].model_copy(
-                        update={field: getattr(instance, field) for field in _STATUS_FIELDS}
-                    )
-                if change.expected_version is None or instance.version > change.expected_version:
-                    self._sagas[instance.saga_id] = instance
-                    self._claims.pop(instance.saga_id, None)  # the claimed deadline has moved
-                    deadline = instance.next_deadline_at
-                    if deadline is None:
-                        self._deadlines.pop(instance.saga_id, None)
-                    else:
-                        self._deadlines[instance.saga_id] = deadline
-                self._history.setdefault(instance.saga_id, []).extend(change.history)
-                for envelope in change.outbox:
-                    row_id = self._next_outbox_id
-                    self._next_outbox_id += 1
-                    row = _OutboxRow(
-                        id=row_id,
-                        saga_id=instance.saga_id,
-                        envelope=envelope,
-                        created_at=instance.updated_at,
-                    )
-                    self._outbox[row_id] = self._pending[row_id] = row
-                    self._pending_by_saga.setdefault(row.saga_id, {})[row_id] = row
-            self._inbox |= seen_inbox
+            elif stored != expected:
+                raise ConcurrencyConflict(
+                    saga_id=saga_id,
+                    expected_version=expected,
+                    actual_version=stored,
+                    saga_type=instance.saga_type,
+                )
+            versions[saga_id] = instance.version
+            entry = change.inbox
+            if entry is not None:
+                key = (entry.consumer, entry.message_id)
+                if key in self._inbox or key in seen_inbox:
+                    raise DuplicateMessage(consumer=key[0], message_id=key[1], saga_id=saga_id)
+                seen_inbox.append(key)
+        return seen_inbox
+
+    def _append_outbox(self, saga_id: str, outbox: Sequence[Envelope], at: datetime) -> None:
+        of_saga = self._pending_by_saga.get(saga_id)
+        if of_saga is None:
+            of_saga = self._pending_by_saga[saga_id] = {}
+        for envelope in outbox:
+            row_id = self._next_outbox_id
+            self._next_outbox_id = row_id + 1
+            row = _OutboxRow(row_id, saga_id, envelope, at)
+            self._outbox[row_id] = self._pending[row_id] = of_saga[row_id] = row
 
     async def save_leased(
         self, changes: Sequence[SagaChange], *, owner: str, until: datetime
@@ -160,22 +180,21 @@ class InMemorySagaStore:
         See :class:`~sagas_abstractions.OutboxHandoff`.
         """
         first = self._next_outbox_id
-        await self.save(changes)  # atomic; nothing awaits between it and the leases below
-        new = [self._pending[row_id] for row_id in range(first, self._next_outbox_id)]
-        if not new:
-            return []
-        # Sagas with an earlier unsent record someone else holds: their new records wait too.
-        blocked = {
-            saga_id
-            for saga_id in {row.saga_id for row in new}
-            if any(
-                row.id < first and row.claimed_by != owner
-                for row in self._pending_by_saga[saga_id].values()
-            )
-        }
+        await self.save(changes)  # atomic; nothing runs between it and the leases below
+        pending = self._pending
         leased: list[OutboxRecord] = []
-        for row in new:
-            if row.saga_id not in blocked:
+        # Sagas whose every earlier unsent record is the owner's (their new records are leased).
+        holds: dict[str, bool] = {}
+        for row_id in range(first, self._next_outbox_id):
+            row = pending[row_id]
+            saga_id = row.saga_id
+            held = holds.get(saga_id)
+            if held is None:
+                held = holds[saga_id] = all(
+                    other.id >= first or other.claimed_by == owner
+                    for other in self._pending_by_saga[saga_id].values()
+                )
+            if held:
                 row.claimed_by = owner
                 row.claimed_until = until
                 leased.append(self._record(row))
@@ -230,17 +249,16 @@ class InMemorySagaStore:
         self, now: datetime, limit: int, *, owner: str, lease: timedelta
     ) -> builtins.list[SagaInstance]:
         """Claim due sagas nobody else holds a live claim on, earliest first."""
-        async with self._lock:
-            due = [
-                (deadline, self._sagas[saga_id])
-                for saga_id, deadline in self._deadlines.items()
-                if deadline <= now and self._claimable(saga_id, owner=owner, now=now)
-            ]
-            due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
-            claimed = [saga for _, saga in due[: max(limit, 0)]]
-            for saga in claimed:
-                self._claims[saga.saga_id] = (owner, now + lease)
-            return claimed
+        due = [
+            (deadline, self._sagas[saga_id])
+            for saga_id, deadline in self._deadlines.items()
+            if deadline <= now and self._claimable(saga_id, owner=owner, now=now)
+        ]
+        due.sort(key=lambda pair: (pair[0], pair[1].saga_id))
+        claimed = [saga for _, saga in due[: max(limit, 0)]]
+        for saga in claimed:
+            self._claims[saga.saga_id] = (owner, now + lease)
+        return claimed
 
     def _claimable(self, saga_id: str, *, owner: str, now: datetime) -> bool:
         claim = self._claims.get(saga_id)
@@ -252,27 +270,26 @@ class InMemorySagaStore:
         self, *, owner: str, limit: int, lease: timedelta, now: datetime
     ) -> builtins.list[OutboxRecord]:
         """Lease up to ``limit`` unsent records, oldest first, keeping each saga's order."""
-        async with self._lock:
-            claimed: list[_OutboxRow] = []
-            blocked: set[str] = set()
-            for row in self._pending.values():
-                if row.saga_id in blocked:
-                    continue
-                leased_elsewhere = (
-                    row.claimed_until is not None
-                    and row.claimed_until > now
-                    and row.claimed_by != owner
-                )
-                waiting = row.available_at is not None and row.available_at > now
-                if leased_elsewhere or waiting:
-                    blocked.add(row.saga_id)  # later messages of this saga must wait for it
-                    continue
-                if len(claimed) >= limit:
-                    break
-                row.claimed_by = owner
-                row.claimed_until = now + lease
-                claimed.append(row)
-            return [self._record(row) for row in claimed]
+        claimed: list[_OutboxRow] = []
+        blocked: set[str] = set()
+        for row in self._pending.values():
+            if row.saga_id in blocked:
+                continue
+            leased_elsewhere = (
+                row.claimed_until is not None
+                and row.claimed_until > now
+                and row.claimed_by != owner
+            )
+            waiting = row.available_at is not None and row.available_at > now
+            if leased_elsewhere or waiting:
+                blocked.add(row.saga_id)  # later messages of this saga must wait for it
+                continue
+            if len(claimed) >= limit:
+                break
+            row.claimed_by = owner
+            row.claimed_until = now + lease
+            claimed.append(row)
+        return [self._record(row) for row in claimed]
 
     async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
         """Mark records as published."""

@@ -21,7 +21,13 @@ if TYPE_CHECKING:
 
 M = TypeVar("M", bound=BaseModel)
 
-_set = object.__setattr__
+# The slot descriptors of the four attributes every instance has, called directly: half the
+# time of ``object.__setattr__(model, name, value)``, which looks each name up first.
+_SLOTS = BaseModel.__dict__
+_set_dict = _SLOTS["__dict__"].__set__
+_set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
+_set_extra = _SLOTS["__pydantic_extra__"].__set__
+_set_private = _SLOTS["__pydantic_private__"].__set__
 
 
 def trusted(cls: type[M], values: dict[str, Any]) -> M:
@@ -32,12 +38,13 @@ def trusted(cls: type[M], values: dict[str, Any]) -> M:
     with values of the fields' types. It is taken over, not copied.
     """
     made = cls.__new__(cls)
-    _set(made, "__dict__", values)
+    _set_dict(made, values)
     # Every field is set, so every instance can share one set: frozen models never change it in
     # place (``model_copy`` copies it first). One allocation, and one object for the GC, less.
-    _set(made, "__pydantic_fields_set__", _all_fields(cls))
-    _set(made, "__pydantic_extra__", None)
-    _set(made, "__pydantic_private__", None)
+    fields = _ALL_FIELDS.get(cls)
+    _set_fields_set(made, fields if fields is not None else _all_fields(cls))
+    _set_extra(made, None)
+    _set_private(made, None)
     return made
 
 
@@ -63,11 +70,11 @@ def replace(model: M, changes: Mapping[str, Any]) -> M:
     copied = cls.__new__(cls)
     values = dict(model.__dict__)
     values.update(changes)
-    _set(copied, "__dict__", values)
+    _set_dict(copied, values)
     fields_set = model.__pydantic_fields_set__
     if not changes.keys() <= fields_set:
         fields_set = fields_set | changes.keys()  # a new set: the old one may be shared
-    _set(copied, "__pydantic_fields_set__", fields_set)
-    _set(copied, "__pydantic_extra__", model.__pydantic_extra__)
-    _set(copied, "__pydantic_private__", model.__pydantic_private__)
+    _set_fields_set(copied, fields_set)
+    _set_extra(copied, model.__pydantic_extra__)
+    _set_private(copied, model.__pydantic_private__)
     return copied

@@ -65,9 +65,11 @@ _COMMAND_HEADERS = frozenset(
     {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
 )
 
-
-def _dumps(value: object) -> bytes:
-    return pydantic_core.to_json(value)
+# Enum members by value and values by member, without the enum machinery's Python calls
+# (``StepKind(text)`` costs a microsecond, ``kind.value`` a property call): every message.
+_KINDS = {kind.value: kind for kind in StepKind}
+_KIND_TEXT = {kind: kind.value for kind in StepKind}
+_REPLY_STATUSES = {status.value: status for status in ReplyStatus}
 
 
 def _loads(envelope: Envelope) -> Any:
@@ -103,21 +105,30 @@ def _coordinates(envelope: Envelope) -> tuple[str, str, str, int, StepKind]:
         raise MessageDecodeError(
             f"message {envelope.message_id!r} lacks correlation_id (the saga id)"
         )
-    saga_type = _header(envelope, HEADER_SAGA_TYPE)
-    step = _header(envelope, HEADER_STEP)
-    raw_attempt = _header(envelope, HEADER_ATTEMPT)
-    raw_kind = _header(envelope, HEADER_KIND)
+    headers = envelope.headers
+    saga_type = headers.get(HEADER_SAGA_TYPE)
+    step = headers.get(HEADER_STEP)
+    raw_attempt = headers.get(HEADER_ATTEMPT)
+    raw_kind = headers.get(HEADER_KIND)
+    if not (saga_type and step and raw_attempt and raw_kind):
+        # One is missing or empty: name the first, in this order.
+        saga_type = _header(envelope, HEADER_SAGA_TYPE)
+        step = _header(envelope, HEADER_STEP)
+        raw_attempt = _header(envelope, HEADER_ATTEMPT)
+        raw_kind = _header(envelope, HEADER_KIND)
     try:
-        attempt = int(raw_attempt)
-        kind = StepKind(raw_kind)
-    except ValueError as exc:
+        attempt: int | None = int(raw_attempt)
+    except ValueError:
+        attempt = None
+    kind = _KINDS.get(raw_kind)
+    if attempt is None or kind is None:
         raise MessageDecodeError(
             f"message {envelope.message_id!r} has a bad {HEADER_ATTEMPT}={raw_attempt!r} or "
             f"{HEADER_KIND}={raw_kind!r}",
             saga_id=saga_id,
             saga_type=saga_type,
             step=step,
-        ) from exc
+        )
     if attempt < 1:
         raise MessageDecodeError(
             f"message {envelope.message_id!r} has {HEADER_ATTEMPT}={attempt}; it must be >= 1",
@@ -128,20 +139,12 @@ def _coordinates(envelope: Envelope) -> tuple[str, str, str, int, StepKind]:
     return saga_id, saga_type, step, attempt, kind
 
 
-_HEAD = ("message_id", "saga_id", "saga_type", "step", "attempt", "kind")
-
-
-def _head(envelope: Envelope, coordinates: tuple[str, str, str, int, StepKind]) -> dict[str, Any]:
-    """The fields a command and a reply begin with (in their order), from a checked envelope."""
-    return dict(zip(_HEAD, (envelope.message_id, *coordinates), strict=True))
-
-
 def _saga_headers(saga_type: str, step: str, attempt: int, kind: StepKind) -> dict[str, str]:
     return {
         HEADER_SAGA_TYPE: saga_type,
         HEADER_STEP: step,
         HEADER_ATTEMPT: str(attempt),
-        HEADER_KIND: kind.value,
+        HEADER_KIND: _KIND_TEXT[kind],
     }
 
 
@@ -152,9 +155,13 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
         command: The command.
         reply_to: Where the reply goes, when not ``command.reply_to`` (one must be set).
     """
-    headers = dict(command.headers)
-    headers.update(_saga_headers(command.saga_type, command.step, command.attempt, command.kind))
-    headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
+    saga_headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
+    saga_headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
+    if command.headers:
+        headers = dict(command.headers)
+        headers.update(saga_headers)
+    else:
+        headers = saga_headers
     return _envelope(
         {
             "route": RouteKind.COMMAND,
@@ -164,7 +171,7 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
             "correlation_id": command.saga_id,
             "reply_to": reply_to or command.reply_to,
             "headers": headers,
-            "body": _dumps(command.payload),
+            "body": pydantic_core.to_json(command.payload),
             "timestamp": command.created_at,
         }
     )
@@ -176,8 +183,7 @@ def decode_command(envelope: Envelope) -> CommandMessage:
     Raises:
         MessageDecodeError: naming the missing or malformed property.
     """
-    coordinates = _coordinates(envelope)
-    saga_id, saga_type, step, _, _ = coordinates
+    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
     payload = _loads(envelope)
     if not isinstance(payload, dict):
         raise MessageDecodeError(
@@ -186,18 +192,28 @@ def decode_command(envelope: Envelope) -> CommandMessage:
             saga_type=saga_type,
             step=step,
         )
+    headers = envelope.headers
     # Every value is checked above or comes from the (validated) envelope.
     return trusted(
         CommandMessage,
         {
-            **_head(envelope, coordinates),
+            "message_id": envelope.message_id,
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "step": step,
+            "attempt": attempt,
+            "kind": kind,
             "command_type": envelope.message_type,
             "destination": envelope.key,
             "payload": payload,
-            "idempotency_key": envelope.headers.get(HEADER_IDEMPOTENCY_KEY) or envelope.message_id,
+            "idempotency_key": headers.get(HEADER_IDEMPOTENCY_KEY) or envelope.message_id,
             "reply_to": envelope.reply_to,
             "created_at": envelope.timestamp,
-            "headers": {k: v for k, v in envelope.headers.items() if k not in _COMMAND_HEADERS},
+            "headers": (
+                {}
+                if _COMMAND_HEADERS.issuperset(headers)
+                else {k: v for k, v in headers.items() if k not in _COMMAND_HEADERS}
+            ),
         },
     )
 
@@ -219,7 +235,7 @@ def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
             "correlation_id": reply.saga_id,
             "reply_to": None,
             "headers": headers,
-            "body": _dumps(body),
+            "body": pydantic_core.to_json(body),
             "timestamp": reply.created_at,
         }
     )
@@ -231,29 +247,35 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
     Raises:
         MessageDecodeError: naming the missing or malformed property.
     """
-    coordinates = _coordinates(envelope)
-    saga_id, saga_type, step, _, _ = coordinates
+    saga_id, saga_type, step, attempt, kind = _coordinates(envelope)
     body = _loads(envelope)
-    where = {"saga_id": saga_id, "saga_type": saga_type, "step": step}
     if not isinstance(body, dict):
         raise MessageDecodeError(
-            f"reply {envelope.message_id!r} body must be a JSON object", **where
+            f"reply {envelope.message_id!r} body must be a JSON object",
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
         )
-    try:
-        status = ReplyStatus(str(body.get("status")))
-    except ValueError as exc:
+    status = _REPLY_STATUSES.get(str(body.get("status")))
+    if status is None:
         raise MessageDecodeError(
             f"reply {envelope.message_id!r} status must be 'succeeded' or 'failed', got "
             f"{body.get('status')!r}",
-            **where,
-        ) from exc
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
+        )
     data = body.get("data") or {}
     if not isinstance(data, dict):
         raise MessageDecodeError(
-            f"reply {envelope.message_id!r} data must be a JSON object", **where
+            f"reply {envelope.message_id!r} data must be a JSON object",
+            saga_id=saga_id,
+            saga_type=saga_type,
+            step=step,
         )
     error = None
     if status is ReplyStatus.FAILED:
+        where = {"saga_id": saga_id, "saga_type": saga_type, "step": step}
         raw_error = body.get("error") or {"code": "failed"}
         try:
             error = ErrorInfo.model_validate(raw_error)
@@ -267,7 +289,12 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
     return trusted(
         ReplyMessage,
         {
-            **_head(envelope, coordinates),
+            "message_id": envelope.message_id,
+            "saga_id": saga_id,
+            "saga_type": saga_type,
+            "step": step,
+            "attempt": attempt,
+            "kind": kind,
             "status": status,
             "data": data,
             "error": error,

@@ -270,8 +270,11 @@ class Participant:
         self.retryable_exceptions = retryable_exceptions
         self.handled = 0
         self._handlers: dict[str, _Handler] = {}
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        # Saga steps a delivery is handled for: their key maps to the deliveries waiting for
+        # their turn, in order (``None`` while none waits: no allocation without contention).
+        self._busy: dict[str, list[asyncio.Future[None]] | None] = {}
         self._bus: MessageBus | None = None
+        self._system = "sagas"  # the bus's messaging.system, for spans
 
     # Protocol isinstance checks cost microseconds each: they are made once, when the
     # dependencies or the idempotency store are set, not for every command.
@@ -381,6 +384,7 @@ class Participant:
         """Consume this destination's commands from ``bus`` and reply on it."""
         self.check_dependencies()
         self._bus = bus
+        self._system = messaging_system(bus)
         if (
             self.warn_in_memory
             and isinstance(self.idempotency, InMemoryIdempotencyStore)
@@ -408,7 +412,7 @@ class Participant:
             self.telemetry.record_dead_letter(self.destination)
             await bus.publish([self._dead_letter(envelope)])
             return
-        with self.telemetry.publishing([reply], system=messaging_system(bus)) as replies:
+        with self.telemetry.publishing([reply], system=self._system) as replies:
             await bus.publish(replies)
 
     async def process(self, envelope: Envelope) -> Envelope | None:
@@ -418,8 +422,7 @@ class Participant:
         caller dead-letters them. Runs in a ``process <destination>`` consumer span (when
         tracing is on) whose context the reply carries.
         """
-        system = messaging_system(self._bus) if self._bus is not None else "sagas"
-        with self.telemetry.consume(envelope, system=system) as span:
+        with self.telemetry.consume(envelope, system=self._system) as span:
             reply = await self._process(envelope)
             if span is not None:
                 if reply is None:
@@ -471,20 +474,42 @@ class Participant:
         # execution still in flight (say, one that timed out at the orchestrator), so it undoes
         # what that execution did instead of racing it.
         step_key = f"{command.saga_id}:{command.step}"
-        held = self._locks.get(step_key)
-        lock, users = held if held is not None else (asyncio.Lock(), 0)
-        self._locks[step_key] = (lock, users + 1)
+        if step_key in self._busy:
+            await self._wait_turn(step_key)
+        else:
+            self._busy[step_key] = None
         try:
-            async with lock:
-                if self._transactional is not None:
-                    return await self._transactional_outcome(self._transactional, command, step_key)
-                return await self._decide_outcome(command, self._idempotency, self._run)
+            if self._transactional is not None:
+                return await self._transactional_outcome(self._transactional, command, step_key)
+            return await self._decide_outcome(command, self._idempotency, self._run)
         finally:
-            lock, users = self._locks[step_key]
-            if users <= 1:
-                del self._locks[step_key]
+            self._pass_turn(step_key)
+
+    async def _wait_turn(self, step_key: str) -> None:
+        """Wait until the deliveries of this step ahead of this one are done (first come first)."""
+        waiters = self._busy[step_key]
+        if waiters is None:
+            waiters = self._busy[step_key] = []
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_turn(step_key)  # cancelled just as its turn came: hand it on
             else:
-                self._locks[step_key] = (lock, users - 1)
+                waiters.remove(waiter)
+            raise
+
+    def _pass_turn(self, step_key: str) -> None:
+        """The delivery holding the step is done: the next waiting one goes, if any."""
+        waiters = self._busy[step_key]
+        while waiters:
+            waiter = waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        del self._busy[step_key]
 
     async def _decide_outcome(
         self,

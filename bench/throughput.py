@@ -40,6 +40,7 @@ import pstats
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,8 +145,10 @@ class Bench:
         self.args = args
         self.prefix = unique_prefix("bench")
         self.table_prefix = f"bench_{uuid.uuid4().hex[:8]}_"
+        # Each process's connections carry an application name, so its backends can be found.
+        self.application = f"sagas-{self.table_prefix}"
         self.store = SqlSagaStore.from_url(
-            args.database_url.replace("postgresql://", "postgresql+psycopg://", 1),
+            _with_application(args.database_url, f"{self.application}orch", args.pg_options),
             table_prefix=self.table_prefix,
             create_tables=True,
             pool_size=POOL_SIZE,
@@ -184,8 +187,12 @@ class Bench:
             *(["--no-tune-gc"] if self.args.gc == "default" else []),
             env={"BENCH_LOOP": self.args.loop},
         )
-        self.bus = await RabbitBus.connect(self.args.amqp_url, prefix=self.prefix)
-        original = self.bus.publish
+        self.bus = await self.connect_bus()
+
+    async def connect_bus(self) -> RabbitBus:
+        """A bus whose command publishes the probe times (for the step latency)."""
+        bus = await RabbitBus.connect(self.args.amqp_url, prefix=self.prefix)
+        original = bus.publish
 
         async def publish(envelopes: Sequence[Envelope]) -> None:
             now = time.perf_counter()
@@ -195,7 +202,8 @@ class Bench:
                     self.probe.published[(*key, envelope.headers[HEADER_KIND])] = now
             await original(envelopes)
 
-        self.bus.publish = publish  # type: ignore[method-assign]
+        bus.publish = publish  # type: ignore[method-assign]
+        return bus
 
     async def __aexit__(self, *_: object) -> None:
         for child in (self.worker, self.participants):
@@ -208,12 +216,11 @@ class Bench:
         await self.store.drop_tables()
         await self.store.close()
 
-    def runtime(self, level: int) -> SagaRuntime:
-        assert self.bus is not None
+    def runtime(self, level: int, bus: RabbitBus) -> SagaRuntime:
         runtime = SagaRuntime(
             sagas=[bench_saga, waiting_saga],
             store=self.store,
-            bus=self.bus,
+            bus=bus,
             concurrency=max(level, 8),
             timeout_interval=self.args.timeout_interval,
             instance_cache=self.args.instance_cache,
@@ -294,7 +301,21 @@ class Bench:
         await asyncio.gather(*(one(index) for index in range(count)))
 
     async def level(self, level: int, count: int, *, impl: str, poll: bool = False) -> Result:
-        runtime = self.runtime(level)
+        # A bus of its own per level: a runtime subscribes to the OrderPlaced topic, and a
+        # second subscription on one bus gets a queue of its own (RabbitBus numbers them), so
+        # the queue of an earlier level's runtime would stay bound, unconsumed, and with
+        # --workers 2 this process would read another queue than the second worker: every
+        # event reached both, and each saga was started twice (one start a conflict and a load).
+        bus = await self.connect_bus()
+        try:
+            return await self._level(level, count, bus, impl=impl, poll=poll)
+        finally:
+            await bus.close()
+
+    async def _level(
+        self, level: int, count: int, bus: RabbitBus, *, impl: str, poll: bool
+    ) -> Result:
+        runtime = self.runtime(level, bus)
         stop = asyncio.Event()
         poller = asyncio.create_task(self.poll_completion(stop)) if poll else None
         async with runtime:
@@ -312,6 +333,9 @@ class Bench:
                 pids = {"orch": None, **self._child_pids()}
                 cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 services_before = services_cpu_seconds()
+                database = DatabaseProbe(self) if self.args.pg_stats else None
+                if database is not None:
+                    await database.begin()
                 saga_ms: list[float] = []
                 began = time.perf_counter()
                 await self.drive(runtime, level, count, saga_ms)
@@ -321,12 +345,16 @@ class Bench:
                 cpu.update(
                     {name: services_after[name] - services_before[name] for name in services_after}
                 )
+                if database is not None:
+                    cpu.update(await database.end())
             finally:
                 stop.set()
                 if poller is not None:
                     await poller
         per_saga = 5 if self.args.fail_step else 3
         steps = count * per_saga
+        if database is not None:
+            database.report(f"{impl} {level}", steps)
         return Result(
             impl=impl,
             level=level,
@@ -359,8 +387,8 @@ class Bench:
 
     async def start_worker(self, stats: Path) -> None:
         env = {
-            "SAGAS_DATABASE_URL": self.args.database_url.replace(
-                "postgresql://", "postgresql+psycopg://", 1
+            "SAGAS_DATABASE_URL": _with_application(
+                self.args.database_url, f"{self.application}worker2", self.args.pg_options
             ),
             "SAGAS_TABLE_PREFIX": self.table_prefix,
             "SAGAS_AMQP_URL": self.args.amqp_url,
@@ -408,6 +436,144 @@ class Bench:
             readings[f"rss_mib_at_{self.args.memory_sagas}"] - readings["rss_mib_at_100"], 1
         )
         return readings
+
+
+def _with_application(url: str, name: str, options: str = "") -> str:
+    url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+    url = f"{url}{'&' if '?' in url else '?'}application_name={name}"
+    if options:
+        url += "&options=" + urllib.parse.quote(" ".join(f"-c {o}" for o in options.split(",")))
+    return url
+
+
+class DatabaseProbe:
+    """What the database did during one measured batch (``--pg-stats``).
+
+    CPU of the run's own backends (by application name, per process), transactions of the
+    bench's database, per-table scans and tuple counts, and every statement on the run's tables
+    as pg_stat_statements saw it (reset at the start: keep other users off the server).
+    """
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.url = bench.args.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self.pids: dict[int, str] = {}
+        self.cpu: dict[int, float] = {}
+        self.database: tuple[int, ...] = ()
+        self.tables: dict[str, tuple[int, ...]] = {}
+        self.statements: list[tuple[Any, ...]] = []
+        self.changes: dict[str, tuple[int, ...]] = {}
+        self.plans: dict[str, tuple[int, int, int]] = {}
+
+    async def _query(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
+        async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
+            cursor = await conn.execute(sql, params)
+            return list(await cursor.fetchall()) if cursor.description else []
+
+    async def _snapshot(self) -> tuple[tuple[int, ...], dict[str, tuple[int, ...]]]:
+        database = await self._query(
+            "SELECT xact_commit, xact_rollback, blks_hit, blks_read, deadlocks, "
+            "pg_current_wal_lsn() - '0/0'::pg_lsn FROM pg_stat_database "
+            "WHERE datname = current_database()"
+        )
+        tables = await self._query(
+            "SELECT relname, seq_scan, seq_tup_read, idx_scan, n_tup_ins, n_tup_upd, "
+            "n_tup_hot_upd, n_tup_del, n_dead_tup, n_live_tup FROM pg_stat_user_tables "
+            "WHERE relname LIKE %s",
+            f"{self.bench.table_prefix}%",
+        )
+        return (
+            tuple(int(value) for value in database[0]),
+            {row[0]: tuple(int(value) for value in row[1:]) for row in tables},
+        )
+
+    async def begin(self) -> None:
+        rows = await self._query(
+            "SELECT pid, application_name FROM pg_stat_activity WHERE application_name LIKE %s",
+            f"{self.bench.application}%",
+        )
+        self.pids = {int(pid): name.removeprefix(self.bench.application) for pid, name in rows}
+        self.cpu = {pid: _cpu_or_zero(pid) for pid in self.pids}
+        self.plans = await self._prepared()
+        await self._query("SELECT pg_stat_statements_reset()")
+        await self._query("SELECT pg_stat_clear_snapshot()")
+        self.database, self.tables = await self._snapshot()
+
+    async def end(self) -> dict[str, float]:
+        used: dict[str, float] = {}
+        for pid, name in self.pids.items():
+            used[f"db-{name}"] = used.get(f"db-{name}", 0.0) + _cpu_or_zero(pid) - self.cpu[pid]
+        plans = await self._prepared()
+        for name, (count, generic, custom) in plans.items():
+            was = self.plans.get(name, (0, 0, 0))
+            self.plans[name] = (count - was[0], generic - was[1], custom - was[2])
+        await asyncio.sleep(0.6)  # the statistics collector's reports lag up to 500 ms
+        database, tables = await self._snapshot()
+        self.database = tuple(a - b for a, b in zip(database, self.database, strict=True))
+        self.changes = {
+            name: tuple(a - b for a, b in zip(row, self.tables.get(name, (0,) * 9), strict=True))
+            for name, row in tables.items()
+        }
+        self.statements = await self._query(
+            "SELECT calls, rows, total_exec_time, total_plan_time, plans, "
+            "shared_blks_hit + shared_blks_read, left(regexp_replace(query, '\\s+', ' ', 'g'), 150)"
+            " FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database "
+            "WHERE datname = current_database()) ORDER BY total_exec_time DESC LIMIT 25"
+        )
+        return {name: round(value, 3) for name, value in used.items()}
+
+    async def _prepared(self) -> dict[str, tuple[int, int, int]]:
+        """Generic and custom plans of this process's prepared hot statements, summed."""
+        lane = self.bench.store._lane  # noqa: SLF001 - a measurement of the store's own
+        totals: dict[str, tuple[int, int, int]] = {}
+        for conn in [] if lane is None else list(lane._idle):  # noqa: SLF001
+            cursor = await conn.execute(
+                "SELECT left(regexp_replace(statement, '\\s+', ' ', 'g'), 60), "
+                "generic_plans, custom_plans FROM pg_prepared_statements"
+            )
+            for text, generic, custom in await cursor.fetchall():
+                name = str(text).replace(self.bench.table_prefix, "")
+                a, b, c = totals.get(name, (0, 0, 0))
+                totals[name] = (a + 1, b + int(generic), c + int(custom))
+        return totals
+
+    def report(self, title: str, steps: int) -> None:
+        commits, rollbacks, hit, read, deadlocks, wal = self.database
+        print(
+            f"[pg] {title}: backends {sorted(self.pids.values())}; per step: "
+            f"db commits {commits / steps:.2f} (rollbacks {rollbacks}), blocks "
+            f"{(hit + read) / steps:.0f}, WAL {wal / steps:.0f} B; deadlocks {deadlocks}",
+            file=sys.stderr,
+        )
+        prefix = self.bench.table_prefix
+        for name, row in sorted(self.changes.items()):
+            seq, seq_read, idx, ins, upd, hot, dele, dead, live = row
+            print(
+                f"[pg]   {name.removeprefix(prefix):<9} seq {seq} ({seq_read} rows) idx "
+                f"{idx / steps:.2f}/step ins {ins} upd {upd} (hot {hot}) del {dele} "
+                f"dead {dead:+} live {live:+}",
+                file=sys.stderr,
+            )
+        for name, (count, generic, custom) in sorted(self.plans.items()):
+            print(
+                f"[pg]   prepared +{count}: generic {generic} custom {custom}  {name}",
+                file=sys.stderr,
+            )
+        for calls, rows, exec_ms, plan_ms, plans, blocks, query in self.statements:
+            print(
+                f"[pg]   {calls / steps:6.3f}/step {rows / max(calls, 1):7.1f} rows "
+                f"{exec_ms * 1000 / steps:7.1f} us/step exec {plan_ms * 1000 / steps:6.1f} plan "
+                f"({plans} plans) {blocks / max(calls, 1):6.1f} blk  "
+                f"{query.replace(prefix, '')}",
+                file=sys.stderr,
+            )
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0  # closed meanwhile
 
 
 async def run(args: argparse.Namespace) -> tuple[list[Result], dict[str, Any]]:
@@ -487,6 +653,19 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=2048,
         help="sagas the orchestrator keeps in memory (SagaRuntime's default: 2048; 0: off)",
+    )
+    parser.add_argument(
+        "--pg-stats",
+        action="store_true",
+        help="per level: this run's own backends' CPU (db-orch, db-worker2), commits, table "
+        "scans and tuples, and the statements pg_stat_statements saw (needs it preloaded and "
+        "created in the bench's database)",
+    )
+    parser.add_argument(
+        "--pg-options",
+        default="",
+        help="experiment: server settings for every connection of both processes, "
+        "comma-separated (e.g. plan_cache_mode=force_generic_plan)",
     )
     parser.add_argument("--database-url", default=DATABASE_URL)
     parser.add_argument("--amqp-url", default=AMQP_URL)

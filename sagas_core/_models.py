@@ -72,7 +72,8 @@ def replace(model: M, changes: Mapping[str, Any]) -> M:
     values.update(changes)
     _set_dict(copied, values)
     fields_set = model.__pydantic_fields_set__
-    if not changes.keys() <= fields_set:
+    # A model made by ``trusted`` has every field set already: no need to look at the changes.
+    if fields_set is not _ALL_FIELDS.get(cls) and not changes.keys() <= fields_set:
         fields_set = fields_set | changes.keys()  # a new set: the old one may be shared
     _set_fields_set(copied, fields_set)
     _set_extra(copied, model.__pydantic_extra__)

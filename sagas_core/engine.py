@@ -18,6 +18,7 @@ Rules that hold for every status and input (the property tests check them):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pydantic import BaseModel, ValidationError
@@ -93,6 +94,7 @@ _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatu
 _STEP_INPUTS = (StepSucceeded, StepFailed, Timeout, RetryDue)
 _OPERATOR_INPUTS = (Compensate, RetryCompensation, Resolve)
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
+_NO_CIRCUITS: Mapping[str, datetime] = MappingProxyType({})
 """``kind.value`` without the enum property's Python call (ids are made on every step)."""
 _COMPENSATION_STARTED = frozenset({StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED})
 
@@ -176,7 +178,7 @@ def decide(
     if isinstance(event, Start):
         if instance is not None:
             return _ignored(instance, event, "saga already started", outcome="duplicate")
-        return _start(definition, event, circuits or {})
+        return _start(definition, event, circuits or _NO_CIRCUITS)
     if instance is None:
         raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
     if instance.saga_type != definition.name:
@@ -185,7 +187,7 @@ def decide(
             saga_id=instance.saga_id,
             saga_type=instance.saga_type,
         )
-    return _Transition(definition, instance, event, circuits=circuits or {}).run()
+    return _Transition(definition, instance, event, circuits=circuits or _NO_CIRCUITS).run()
 
 
 def parked(
@@ -464,7 +466,7 @@ class _Transition:
         created: bool = False,
         circuits: Mapping[str, datetime] | None = None,
     ) -> None:
-        self.circuits: Mapping[str, datetime] = circuits or {}
+        self.circuits: Mapping[str, datetime] = circuits or _NO_CIRCUITS
         self.definition = definition
         self.before = instance
         self.event = event

@@ -950,7 +950,8 @@ class Orchestrator:
             if event is None:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
-                decision = decide(definition, instance, event, circuits=self._circuits())
+                circuits = None if self.breaker is None else self._circuits()
+                decision = decide(definition, instance, event, circuits=circuits)
                 if not decision.changed and inbox is None:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
@@ -1006,16 +1007,21 @@ class Orchestrator:
         await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
 
     def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
-        envelopes = [
-            encode_command(command, reply_to=self.reply_to) for command in decision.commands
-        ]
-        envelopes.extend(encode_dead_letter(dead) for dead in decision.dead_letters)
-        if self.status_events is StatusEvents.ALL:
-            envelopes.extend(encode_event(event) for event in decision.events)
-        elif self.status_events is StatusEvents.LIFECYCLE:
-            envelopes.extend(
-                encode_event(event) for event in decision.events if event.kind not in _STEP_EVENTS
-            )
+        # Lists, not generators, and none for what a decision does not have: it makes a
+        # handful of messages, and a generator costs about as much as encoding one.
+        reply_to = self.reply_to
+        envelopes = [encode_command(command, reply_to=reply_to) for command in decision.commands]
+        if decision.dead_letters:
+            envelopes += [encode_dead_letter(dead) for dead in decision.dead_letters]
+        if decision.events:
+            if self.status_events is StatusEvents.ALL:
+                envelopes += [encode_event(event) for event in decision.events]
+            elif self.status_events is StatusEvents.LIFECYCLE:
+                envelopes += [
+                    encode_event(event)
+                    for event in decision.events
+                    if event.kind not in _STEP_EVENTS
+                ]
         # The deciding span's context travels with the outbox rows (published after a restart,
         # a message still joins its saga's trace).
         return self.telemetry.stamp(envelopes)

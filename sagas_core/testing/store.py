@@ -190,15 +190,21 @@ class InMemorySagaStore:
             saga_id = row.saga_id
             held = holds.get(saga_id)
             if held is None:
-                held = holds[saga_id] = all(
-                    other.id >= first or other.claimed_by == owner
-                    for other in self._pending_by_saga[saga_id].values()
-                )
+                held = holds[saga_id] = self._holds(saga_id, owner, before=first)
             if held:
                 row.claimed_by = owner
                 row.claimed_until = until
                 leased.append(self._record(row))
         return leased
+
+    def _holds(self, saga_id: str, owner: str, *, before: int) -> bool:
+        """Whether ``owner`` holds every unsent record of the saga with an id below ``before``."""
+        for other in self._pending_by_saga[saga_id].values():  # in id order
+            if other.id >= before:
+                return True
+            if other.claimed_by != owner:
+                return False
+        return True
 
     async def is_processed(self, consumer: str, message_id: str) -> bool:
         """Whether the inbox records this message id for this consumer."""

@@ -6,7 +6,7 @@ in any language reads a plain JSON object; saga coordinates travel in headers.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from pydantic import ValidationError
@@ -25,6 +25,9 @@ from sagas_abstractions import (
 )
 from sagas_core._models import trusted
 
+if TYPE_CHECKING:
+    from datetime import datetime
+
 __all__ = [
     "DEAD_LETTER_KEY",
     "EVENT_TYPE",
@@ -42,6 +45,7 @@ __all__ = [
     "decode_command",
     "decode_event",
     "decode_reply",
+    "encode_answer",
     "encode_command",
     "encode_dead_letter",
     "encode_event",
@@ -70,6 +74,7 @@ _COMMAND_HEADERS = frozenset(
 _KINDS = {kind.value: kind for kind in StepKind}
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
 _REPLY_STATUSES = {status.value: status for status in ReplyStatus}
+_STATUS_TEXT = {status: status.value for status in ReplyStatus}
 
 
 def _loads(envelope: Envelope) -> Any:
@@ -223,20 +228,70 @@ def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
     headers = _saga_headers(reply.saga_type, reply.step, reply.attempt, reply.kind)
     if reply.in_reply_to:
         headers[HEADER_IN_REPLY_TO] = reply.in_reply_to
-    body: dict[str, Any] = {"status": reply.status.value, "data": reply.data}
-    if reply.error is not None:
-        body["error"] = reply.error.model_dump(mode="json")
+    return _reply_envelope(
+        message_id=reply.message_id,
+        saga_id=reply.saga_id,
+        at=reply.created_at,
+        body=_reply_body(reply.status, reply.data, reply.error),
+        reply_to=reply_to,
+        headers=headers,
+    )
+
+
+def encode_answer(
+    command: CommandMessage,
+    *,
+    status: ReplyStatus,
+    data: dict[str, Any],
+    error: ErrorInfo | None,
+    at: datetime,
+) -> Envelope:
+    """Encode the reply to ``command`` for its ``reply_to`` (which must be set).
+
+    The same envelope as ``encode_reply(ReplyMessage.answering(command, ...), reply_to)``,
+    without making the reply message first (a participant answers every command).
+    """
+    if not command.reply_to:
+        raise ValueError(f"command {command.message_id!r} has no reply_to to answer to")
+    headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
+    headers[HEADER_IN_REPLY_TO] = command.message_id
+    return _reply_envelope(
+        message_id=f"{command.message_id}:reply",
+        saga_id=command.saga_id,
+        at=at,
+        body=_reply_body(status, data, error),
+        reply_to=command.reply_to,
+        headers=headers,
+    )
+
+
+def _reply_body(status: ReplyStatus, data: dict[str, Any], error: ErrorInfo | None) -> bytes:
+    body: dict[str, Any] = {"status": _STATUS_TEXT[status], "data": data}
+    if error is not None:
+        body["error"] = error.model_dump(mode="json")
+    return pydantic_core.to_json(body)
+
+
+def _reply_envelope(
+    *,
+    message_id: str,
+    saga_id: str,
+    at: datetime,
+    body: bytes,
+    reply_to: str,
+    headers: dict[str, str],
+) -> Envelope:
     return _envelope(
         {
             "route": RouteKind.REPLY,
             "key": reply_to,
-            "message_id": reply.message_id,
+            "message_id": message_id,
             "message_type": REPLY_TYPE,
-            "correlation_id": reply.saga_id,
+            "correlation_id": saga_id,
             "reply_to": None,
             "headers": headers,
-            "body": pydantic_core.to_json(body),
-            "timestamp": reply.created_at,
+            "body": body,
+            "timestamp": at,
         }
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -149,18 +149,21 @@ class SagaDefinition:
     saga_timeout: timedelta | None
     fingerprint: str
     triggers: tuple[EventTrigger, ...] = ()
+    _by_name: dict[str, StepDefinition] = field(init=False, repr=False, compare=False)
 
     @property
     def topics(self) -> tuple[str, ...]:
         """The distinct topics of the saga's event triggers, in declaration order."""
         return tuple(dict.fromkeys(trigger.topic for trigger in self.triggers))
 
+    def __post_init__(self) -> None:
+        # A frozen dataclass: the lookup table is set once, through object.__setattr__.
+        by_name = {step.name: step for step in reversed(self.steps)}  # the first of a name wins
+        object.__setattr__(self, "_by_name", by_name)
+
     def step(self, name: str) -> StepDefinition | None:
         """The step called ``name``, or ``None``."""
-        for step in self.steps:
-            if step.name == name:
-                return step
-        return None
+        return self._by_name.get(name)
 
     def parse_data(
         self, data: Mapping[str, Any], *, saga_id: str | None = None, step: str | None = None

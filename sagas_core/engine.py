@@ -18,6 +18,7 @@ Rules that hold for every status and input (the property tests check them):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -328,7 +329,7 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
             "deadline_at": None,
             "saga_deadline_at": saga_deadline,
             "data": dumped,
-            "steps": tuple(_pending_step(step.name) for step in definition.steps),
+            "steps": _pending_steps(definition.steps),
             "error": None,
             "version": 1,
             "created_at": event.at,
@@ -342,6 +343,12 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
     return transition.finish()
+
+
+@lru_cache(maxsize=256)
+def _pending_steps(steps: tuple[StepDefinition, ...]) -> tuple[StepState, ...]:
+    """The steps of a new saga: immutable, so every saga of a definition shares one tuple."""
+    return tuple(_pending_step(step.name) for step in steps)
 
 
 def _pending_step(name: str) -> StepState:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
-import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -103,6 +103,17 @@ _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
 CommitListener = Callable[[Sequence[SagaInstance]], None]
 """Called (synchronously) with the sagas of every committed unit of work."""
+
+
+def _uuid4_hex() -> str:
+    """``uuid.uuid4().hex`` (the same random bits, version and variant) in a quarter of the time.
+
+    ``uuid4`` builds a ``UUID`` object first; a saga id only needs its text.
+    """
+    value = int.from_bytes(os.urandom(16))
+    value = (value & ~(0xC000 << 48)) | (0x8000 << 48)  # variant: RFC 4122
+    value = (value & ~(0xF000 << 64)) | (4 << 76)  # version 4
+    return f"{value:032x}"
 
 
 def reply_queue(group: str) -> str:
@@ -243,7 +254,7 @@ class Orchestrator:
         group: str = "default",
         max_conflict_retries: int = 20,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
-        id_factory: Callable[[], str] = lambda: uuid.uuid4().hex,
+        id_factory: Callable[[], str] = _uuid4_hex,
         breaker: CircuitBreaker | None = None,
         telemetry: Telemetry | None = None,
         instance_cache: int = 0,

@@ -49,18 +49,16 @@ from sagas_abstractions import (
     ErrorInfo,
     MessageDecodeError,
     ParticipantError,
-    ReplyMessage,
     ReplyStatus,
     RouteKind,
     StepKind,
 )
-from sagas_core._models import trusted
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
     dead_lettered,
     decode_command,
     decode_reply,
-    encode_reply,
+    encode_answer,
 )
 from sagas_core.definition import describe_validation
 from sagas_core.di import (
@@ -449,24 +447,13 @@ class Participant:
             return None
         outcome = await self._outcome(command)
         self.handled += 1
-        # ReplyMessage.answering, without validating what the command and outcome hold already.
-        reply = trusted(
-            ReplyMessage,
-            {
-                "message_id": f"{command.message_id}:reply",
-                "saga_id": command.saga_id,
-                "saga_type": command.saga_type,
-                "step": command.step,
-                "attempt": command.attempt,
-                "kind": command.kind,
-                "status": outcome.status,
-                "data": outcome.data,
-                "error": outcome.error,
-                "in_reply_to": command.message_id,
-                "created_at": self.clock.now(),
-            },
+        return encode_answer(
+            command,
+            status=outcome.status,
+            data=outcome.data,
+            error=outcome.error,
+            at=self.clock.now(),
         )
-        return encode_reply(reply, command.reply_to)
 
     async def _outcome(self, command: CommandMessage) -> CachedOutcome:
         # One handler run per saga step at a time, execute and compensate alike: a duplicate

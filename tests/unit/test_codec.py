@@ -38,6 +38,7 @@ from sagas_core.codec import (
     decode_command,
     decode_event,
     decode_reply,
+    encode_answer,
     encode_command,
     encode_dead_letter,
     encode_event,
@@ -222,6 +223,33 @@ def test_a_failed_reply_without_error_gets_a_generic_failed_code() -> None:
     decoded = decode_reply(envelope)
 
     assert decoded.error == ErrorInfo(code="failed")
+
+
+@pytest.mark.parametrize(
+    ("status", "data", "error"),
+    [
+        (ReplyStatus.SUCCEEDED, {"reservation_id": "r-1"}, None),
+        (ReplyStatus.FAILED, {}, ErrorInfo(code="out_of_stock", message="none", retryable=True)),
+    ],
+)
+def test_an_answer_is_encoded_exactly_as_the_reply_answering_the_command(
+    status: ReplyStatus, data: dict[str, Any], error: ErrorInfo | None
+) -> None:
+    cmd = command(kind=StepKind.COMPENSATE, attempt=3)
+    answered = ReplyMessage.answering(cmd, status=status, at=AT, data=data, error=error)
+
+    envelope = encode_answer(cmd, status=status, data=data, error=error, at=AT)
+
+    assert envelope == encode_reply(answered, "sagas.replies.default")
+    assert list(envelope.headers) == list(encode_reply(answered, "q").headers)
+    assert decode_reply(envelope) == answered
+
+
+def test_a_command_without_reply_to_cannot_be_answered() -> None:
+    with pytest.raises(ValueError, match="reply_to"):
+        encode_answer(
+            command(reply_to=None), status=ReplyStatus.SUCCEEDED, data={}, error=None, at=AT
+        )
 
 
 def test_a_reply_without_in_reply_to_header_decodes_with_none() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -41,6 +42,7 @@ from sagas_core import (
 )
 from sagas_core.codec import decode_command, decode_event
 from sagas_core.definition import SagaDefinition
+from sagas_core.orchestrator import _uuid4_hex
 from sagas_core.testing import FakeClock, InMemorySagaStore
 
 
@@ -1007,3 +1009,12 @@ def test_an_unknown_status_events_setting_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="'some'"):
         Orchestrator(store=store, definitions=[ORDER_SAGA], clock=clock, status_events="some")
+
+
+def test_default_saga_ids_are_uuid4_hex() -> None:
+    ids = {_uuid4_hex() for _ in range(500)}
+
+    assert len(ids) == 500
+    for saga_id in ids:
+        parsed = uuid.UUID(hex=saga_id)
+        assert (parsed.hex, parsed.version, parsed.variant) == (saga_id, 4, uuid.RFC_4122)

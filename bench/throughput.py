@@ -527,11 +527,15 @@ class DatabaseProbe:
         lane = self.bench.store._lane  # noqa: SLF001 - a measurement of the store's own
         totals: dict[str, tuple[int, int, int]] = {}
         for conn in [] if lane is None else list(lane._idle):  # noqa: SLF001
-            cursor = await conn.execute(
-                "SELECT left(regexp_replace(statement, '\\s+', ' ', 'g'), 60), "
-                "generic_plans, custom_plans FROM pg_prepared_statements"
-            )
-            for text, generic, custom in await cursor.fetchall():
+            try:
+                cursor = await conn.execute(
+                    "SELECT left(regexp_replace(statement, '\\s+', ' ', 'g'), 60), "
+                    "generic_plans, custom_plans FROM pg_prepared_statements"
+                )
+                found = await cursor.fetchall()
+            except psycopg.Error:
+                continue  # its backend went away (the lane replaces it on its next use)
+            for text, generic, custom in found:
                 name = str(text).replace(self.bench.table_prefix, "")
                 a, b, c = totals.get(name, (0, 0, 0))
                 totals[name] = (a + 1, b + int(generic), c + int(custom))

@@ -164,14 +164,31 @@ class PgStatements:
         # are skipped, not waited for: waiting could close a lock cycle with that claim (a
         # deadlock, found only after deadlock_timeout). What was skipped is reported as
         # ``kept`` and deleted by a later statement.
+        # Both find the records by their key, one lookup per id, whatever the statistics: the
+        # two other outbox indexes end with ``id`` too, and for ``id = ANY(...)`` a plan made
+        # while the outbox looked small (a fresh table, a new connection's first plans) scans
+        # one of them whole. The plan is kept, and such a scan grows with the dead entries
+        # every deleted record leaves in the index until a vacuum: the statement's cost grew
+        # by the minute (bench: 55-105 buffers per save in one process, 282 in another). A
+        # lateral lookup of one id is cheapest through the key's index, where ``id`` leads;
+        # the delete then takes the rows it locked by ``ctid``.
         mark = (
-            f"DELETE FROM {outbox} WHERE id IN (SELECT id FROM {outbox} "
-            "WHERE id = ANY(%(sent)s::bigint[]) FOR UPDATE SKIP LOCKED) RETURNING id"
+            f"DELETE FROM {outbox} WHERE ctid = ANY(ARRAY("
+            "SELECT l.ctid FROM unnest(%(sent)s::bigint[]) AS u(id) CROSS JOIN LATERAL "
+            f"(SELECT ctid FROM {outbox} WHERE id = u.id FOR UPDATE SKIP LOCKED) AS l"
+            ")) RETURNING id"
         )
         kept = (
-            f"(SELECT array_agg(p.id) FROM {outbox} AS p "
-            "WHERE p.id = ANY(%(sent)s::bigint[]) AND p.id NOT IN (SELECT id FROM m))"
+            "(SELECT array_agg(u.id) FROM unnest(%(sent)s::bigint[]) AS u(id) CROSS JOIN LATERAL "
+            f"(SELECT p.id FROM {outbox} AS p WHERE p.id = u.id LIMIT 1) AS p "
+            "WHERE u.id NOT IN (SELECT id FROM m))"
         )
+        # Whether every earlier unsent record of the saga is the owner's (``k``) is looked up
+        # through the saga's index only: ``(sent_at IS NULL) IS TRUE`` means ``sent_at IS
+        # NULL`` but is no index condition, so the pending index, where that would be the
+        # leading column, is no candidate. Without statistics (a fresh table) the planner
+        # rated both alike and could take the pending index and read every unsent record's
+        # entry, and every dead one, for each save.
         tail = f"""
 , h AS (
     INSERT INTO {hist} ({history_columns})
@@ -180,7 +197,7 @@ class PgStatements:
 ), k AS (
     SELECT %(owner)s::text IS NOT NULL AND NOT EXISTS (
         SELECT FROM {outbox} AS p
-        WHERE p.saga_id = %(id)s::text AND p.sent_at IS NULL
+        WHERE p.saga_id = %(id)s::text AND (p.sent_at IS NULL) IS TRUE
           AND p.claimed_by IS DISTINCT FROM %(owner)s::text
     ) AS ok
 ), o AS (
@@ -337,7 +354,7 @@ WITH c AS (
 ), k AS (
     SELECT w.saga_id, w.owner IS NOT NULL AND NOT EXISTS (
         SELECT FROM {outbox} AS p
-        WHERE p.saga_id = w.saga_id AND p.sent_at IS NULL
+        WHERE p.saga_id = w.saga_id AND (p.sent_at IS NULL) IS TRUE
           AND p.claimed_by IS DISTINCT FROM w.owner
     ) AS ok
     FROM w
@@ -489,6 +506,16 @@ class PgLane:
             # it. But between vacuums the outbox is mostly dead rows, and every save checked
             # each of them, three times (bench: 8,626 outbox scans in a 1,500-saga run).
             await conn.execute("SET enable_seqscan = off")
+            # One plan per statement and connection, made once. Left to choose, PostgreSQL
+            # plans a prepared statement anew at every execution while those custom plans
+            # look cheaper than the generic one, and for the saves that depends on the
+            # tables' statistics when a connection first ran them: in the bench, 1,000 sagas
+            # at 8 in flight, the first process's connections ran 41-75% of their saves on
+            # the generic plan, a second worker's almost none (nearly every bind planned
+            # anew, 0.6-0.9 ms), and the planning time per step doubled with two workers.
+            # The statements find every row through a key or the saga's index whatever the
+            # values (see PgStatements), so the generic plan is as good as a custom one.
+            await conn.execute("SET plan_cache_mode = force_generic_plan")
         except BaseException:
             await self._drop(conn)
             raise

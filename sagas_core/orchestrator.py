@@ -387,10 +387,12 @@ class Orchestrator:
                 if span is not None:
                     span.set_attribute("saga.existing", True)  # noqa: FBT003 - OTel API
                 return self._existing(existing, definition), False
-            self.telemetry.decided(span, decision)
+            if span is not None:
+                self.telemetry.decided(span, decision)
             self._committed([decision.instance], claim=not handed)
             self._observe_decision(decision)
-        _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
+        if _log.isEnabledFor(logging.INFO):  # spares the extra dict on every start
+            _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
         return decision.instance, True
 
     def _existing(self, existing: SagaInstance, definition: SagaDefinition) -> SagaInstance:
@@ -417,7 +419,8 @@ class Orchestrator:
             except MessageDecodeError:
                 _log.exception("undecodable reply %s", envelope.message_id)
                 raise
-            self.telemetry.failed(span, reply.error)
+            if span is not None:
+                self.telemetry.failed(span, reply.error)
             await self.handle_reply(reply)
 
     async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
@@ -981,7 +984,8 @@ class Orchestrator:
                 except DuplicateMessage:
                     _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
                     return None
-                self.telemetry.decided(span, decision)
+                if span is not None:
+                    self.telemetry.decided(span, decision)
                 self._committed([decision.instance], claim=not handed)
                 self._observe_decision(decision)
                 return decision

@@ -5,7 +5,10 @@ level (raw, then ours, at each concurrency), with the same saga count. ``python 
 this.
 
 Usage: ``python -m bench.compare [--levels 1,8,64] [--sagas 300] [--per-flight 16]
-[--repeat 1] [--json out.json] [--inmemory]``
+[--repeat 1] [--json out.json] [--markdown out.md] [--inmemory]``
+
+``--markdown`` writes the same numbers as Markdown tables (every run, the ratios and their
+medians, CPU per step of every process), for docs/performance.md to quote without retyping.
 """
 
 from __future__ import annotations
@@ -37,16 +40,17 @@ def run_side(module: str, levels: str, sagas: int, out: Path, *extra: str) -> li
 
 
 def inmemory() -> str:
-    """The in-memory bench with the worker's GC tuning, then with Python's own settings."""
+    """The in-memory bench with the worker's GC tuning, then with Python's own settings, then
+    the floor under it (the bare mechanics, hand-written: ``bench/inmemory_floor.py``)."""
+    commands = [
+        [sys.executable, "bench/inmemory_overhead.py", "--gc", "worker"],
+        [sys.executable, "bench/inmemory_overhead.py", "--gc", "default"],
+        [sys.executable, "-m", "bench.inmemory_floor"],
+    ]
     outputs = []
-    for gc_mode in ("worker", "default"):
-        out = subprocess.run(  # noqa: S603 - our own script
-            [sys.executable, "bench/inmemory_overhead.py", "--gc", gc_mode],
-            cwd=ROOT,
-            check=True,
-            timeout=600,
-            capture_output=True,
-            text=True,
+    for command in commands:
+        out = subprocess.run(  # noqa: S603 - our own scripts
+            command, cwd=ROOT, check=True, timeout=600, capture_output=True, text=True
         )
         outputs.append(out.stdout.strip())
     return "\n".join(outputs)
@@ -98,6 +102,77 @@ def ratios(pairs: list[tuple[Row, Row]]) -> str:
     return "\n".join(lines)
 
 
+def _per_step(row: Row, process: str) -> float:
+    return float(row["cpu"].get(process, math.nan)) / max(int(row["steps"]), 1) * 1e6
+
+
+def _cell(value: float, digits: int = 1) -> str:
+    if math.isnan(value):
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(pairs: list[tuple[Row, Row]], inmemory_text: str | None) -> str:
+    """The run as Markdown: every measured row, the ratios, and CPU per step by process."""
+    lines = [
+        (
+            "| impl | in flight | sagas | sagas/s | steps/s | step p50 | p95 | p99 | saga p50 | "
+            "saga p99 | CPU orch / part | CPU broker / db | load |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, base in pairs:
+        for impl, r in (("raw", base), ("ours", row)):
+            lines.append(
+                f"| {impl} | {r['level']} | {r['sagas']} | {_cell(r['sagas_per_s'])} | "
+                f"{_cell(r['steps_per_s'])} | {_cell(r['step_p50_ms'])} | "
+                f"{_cell(r['step_p95_ms'])} | {_cell(r['step_p99_ms'])} | "
+                f"{_cell(r['saga_p50_ms'])} | {_cell(r['saga_p99_ms'])} | "
+                f"{_cell(_per_step(r, 'orch'), 0)} / {_cell(_per_step(r, 'part'), 0)} | "
+                f"{_cell(_per_step(r, 'broker'), 0)} / {_cell(_per_step(r, 'db'), 0)} | "
+                f"{_load1(r)} |"
+            )
+    by_level: dict[int, list[tuple[Row, Row]]] = {}
+    for row, base in pairs:
+        by_level.setdefault(int(row["level"]), []).append((row, base))
+    lines += [
+        "",
+        "| in flight | ours/raw, each pair | median | step p99 ours / raw (ms) |",
+        "|---|---|---|---|",
+    ]
+    for level, level_pairs in by_level.items():
+        values = [row["sagas_per_s"] / base["sagas_per_s"] for row, base in level_pairs]
+        p99 = ", ".join(
+            f"{_cell(row['step_p99_ms'])} / {_cell(base['step_p99_ms'])}"
+            for row, base in level_pairs
+        )
+        lines.append(
+            f"| {level} | {', '.join(f'{value:.2f}' for value in values)} | "
+            f"**{statistics.median(values):.2f}** | {p99} |"
+        )
+    lines += [
+        "",
+        "Median CPU per remote step (µs) over the pairs of a level:",
+        "",
+        "| in flight | | orchestrator | participants | broker | database | **all** |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    processes = ("orch", "part", "broker", "db")
+    for level, level_pairs in by_level.items():
+        for impl, index in (("ours", 0), ("raw", 1)):
+            rows = [pair[index] for pair in level_pairs]
+            cells = [statistics.median(_per_step(r, p) for r in rows) for p in processes]
+            total = statistics.median(
+                sum(_per_step(r, p) for p in processes if p in r["cpu"]) for r in rows
+            )
+            shown = " | ".join(_cell(value, 0) for value in cells)
+            label = level if impl == "ours" else ""
+            lines.append(f"| {label} | {impl} | {shown} | **{_cell(total, 0)}** |")
+    if inmemory_text:
+        lines += ["", "```", inmemory_text, "```"]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--levels", default="1,8,64")
@@ -118,7 +193,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="measure each level this many times, raw and ours back to back each time",
     )
     parser.add_argument("--json", default=str(Path(tempfile.gettempdir()) / "sagas-bench.json"))
-    parser.add_argument("--inmemory", action="store_true", help="also run inmemory_overhead")
+    parser.add_argument("--markdown", help="also write the run as Markdown tables to this file")
+    parser.add_argument(
+        "--inmemory",
+        action="store_true",
+        help="also run inmemory_overhead (and inmemory_floor, the bare mechanics under it)",
+    )
     parser.add_argument(
         "--loop",
         choices=("auto", "asyncio"),
@@ -172,6 +252,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\n== in-memory overhead\n" + payload["inmemory"])
     Path(args.json).write_text(json.dumps(payload, indent=2, default=str), encoding="utf-8")
     print(f"\nJSON: {args.json}")
+    if args.markdown:
+        text = markdown(pairs, payload.get("inmemory"))
+        Path(args.markdown).write_text(text, encoding="utf-8")
+        print(f"Markdown: {args.markdown}")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ engine, ids from validated inputs, envelopes from validated messages). For those
 ``__dict__`` directly costs a third of that. ``BaseModel.model_construct`` is no help: it runs
 per-field Python and is slower than validating.
 
-Only for models without validators that transform values, private attributes or extras (the
-``sagas_abstractions`` models).
+Only for models without validators that transform values, private attributes, extras or a
+``__new__`` of their own (the ``sagas_abstractions`` models).
 """
 
 from __future__ import annotations
@@ -28,6 +28,9 @@ _set_dict = _SLOTS["__dict__"].__set__
 _set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
 _set_extra = _SLOTS["__pydantic_extra__"].__set__
 _set_private = _SLOTS["__pydantic_private__"].__set__
+# ``object.__new__`` itself: ``cls.__new__`` goes through the model metaclass's __getattr__ hook
+# (70 ns more). Only for classes whose __new__ it is (checked once per class).
+_new = object.__new__
 
 
 def trusted(cls: type[M], values: dict[str, Any]) -> M:
@@ -37,12 +40,14 @@ def trusted(cls: type[M], values: dict[str, Any]) -> M:
     in, which is the order of ``model_dump`` and of the JSON; the unit tests check the callers),
     with values of the fields' types. It is taken over, not copied.
     """
-    made = cls.__new__(cls)
-    _set_dict(made, values)
     # Every field is set, so every instance can share one set: frozen models never change it in
     # place (``model_copy`` copies it first). One allocation, and one object for the GC, less.
     fields = _ALL_FIELDS.get(cls)
-    _set_fields_set(made, fields if fields is not None else _all_fields(cls))
+    if fields is None:
+        fields = _all_fields(cls)  # checks the class, once
+    made = _new(cls)
+    _set_dict(made, values)
+    _set_fields_set(made, fields)
     _set_extra(made, None)
     _set_private(made, None)
     return made
@@ -53,6 +58,8 @@ def _all_fields(cls: type[BaseModel]) -> set[str]:
     if shared is None:
         if not cls.model_config.get("frozen"):
             raise TypeError(f"{cls.__name__} is not frozen: its instances cannot share a set")
+        if cls.__new__ is not _new:
+            raise TypeError(f"{cls.__name__} has a __new__ of its own: it must run")
         shared = _ALL_FIELDS[cls] = set(cls.__pydantic_fields__)
     return shared
 
@@ -67,13 +74,14 @@ def replace(model: M, changes: Mapping[str, Any]) -> M:
     types. The copy shares the set of set fields when the changes add none to it.
     """
     cls = type(model)
-    copied = cls.__new__(cls)
+    all_fields = _ALL_FIELDS.get(cls)
+    copied = _new(cls) if all_fields is not None else cls.__new__(cls)
     values = dict(model.__dict__)
     values.update(changes)
     _set_dict(copied, values)
     fields_set = model.__pydantic_fields_set__
     # A model made by ``trusted`` has every field set already: no need to look at the changes.
-    if fields_set is not _ALL_FIELDS.get(cls) and not changes.keys() <= fields_set:
+    if fields_set is not all_fields and not changes.keys() <= fields_set:
         fields_set = fields_set | changes.keys()  # a new set: the old one may be shared
     _set_fields_set(copied, fields_set)
     _set_extra(copied, model.__pydantic_extra__)

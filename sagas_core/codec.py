@@ -74,6 +74,11 @@ _COMMAND_HEADERS = frozenset(
 _KINDS = {kind.value: kind for kind in StepKind}
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
 _REPLY_STATUSES = {status.value: status for status in ReplyStatus}
+# Members as module constants for the per-message encoders: on Python 3.11 looking a member up
+# on its class (``RouteKind.COMMAND``) takes EnumType.__getattr__'s slow path, ~90 ns a time.
+_COMMAND_ROUTE = RouteKind.COMMAND
+_REPLY_ROUTE = RouteKind.REPLY
+_EVENT_ROUTE = RouteKind.EVENT
 _STATUS_TEXT = {status: status.value for status in ReplyStatus}
 
 
@@ -169,7 +174,7 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
         headers = saga_headers
     return _envelope(
         {
-            "route": RouteKind.COMMAND,
+            "route": _COMMAND_ROUTE,
             "key": command.destination,
             "message_id": command.message_id,
             "message_type": command.command_type,
@@ -283,7 +288,7 @@ def _reply_envelope(
 ) -> Envelope:
     return _envelope(
         {
-            "route": RouteKind.REPLY,
+            "route": _REPLY_ROUTE,
             "key": reply_to,
             "message_id": message_id,
             "message_type": REPLY_TYPE,
@@ -363,7 +368,7 @@ def encode_event(event: SagaEvent) -> Envelope:
     """Encode a saga event for the events topic (routing key ``<saga-type>.<kind>``)."""
     return _envelope(
         {
-            "route": RouteKind.EVENT,
+            "route": _EVENT_ROUTE,
             "key": event.routing_key,
             "message_id": event.event_id,
             "message_type": EVENT_TYPE,

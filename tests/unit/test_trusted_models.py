@@ -8,9 +8,10 @@ made: equal, the fields in declaration order (the order of ``model_dump`` and of
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Self
 
 import pytest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from sagas_abstractions import (
     CommandMessage,
@@ -189,3 +190,15 @@ def test_only_frozen_models_are_made_unvalidated() -> None:
 
     with pytest.raises(TypeError, match="not frozen"):
         trusted(Loose, {"name": "x"})
+
+
+def test_a_model_with_a_new_of_its_own_is_not_made_unvalidated() -> None:
+    class Special(BaseModel):
+        model_config = ConfigDict(frozen=True)
+        name: str
+
+        def __new__(cls, *_args: object, **_kwargs: object) -> Self:
+            return super().__new__(cls)
+
+    with pytest.raises(TypeError, match="__new__"):
+        trusted(Special, {"name": "x"})

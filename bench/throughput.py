@@ -464,6 +464,7 @@ class DatabaseProbe:
         self.statements: list[tuple[Any, ...]] = []
         self.changes: dict[str, tuple[int, ...]] = {}
         self.plans: dict[str, tuple[int, int, int]] = {}
+        self.statements_available = True
 
     async def _query(self, sql: str, *params: object) -> list[tuple[Any, ...]]:
         async with await psycopg.AsyncConnection.connect(self.url, autocommit=True) as conn:
@@ -495,7 +496,10 @@ class DatabaseProbe:
         self.pids = {int(pid): name.removeprefix(self.bench.application) for pid, name in rows}
         self.cpu = {pid: _cpu_or_zero(pid) for pid in self.pids}
         self.plans = await self._prepared()
-        await self._query("SELECT pg_stat_statements_reset()")
+        try:
+            await self._query("SELECT pg_stat_statements_reset()")
+        except psycopg.Error:
+            self.statements_available = False  # not preloaded or not created: the rest only
         await self._query("SELECT pg_stat_clear_snapshot()")
         self.database, self.tables = await self._snapshot()
 
@@ -514,6 +518,8 @@ class DatabaseProbe:
             name: tuple(a - b for a, b in zip(row, self.tables.get(name, (0,) * 9), strict=True))
             for name, row in tables.items()
         }
+        if not self.statements_available:
+            return {name: round(value, 3) for name, value in used.items()}
         self.statements = await self._query(
             "SELECT calls, rows, total_exec_time, total_plan_time, plans, "
             "shared_blks_hit + shared_blks_read, left(regexp_replace(query, '\\s+', ' ', 'g'), 150)"

@@ -297,6 +297,7 @@ class SagaHost:
             group=self.settings.group,
             concurrency=self.settings.concurrency,
             timeout_interval=self.settings.timeout_interval,
+            timeout_idle_interval=self.settings.timeout_idle_interval,
             breaker=self._breaker(),
             telemetry=self.telemetry,
             status_events=self.settings.status_events,

@@ -101,7 +101,12 @@ class SagaRuntime:
             runtime creates for local steps; a scoped resolver gives each command its scope).
         group: The orchestrator group (names the reply queue).
         concurrency: Replies handled at once.
-        timeout_interval: Seconds between deadline polls.
+        timeout_interval: Seconds between deadline polls (at least, with
+            ``timeout_idle_interval``).
+        timeout_idle_interval: Poll for deadlines when one this process committed is due,
+            and otherwise every this many seconds (deadlines committed elsewhere: another
+            worker's, once its claims' lease has passed, or a previous run's); ``None`` polls
+            every ``timeout_interval``. See :class:`~sagas_core.timeouts.TimeoutService`.
         relay_poll_interval: Seconds between outbox polls when idle and not kicked. The
             records this process commits need no poll: they are handed to its relay at once.
         relay_lease: Seconds an outbox claim keeps other relays away: after a crash, what the
@@ -137,6 +142,7 @@ class SagaRuntime:
         group: str = "default",
         concurrency: int = 16,
         timeout_interval: float = 0.05,
+        timeout_idle_interval: float | None = 1.0,
         relay_poll_interval: float = 0.5,
         relay_lease: float = 10.0,
         orphan_replies: OrphanReplyPolicy = OrphanReplyPolicy.LOG,
@@ -182,7 +188,9 @@ class SagaRuntime:
             lease=timedelta(seconds=relay_lease),
             telemetry=self.telemetry,
         )
-        self.timeouts = TimeoutService(self.orchestrator, interval=timeout_interval)
+        self.timeouts = TimeoutService(
+            self.orchestrator, interval=timeout_interval, idle_interval=timeout_idle_interval
+        )
         self.orchestrator.use_relay(self.relay)
         self._subscriptions: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []

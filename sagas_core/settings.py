@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["SagasSettings", "SettingsError", "load_settings", "redact_url"]
@@ -56,7 +56,10 @@ class SagasSettings(BaseSettings):
         concurrency: Messages handled at once per consumer.
         prefetch: Messages the broker sends ahead (default: the concurrency).
         graceful_timeout: Seconds to finish in-flight work and flush the outbox at shutdown.
-        timeout_interval: Seconds between polls for due deadlines.
+        timeout_interval: Seconds between polls for due deadlines (at least, with
+            ``timeout_idle_interval``).
+        timeout_idle_interval: Poll when a deadline this worker committed is due, otherwise
+            every this many seconds (``none``: every ``timeout_interval``).
         log_level: Logging level.
         log_format: ``text`` or ``json`` (one object a line).
         health_port: Serve ``/health`` and ``/ready`` on 127.0.0.1 at this port.
@@ -91,6 +94,7 @@ class SagasSettings(BaseSettings):
     prefetch: int | None = Field(default=None, ge=1, le=65_535)
     graceful_timeout: float = Field(default=30.0, gt=0, le=3600)
     timeout_interval: float = Field(default=0.1, gt=0, le=60)
+    timeout_idle_interval: float | None = Field(default=1.0, gt=0, le=3600)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["text", "json"] = "text"
     health_port: int | None = Field(default=None, ge=1, le=65_535)
@@ -103,6 +107,23 @@ class SagasSettings(BaseSettings):
     @classmethod
     def _upper_level(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
+
+    @field_validator("timeout_idle_interval", mode="before")
+    @classmethod
+    def _idle_off(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() in {"", "none", "off"}:
+            return None
+        return value
+
+    @field_validator("timeout_idle_interval")
+    @classmethod
+    def _idle_not_shorter(cls, value: float | None, info: ValidationInfo) -> float | None:
+        interval = info.data.get("timeout_interval")
+        if value is not None and interval is not None and value < interval:
+            raise ValueError(
+                f"must not be shorter than {ENV_PREFIX}TIMEOUT_INTERVAL ({interval} s)"
+            )
+        return value
 
     @field_validator("database_url")
     @classmethod

@@ -118,3 +118,17 @@ def test_the_status_events_setting_is_validated(
         load_settings()
     monkeypatch.setenv("SAGAS_STATUS_EVENTS", "lifecycle")
     assert load_settings().status_events == "lifecycle"
+
+
+def test_the_idle_timeout_interval_setting_is_validated(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().timeout_idle_interval == 1.0
+    monkeypatch.setenv("SAGAS_TIMEOUT_INTERVAL", "0.5")
+    monkeypatch.setenv("SAGAS_TIMEOUT_IDLE_INTERVAL", "0.2")
+    with pytest.raises(SettingsError, match=r"SAGAS_TIMEOUT_IDLE_INTERVAL.*SAGAS_TIMEOUT_INTERVAL"):
+        load_settings()
+    monkeypatch.setenv("SAGAS_TIMEOUT_IDLE_INTERVAL", "none")
+    assert load_settings().timeout_idle_interval is None
+    monkeypatch.setenv("SAGAS_TIMEOUT_IDLE_INTERVAL", "5")
+    assert load_settings().timeout_idle_interval == 5.0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from pydantic import BaseModel
 
 from sagas_core import Orchestrator, SagaBuilder
+from sagas_core.clock import SystemClock
 from sagas_core.testing import FakeClock, InMemorySagaStore
 from sagas_core.timeouts import TimeoutService
 
@@ -55,3 +57,91 @@ async def test_competing_services_fire_disjoint_batches() -> None:
     for n in range(9):
         inputs = [entry.input for entry in await store.history(f"saga-{n}")]
         assert inputs == ["Start", "Timeout"]
+
+
+QUICK = (
+    SagaBuilder("quick", data=Data)
+    .step("call")
+    .send(Call, to="service")
+    .timeout(seconds=0.2)
+    .build()
+)
+
+
+async def _run_until_fired(service: TimeoutService, count: int = 1) -> None:
+    """Run the service until it has fired ``count`` inputs (10 s at most), then stop it."""
+    task = asyncio.create_task(service.run())
+    try:
+        async with asyncio.timeout(10):
+            while service.fired < count:
+                await asyncio.sleep(0.01)
+    finally:
+        service.stop()
+        await task
+
+
+async def test_a_following_service_polls_at_the_deadlines_it_committed_not_all_the_time() -> None:
+    store = InMemorySagaStore()
+    orchestrator = Orchestrator(store=store, definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(orchestrator, interval=0.01, idle_interval=30)
+
+    await orchestrator.start("quick", {}, saga_id="q-1")
+    await _run_until_fired(service)
+
+    assert service.tracking
+    # The poll at start and the one at the deadline (and one more if woken a hair early);
+    # polling every 10 ms would have taken ~20 to get there.
+    assert service.polls <= 4
+    assert [entry.input for entry in await store.history("q-1")][:2] == ["Start", "Timeout"]
+
+
+async def test_a_following_service_finds_deadlines_committed_elsewhere_by_its_idle_polls() -> None:
+    store = InMemorySagaStore()
+    elsewhere = Orchestrator(store=store, definitions=[QUICK], clock=SystemClock())
+    here = Orchestrator(store=store, definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(here, interval=0.01, idle_interval=0.3)
+    task = asyncio.create_task(service.run())
+    try:
+        await asyncio.sleep(0.05)  # the service polled at start and sleeps: nothing followed
+        await elsewhere.start("quick", {}, saga_id="q-2")
+        async with asyncio.timeout(10):
+            while service.fired < 1:
+                await asyncio.sleep(0.01)
+    finally:
+        service.stop()
+        await task
+
+    assert service.fired == 1
+    assert "Timeout" in [entry.input for entry in await store.history("q-2")]
+
+
+async def test_an_idle_following_service_asks_the_store_every_idle_interval() -> None:
+    orchestrator = Orchestrator(store=InMemorySagaStore(), definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(orchestrator, interval=0.01, idle_interval=0.2)
+    task = asyncio.create_task(service.run())
+    await asyncio.sleep(0.5)
+    service.stop()
+    await task
+
+    assert 1 <= service.polls <= 5  # every 10 ms would be ~50
+
+
+async def test_past_max_tracked_sagas_the_service_stops_following_and_polls_often() -> None:
+    orchestrator = Orchestrator(store=InMemorySagaStore(), definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(orchestrator, interval=0.01, idle_interval=30, max_tracked=2)
+    for n in range(3):
+        await orchestrator.start("quick", {}, saga_id=f"q-{n}")
+
+    assert not service.tracking
+    await _run_until_fired(service, count=3)  # found by polling every 10 ms, not in 30 s
+
+
+def test_following_needs_an_idle_interval_and_the_system_clock() -> None:
+    fake = Orchestrator(store=InMemorySagaStore(), definitions=[QUICK], clock=FakeClock())
+    real = Orchestrator(store=InMemorySagaStore(), definitions=[QUICK], clock=SystemClock())
+
+    assert not TimeoutService(fake, idle_interval=1).tracking
+    assert not TimeoutService(real).tracking
+    assert TimeoutService(real, idle_interval=1).tracking
+    with pytest.raises(ValueError, match=r"idle_interval \(0.05 s\) must not be shorter"):
+        TimeoutService(real, interval=0.1, idle_interval=0.05)

@@ -485,7 +485,9 @@ class Participant:
             if waiter.done() and not waiter.cancelled():
                 self._pass_turn(step_key)  # cancelled just as its turn came: hand it on
             else:
-                waiters.remove(waiter)
+                # Gone already when the holder passed the turn on after the cancellation.
+                with contextlib.suppress(ValueError):
+                    waiters.remove(waiter)
             raise
 
     def _pass_turn(self, step_key: str) -> None:

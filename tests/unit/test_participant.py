@@ -606,3 +606,18 @@ async def test_the_runtimes_own_local_step_participant_is_not_warned_about(
             pass
     await bus.close()
     assert "outcomes in memory" not in caplog.text
+
+
+async def test_a_delivery_cancelled_while_waiting_for_its_turn_is_just_cancelled() -> None:
+    # The holder passes the turn on after the waiter was cancelled but before the waiting task
+    # ran again: the waiter is gone from the queue, and the task ends cancelled, nothing else.
+    participant = Participant("inventory")
+    participant._busy["o-1:reserve"] = None  # a delivery of this step holds it
+    waiting = asyncio.create_task(participant._wait_turn("o-1:reserve"))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    participant._pass_turn("o-1:reserve")
+
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert participant._busy == {}

@@ -27,7 +27,6 @@ import contextlib
 import dataclasses
 import logging
 import uuid
-from collections import Counter
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
 
@@ -105,7 +104,10 @@ class RabbitBus:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._command_queues: dict[str, AbstractRobustQueue] = {}
         self._declare_lock = asyncio.Lock()
-        self._event_ordinals: Counter[str] = Counter()
+        # Ordinals of the open event subscriptions, per pattern: the n-th subscription to a
+        # pattern in a process consumes queue n of that pattern (shared with the n-th of every
+        # other process of the group); a closed subscription's ordinal is taken again.
+        self._event_ordinals: dict[str, set[int]] = {}
         self._subscriptions: set[RabbitSubscription] = set()
         self._declared: set[str] = set()
         self._closed = False
@@ -481,7 +483,7 @@ class RabbitBus:
     # ------------------------------------------------------------------ consuming
 
     async def _declare(
-        self, channel: AbstractRobustChannel, route: RouteKind, key: str
+        self, channel: AbstractRobustChannel, route: RouteKind, key: str, ordinal: int = 1
     ) -> AbstractRobustQueue:
         topology = self.topology
         arguments = topology.queue_arguments()
@@ -490,8 +492,7 @@ class RabbitBus:
         elif route is RouteKind.REPLY:
             name, exchange, binding = topology.reply_queue(key), topology.replies_exchange, key
         elif route is RouteKind.EVENT:
-            self._event_ordinals[key] += 1
-            name = topology.event_queue(key, self._event_ordinals[key])
+            name = topology.event_queue(key, ordinal)
             exchange, binding = topology.events_exchange, key
         else:
             name, exchange, binding = (
@@ -528,18 +529,30 @@ class RabbitBus:
         if self._closed:
             raise TransportError("RabbitMQ bus is closed; cannot subscribe")
 
-        async def declare(channel: AbstractRobustChannel) -> AbstractRobustQueue:
-            return await self._declare(channel, route, key)
+        ordinal = self._take_ordinal(key) if route is RouteKind.EVENT else 1
 
-        subscription = await self._open_subscription(
-            route,
-            key,
-            handler,
-            concurrency,
-            declare=declare,
-            on_closed=self._subscriptions.discard,
-            what=f"{route.value}/{key}",
-        )
+        async def declare(channel: AbstractRobustChannel) -> AbstractRobustQueue:
+            return await self._declare(channel, route, key, ordinal)
+
+        def closed(subscription: RabbitSubscription) -> None:
+            self._subscriptions.discard(subscription)
+            if route is RouteKind.EVENT:
+                self._release_ordinal(key, ordinal)
+
+        try:
+            subscription = await self._open_subscription(
+                route,
+                key,
+                handler,
+                concurrency,
+                declare=declare,
+                on_closed=closed,
+                what=f"{route.value}/{key}",
+            )
+        except BaseException:
+            if route is RouteKind.EVENT:
+                self._release_ordinal(key, ordinal)
+            raise
         _log.debug("consuming %s with concurrency %d", subscription.queue_name, concurrency)
         if route is RouteKind.REPLY and self.settings.reply_affinity:
             try:
@@ -548,6 +561,22 @@ class RabbitBus:
                 await subscription.close()
                 raise
         return subscription
+
+    def _take_ordinal(self, pattern: str) -> int:
+        """The lowest ordinal no open subscription to ``pattern`` in this process holds."""
+        taken = self._event_ordinals.setdefault(pattern, set())
+        ordinal = 1
+        while ordinal in taken:
+            ordinal += 1
+        taken.add(ordinal)
+        return ordinal
+
+    def _release_ordinal(self, pattern: str, ordinal: int) -> None:
+        taken = self._event_ordinals.get(pattern)
+        if taken is not None:
+            taken.discard(ordinal)
+            if not taken:
+                del self._event_ordinals[pattern]
 
     async def _open_subscription(
         self,

@@ -306,3 +306,29 @@ async def test_is_ready_is_true_while_every_consumer_is_registered(bus: RabbitBu
 
     await bus.close()
     assert not await bus.is_ready()
+
+
+async def test_an_event_subscription_opened_again_consumes_the_queue_it_had(bus: RabbitBus) -> None:
+    # The n-th open subscription to a pattern consumes queue n; one that closes frees n, so the
+    # next subscription takes that queue again (with what arrived meanwhile) instead of leaving
+    # it bound, filling up with events nobody reads, next to a new queue n + 1.
+    received: list[Envelope] = []
+
+    async def record(message: Envelope) -> None:
+        received.append(message)
+
+    first = await bus.subscribe(RouteKind.EVENT, "order.completed", _ignore)
+    second = await bus.subscribe(RouteKind.EVENT, "order.completed", _ignore)
+    assert (first.queue_name, second.queue_name) == (
+        bus.topology.event_queue("order.completed", 1),
+        bus.topology.event_queue("order.completed", 2),
+    )
+    await first.close()
+    meanwhile = envelope(RouteKind.EVENT, "order.completed")
+    await bus.publish([meanwhile])
+
+    again = await bus.subscribe(RouteKind.EVENT, "order.completed", record)
+
+    assert again.queue_name == first.queue_name
+    await until(lambda: len(received) == 1)
+    assert received[0].message_id == meanwhile.message_id

@@ -76,6 +76,7 @@ _INSTALL_HINT = "pip install 'sagas[otel]'"
 _RECHECK_SECONDS = 1.0
 
 _NOOP: contextlib.nullcontext[None] = contextlib.nullcontext()
+_monotonic = time.monotonic
 
 _DEADLINE_VERBS = {"Timeout": "timeout", "RetryDue": "retry", "SagaTimeout": "saga-timeout"}
 _OPERATOR_VERBS = {
@@ -224,8 +225,10 @@ class Telemetry:
         self._instruments: _Instruments | None = None
         # Without an SDK, the global providers are looked at again at most once a second, so
         # the no-op path costs a clock read (a provider set later is picked up within 1 s).
-        self._checked = {"trace": float("-inf"), "metrics": float("-inf")}
-        """When to look for a global SDK provider again, per signal."""
+        # Plain attributes, read by every hook before anything else: -inf (look now) until a
+        # lookup found no SDK; a provider given is never looked up (it stays -inf).
+        self._trace_off_until = float("-inf")
+        self._metrics_off_until = float("-inf")
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
         self._outbox_lag: dict[str, float] = {}
         self._outbox_size: dict[str, int] = {}
@@ -248,16 +251,17 @@ class Telemetry:
         """
         if given is not None:
             return given
-        now = time.monotonic()
-        if now < self._checked[signal]:
+        now = _monotonic()
+        attribute = f"_{signal}_off_until"
+        if now < getattr(self, attribute):
             return None  # looked a moment ago: no SDK yet
         api = _api()
         if api is None:
-            self._checked[signal] = float("inf")
+            setattr(self, attribute, float("inf"))
             return None
         provider = lookup(api)
         if _is_api_default(provider):
-            self._checked[signal] = now + _RECHECK_SECONDS
+            setattr(self, attribute, now + _RECHECK_SECONDS)
             return None
         return provider
 
@@ -266,7 +270,7 @@ class Telemetry:
         """The tracer, or ``None`` while tracing is off (no API, or no SDK configured)."""
         if self._tracer is not None:
             return self._tracer
-        if self._tracer_provider is None and time.monotonic() < self._checked["trace"]:
+        if _monotonic() < self._trace_off_until:
             return None  # the common no-SDK case, without the call below (hooks ask often)
         provider = self._provider(
             "trace", self._tracer_provider, lambda api: api.trace.get_tracer_provider()
@@ -283,7 +287,7 @@ class Telemetry:
         """The metric instruments, or ``None`` while metrics are off."""
         if self._instruments is not None:
             return self._instruments
-        if self._meter_provider is None and time.monotonic() < self._checked["metrics"]:
+        if _monotonic() < self._metrics_off_until:
             return None  # as in tracer
         provider = self._provider(
             "metrics", self._meter_provider, lambda api: api.metrics.get_meter_provider()
@@ -296,6 +300,12 @@ class Telemetry:
             provider.get_meter(INSTRUMENTATION_NAME, __version__), self
         )
         return self._instruments
+
+    def _tracing_off(self) -> bool:
+        # The hot hooks inline this test: a call saved per message while tracing is off.
+        return self._tracer is None and (
+            _monotonic() < self._trace_off_until or self.tracer is None
+        )
 
     @property
     def metrics_enabled(self) -> bool:
@@ -326,7 +336,7 @@ class Telemetry:
 
     def trace_context(self, fallback: Mapping[str, str] | None = None) -> dict[str, str]:
         """The current span's W3C context as headers, else ``fallback`` (copied)."""
-        if self.tracer is None or self._current_span() is None:
+        if self._tracing_off() or self._current_span() is None:
             return dict(fallback or {})
         api = _api()
         assert api is not None  # noqa: S101 - a tracer implies the API
@@ -336,7 +346,7 @@ class Telemetry:
 
     def stamp(self, envelopes: list[Envelope]) -> list[Envelope]:
         """The envelopes with the current span's context in their headers (for the outbox)."""
-        if not envelopes or self.tracer is None or self._current_span() is None:
+        if not envelopes or self._tracing_off() or self._current_span() is None:
             return envelopes
         carrier = self.trace_context()
         return [
@@ -350,8 +360,10 @@ class Telemetry:
         self, saga_type: str, saga_id: str, parent: Mapping[str, str] | None
     ) -> contextlib.AbstractContextManager[Span | None]:
         """The ``saga start`` span (a child of ``parent`` headers, else of the current span)."""
-        tracer = self.tracer
-        if tracer is None:
+        tracer = self._tracer
+        if tracer is None and (
+            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
+        ):
             return _NOOP
         api = _api()
         assert api is not None  # noqa: S101 - a tracer implies the API
@@ -405,8 +417,10 @@ class Telemetry:
         A reply is already inside its consumer span: that span gets the saga attributes and a
         link to the saga's start instead.
         """
-        tracer = self.tracer
-        if tracer is None:
+        tracer = self._tracer
+        if tracer is None and (
+            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
+        ):
             return _NOOP
         if type(event).__name__ in _REPLY_INPUTS:
             span = self._current_span()
@@ -432,8 +446,10 @@ class Telemetry:
         only way the context crosses the broker). With ``messaging_spans`` off it is an
         internal span under whatever span the broker instrumentation made.
         """
-        tracer = self.tracer
-        if tracer is None:
+        tracer = self._tracer
+        if tracer is None and (
+            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
+        ):
             return _NOOP
         api = _api()
         assert api is not None  # noqa: S101 - a tracer implies the API
@@ -490,8 +506,12 @@ class Telemetry:
         Yields the envelopes to publish: with the producer span's context in their headers,
         each a child of the context the envelope carried (the span that decided it).
         """
-        tracer = self.tracer
-        if tracer is None or not self.messaging_spans:
+        if not self.messaging_spans:
+            return contextlib.nullcontext(envelopes)
+        tracer = self._tracer
+        if tracer is None and (
+            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
+        ):
             return contextlib.nullcontext(envelopes)
         return self._publish_spans(tracer, envelopes, system)
 
@@ -516,8 +536,10 @@ class Telemetry:
 
     def record_decision(self, decision: Decision) -> None:
         """Count what a committed decision did (low-cardinality attributes only)."""
-        instruments = self.instruments
-        if instruments is None:
+        instruments = self._instruments
+        if instruments is None and (
+            _monotonic() < self._metrics_off_until or (instruments := self.instruments) is None
+        ):
             return
         instance = decision.instance
         saga_type = {"saga.type": instance.saga_type}

@@ -79,6 +79,7 @@ _REPLY_STATUSES = {status.value: status for status in ReplyStatus}
 _COMMAND_ROUTE = RouteKind.COMMAND
 _REPLY_ROUTE = RouteKind.REPLY
 _EVENT_ROUTE = RouteKind.EVENT
+_FAILED_REPLY = ReplyStatus.FAILED
 _STATUS_TEXT = {status: status.value for status in ReplyStatus}
 
 
@@ -334,7 +335,7 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
             step=step,
         )
     error = None
-    if status is ReplyStatus.FAILED:
+    if status is _FAILED_REPLY:
         where = {"saga_id": saga_id, "saga_type": saga_type, "step": step}
         raw_error = body.get("error") or {"code": "failed"}
         try:

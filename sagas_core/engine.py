@@ -99,7 +99,18 @@ _NO_CIRCUITS: Mapping[str, datetime] = MappingProxyType({})
 # Members asked for on every step, as module constants: on Python 3.11 looking a member up on
 # its class (``StepKind.EXECUTE``) takes EnumType.__getattr__'s slow path, ~90 ns a time.
 _EXECUTE, _COMPENSATE = StepKind.EXECUTE, StepKind.COMPENSATE
-_COMPENSATING = SagaStatus.COMPENSATING
+_COMPENSATING, _FAILED, _COMPLETED = (
+    SagaStatus.COMPENSATING,
+    SagaStatus.FAILED,
+    SagaStatus.COMPLETED,
+)
+_REPLY, _RETRY = WaitKind.REPLY, WaitKind.RETRY
+_STEP_RUNNING, _STEP_SUCCEEDED = StepStatus.RUNNING, StepStatus.SUCCEEDED
+_STEP_COMPLETED, _SAGA_COMPLETED = EventKind.STEP_COMPLETED, EventKind.COMPLETED
+_WAIT_ACTION = ActionKind.WAIT
+# ``status.is_active``/``is_terminal`` without the property's Python call, derived from them.
+_ACTIVE = frozenset(status for status in SagaStatus if status.is_active)
+_TERMINAL = frozenset(status for status in SagaStatus if status.is_terminal)
 """``kind.value`` without the enum property's Python call (ids are made on every step)."""
 _COMPENSATION_STARTED = frozenset({StepStatus.COMPENSATING, StepStatus.COMPENSATION_FAILED})
 
@@ -504,7 +515,7 @@ class _Transition:
         event = self.event
         if isinstance(event, _OPERATOR_INPUTS):
             return self.operator(event)
-        if self.status.is_terminal:
+        if self.status in _TERMINAL:
             return _ignored(self.before, event, f"saga is {self.status.value}")
         if isinstance(event, SagaTimeout):
             return self.saga_timeout(event)
@@ -517,7 +528,7 @@ class _Transition:
         index = self.index_of(event.step)
         if index is None:
             return _ignored(self.before, event, f"unknown step {event.step!r}")
-        if self.status is SagaStatus.FAILED:
+        if self.status is _FAILED:
             return self.failed_saga_input(event, index)
         if index != self.current or event.kind is not self.kind:
             return _ignored(
@@ -531,11 +542,11 @@ class _Transition:
                 self.before, event, f"superseded attempt (current attempt is {self.attempt})"
             )
         if isinstance(event, StepSucceeded):
-            if self.wait is WaitKind.RETRY and not self.last_attempt_timed_out(index):
+            if self.wait is _RETRY and not self.last_attempt_timed_out(index):
                 return _ignored(self.before, event, "attempt already failed")
             return self.succeeded(index, event.data)
         if isinstance(event, StepFailed):
-            if self.wait is not WaitKind.REPLY:
+            if self.wait is not _REPLY:
                 return _ignored(self.before, event, "attempt already failed")
             self.reason = event.error.message or event.error.code
             return self.failed(index, event.error)
@@ -586,7 +597,7 @@ class _Transition:
     def complete(self, index: int, data: Mapping[str, Any]) -> None:
         """The current step (or its compensation) succeeded with ``data``: move on."""
         step_def = self.definition.steps[index]
-        if self.kind is StepKind.COMPENSATE:
+        if self.status is _COMPENSATING:  # self.kind is COMPENSATE, without the property call
             self.update_step(index, status=StepStatus.COMPENSATED, finished_at=self.at)
             self.emit(EventKind.STEP_COMPENSATED, step=step_def.name)
             self.next_compensation(index - 1)
@@ -609,12 +620,12 @@ class _Transition:
         self.data = merged
         self.update_step(
             index,
-            status=StepStatus.SUCCEEDED,
+            status=_STEP_SUCCEEDED,
             result=dict(data),
             error=None,
             finished_at=self.at,
         )
-        self.emit(EventKind.STEP_COMPLETED, step=step_def.name)
+        self.emit(_STEP_COMPLETED, step=step_def.name)
         self.begin_step(index + 1)
 
     # ------------------------------------------------------------------ bus events
@@ -804,10 +815,10 @@ class _Transition:
     def begin_step(self, index: int) -> None:
         if index >= len(self.definition.steps):
             self.current = len(self.definition.steps) - 1
-            self.status = SagaStatus.COMPLETED
+            self.status = _COMPLETED
             self.wait = None
             self.deadline_at = None
-            self.emit(EventKind.COMPLETED)
+            self.emit(_SAGA_COMPLETED)
             return
         self.current = index
         self.send(index, _EXECUTE, new_round=True)
@@ -820,7 +831,7 @@ class _Transition:
         made = state.attempts if kind is _EXECUTE else state.compensation_attempts
         if new_round:
             self.attempt_base = made
-        if spec.kind is ActionKind.WAIT:
+        if spec.kind is _WAIT_ACTION:
             self.wait_for_event(index, made + 1)
             return
         reopens = self.circuits.get(spec.destination)
@@ -837,13 +848,13 @@ class _Transition:
         if kind is _EXECUTE:
             self.update_step(
                 index,
-                status=StepStatus.RUNNING,
+                status=_STEP_RUNNING,
                 attempts=attempt,
                 started_at=state.started_at or self.at,
             )
         else:
             self.update_step(index, status=StepStatus.COMPENSATING, compensation_attempts=attempt)
-        self.wait = WaitKind.REPLY
+        self.wait = _REPLY
         self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
         try:
             payload = spec.build_payload(self.parsed_data())
@@ -1002,7 +1013,7 @@ class _Transition:
         before = self.before
         version = before.version if self.created else before.version + 1
         status = self.status
-        active = status.is_active
+        active = status in _ACTIVE
         at = self.at
         instance = replace(
             before,

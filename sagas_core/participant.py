@@ -90,6 +90,9 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.participant")
+# Enum members asked for on every command, as module constants (a class lookup is ~70 ns).
+_EXECUTE = StepKind.EXECUTE
+_SUCCEEDED = ReplyStatus.SUCCEEDED
 
 C = TypeVar("C", bound=BaseModel)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -511,7 +514,7 @@ class Participant:
         if cached is not None:
             return cached  # the truth, even if the step was compensated since
         tombstone = _tombstone_key(command.saga_id, command.step)
-        if command.kind is StepKind.EXECUTE:
+        if command.kind is _EXECUTE:
             if await store.get(tombstone):
                 return CachedOutcome(
                     ReplyStatus.FAILED,
@@ -578,7 +581,7 @@ class Participant:
                 # Nothing to inject, and the built-in resolver's scope would hold nothing: the
                 # scope (a context manager and an exit stack a command) is skipped.
                 result = await handler.function(parsed)
-            return CachedOutcome(ReplyStatus.SUCCEEDED, _result_data(result))
+            return CachedOutcome(_SUCCEEDED, _result_data(result))
         except _FinalizerFailed as failed:
             return self._failure(failed.error, command, finalizing=True)
         except ParticipantError as exc:

@@ -413,6 +413,9 @@ class Participant:
             self.telemetry.record_dead_letter(self.destination)
             await bus.publish([self._dead_letter(envelope)])
             return
+        if self.telemetry.tracing_off():
+            await bus.publish([reply])  # what publishing() would yield, without its spans
+            return
         with self.telemetry.publishing([reply], system=self._system) as replies:
             await bus.publish(replies)
 
@@ -423,6 +426,8 @@ class Participant:
         caller dead-letters them. Runs in a ``process <destination>`` consumer span (when
         tracing is on) whose context the reply carries.
         """
+        if self.telemetry.tracing_off():
+            return await self._process(envelope)  # consume() would make no span
         with self.telemetry.consume(envelope, system=self._system) as span:
             reply = await self._process(envelope)
             if span is not None:

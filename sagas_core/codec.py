@@ -16,6 +16,7 @@ from sagas_abstractions import (
     DeadLetterMessage,
     Envelope,
     ErrorInfo,
+    EventKind,
     MessageDecodeError,
     ReplyMessage,
     ReplyStatus,
@@ -73,6 +74,7 @@ _COMMAND_HEADERS = frozenset(
 # (``StepKind(text)`` costs a microsecond, ``kind.value`` a property call): every message.
 _KINDS = {kind.value: kind for kind in StepKind}
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
+_EVENT_KIND_TEXT = {kind: kind.value for kind in EventKind}
 _REPLY_STATUSES = {status.value: status for status in ReplyStatus}
 # Members as module constants for the per-message encoders: on Python 3.11 looking a member up
 # on its class (``RouteKind.COMMAND``) takes EnumType.__getattr__'s slow path, ~90 ns a time.
@@ -370,7 +372,7 @@ def encode_event(event: SagaEvent) -> Envelope:
     return _envelope(
         {
             "route": _EVENT_ROUTE,
-            "key": event.routing_key,
+            "key": f"{event.saga_type}.{_EVENT_KIND_TEXT[event.kind]}",  # event.routing_key
             "message_id": event.event_id,
             "message_type": EVENT_TYPE,
             "correlation_id": event.saga_id,

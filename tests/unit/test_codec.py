@@ -311,6 +311,21 @@ def test_an_event_round_trips_on_its_topic_routing_key() -> None:
     assert decode_event(envelope) == event
 
 
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_every_event_kind_goes_out_on_the_events_routing_key(kind: EventKind) -> None:
+    event = SagaEvent(
+        event_id="saga-1:1:0",
+        saga_id="saga-1",
+        saga_type="order",
+        kind=kind,
+        status=SagaStatus.RUNNING,
+        version=1,
+        at=AT,
+    )
+
+    assert encode_event(event).key == event.routing_key
+
+
 def test_an_event_body_that_does_not_fit_names_the_model() -> None:
     envelope = Envelope(
         route=RouteKind.EVENT,

@@ -151,6 +151,15 @@ _SUCCEEDED = ReplyStatus.SUCCEEDED
 _ALL_EVENTS, _LIFECYCLE_EVENTS = StatusEvents.ALL, StatusEvents.LIFECYCLE
 
 
+def _decoded(envelope: Envelope) -> ReplyMessage:
+    """The reply in ``envelope``; one that does not decode is logged, then raised."""
+    try:
+        return decode_reply(envelope)
+    except MessageDecodeError:
+        _log.exception("undecodable reply %s", envelope.message_id)
+        raise
+
+
 def _wake(waiter: asyncio.Future[None]) -> None:
     if not waiter.done():
         waiter.set_result(None)
@@ -420,14 +429,14 @@ class Orchestrator:
             MessageDecodeError: the envelope does not follow the protocol (the bus retries it a
                 bounded number of times, then dead-letters it).
         """
-        with self.telemetry.consume(envelope, system=self.messaging_system) as span:
-            try:
-                reply = decode_reply(envelope)
-            except MessageDecodeError:
-                _log.exception("undecodable reply %s", envelope.message_id)
-                raise
+        telemetry = self.telemetry
+        if telemetry.tracing_off():
+            await self.handle_reply(_decoded(envelope))  # consume() would make no span
+            return
+        with telemetry.consume(envelope, system=self.messaging_system) as span:
+            reply = _decoded(envelope)
             if span is not None:
-                self.telemetry.failed(span, reply.error)
+                telemetry.failed(span, reply.error)
             await self.handle_reply(reply)
 
     async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
@@ -1046,7 +1055,8 @@ class Orchestrator:
                 ]
         # The deciding span's context travels with the outbox rows (published after a restart,
         # a message still joins its saga's trace).
-        return self.telemetry.stamp(envelopes)
+        telemetry = self.telemetry
+        return envelopes if telemetry.tracing_off() else telemetry.stamp(envelopes)
 
     def _circuits(self) -> dict[str, datetime] | None:
         return None if self.breaker is None else self.breaker.blocked(self.clock.now())

@@ -376,7 +376,9 @@ class SagaHost:
         if self._given_bus is not None:
             return self._given_bus
         if self.settings.amqp_url is None:
-            bus = InMemoryBus(max_deliveries=self.settings.delivery_limit + 1)
+            bus = InMemoryBus(
+                max_deliveries=self.settings.delivery_limit + 1, keep_published=10_000
+            )
             self._closers.append(bus.close)
             return bus
         try:

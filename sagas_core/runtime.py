@@ -156,7 +156,7 @@ class SagaRuntime:
         self.participants = list(participants)
         self.store: SagaRepository = store if store is not None else InMemorySagaStore()
         self._owns_bus = bus is None
-        self.bus: MessageBus = bus if bus is not None else InMemoryBus()
+        self.bus: MessageBus = bus if bus is not None else InMemoryBus(keep_published=10_000)
         self.clock = clock or SystemClock()
         self.dependencies: Resolver | ScopedResolver = (
             dependencies if dependencies is not None else Dependencies()

@@ -155,7 +155,9 @@ class InMemoryBus:
 
     Test hooks: :meth:`fail_next_publishes` makes publishes raise ``PublishError`` (nothing is
     delivered), ``duplicate_deliveries`` delivers every message twice, and :attr:`published`
-    records everything accepted.
+    records everything accepted: all of it, or with ``keep_published`` the latest that many
+    (up to twice as many between trims), so a long-running process does not keep every message
+    it ever sent (``SagaRuntime`` and ``sagas worker`` without a broker keep 10,000).
     """
 
     messaging_system = "sagas.in_memory"
@@ -170,8 +172,14 @@ class InMemoryBus:
         max_deliveries: int = 5,
         duplicate_deliveries: bool = False,
         close_timeout: float = 10.0,
+        keep_published: int | None = None,
     ) -> None:
+        if keep_published is not None and keep_published < 1:
+            raise ValueError(
+                f"InMemoryBus: keep_published must be at least 1, not {keep_published}"
+            )
         self.max_deliveries = max_deliveries
+        self.keep_published = keep_published
         self.duplicate_deliveries = duplicate_deliveries
         self.close_timeout = close_timeout
         self.published: list[Envelope] = []
@@ -228,6 +236,9 @@ class InMemoryBus:
             self._route(envelope)
             if self.duplicate_deliveries:
                 self._route(envelope)
+        keep = self.keep_published
+        if keep is not None and len(published) >= 2 * keep:
+            del published[:-keep]  # trimmed in halves: amortised O(1) a message
 
     def _route(self, envelope: Envelope) -> None:
         route = envelope.route

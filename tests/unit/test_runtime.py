@@ -16,6 +16,7 @@ import pytest
 from pydantic import BaseModel
 
 from sagas_abstractions import (
+    Envelope,
     ParticipantError,
     ReplyMessage,
     ReplyStatus,
@@ -406,3 +407,32 @@ def test_tune_gc_freezes_what_start_up_made_and_collects_the_young_less_often() 
 def test_tune_gc_refuses_a_threshold_below_one() -> None:
     with pytest.raises(ValueError, match="young must be >= 1"):
         tune_gc(0)
+
+
+async def test_the_in_memory_bus_keeps_only_the_latest_messages_when_told_to() -> None:
+    # A runtime or worker without a broker runs on the in-memory bus for as long as the process
+    # lives: it must not keep every message it ever published.
+    bus = InMemoryBus(keep_published=3)
+    sent = [_event(n) for n in range(10)]
+    for envelope in sent:
+        await bus.publish([envelope])
+
+    assert 3 <= len(bus.published) < 6
+    assert bus.published == sent[-len(bus.published) :]
+    assert InMemoryBus().keep_published is None  # tests see everything by default
+    runtime_bus = SagaRuntime(sagas=[]).bus
+    assert isinstance(runtime_bus, InMemoryBus)
+    assert runtime_bus.keep_published == 10_000
+    with pytest.raises(ValueError, match="keep_published must be at least 1"):
+        InMemoryBus(keep_published=0)
+
+
+def _event(number: int) -> Envelope:
+    return Envelope(
+        message_id=f"event-{number}",
+        route=RouteKind.EVENT,
+        key="order.completed",
+        message_type="OrderCompleted",
+        body=b"{}",
+        timestamp=datetime(2030, 1, 1, tzinfo=UTC),
+    )

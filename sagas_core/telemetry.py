@@ -225,8 +225,8 @@ class Telemetry:
         self._instruments: _Instruments | None = None
         # Without an SDK, the global providers are looked at again at most once a second, so
         # the no-op path costs a clock read (a provider set later is picked up within 1 s).
-        # Plain attributes, read by every hook before anything else: -inf (look now) until a
-        # lookup found no SDK; a provider given is never looked up (it stays -inf).
+        # Plain attributes, read by tracer/instruments before anything else: -inf (look now)
+        # until a lookup found no SDK; a provider given is never looked up (it stays -inf).
         self._trace_off_until = float("-inf")
         self._metrics_off_until = float("-inf")
         self._breakers: weakref.WeakSet[CircuitBreaker] = weakref.WeakSet()
@@ -304,12 +304,10 @@ class Telemetry:
     def tracing_off(self) -> bool:
         """Whether no span can be made now (no SDK, or none yet): span hooks may be skipped.
 
-        As cheap as the hooks' own test (the hot ones inline it), and cheaper than a hook that
-        returns a no-op context manager to enter and leave.
+        The hooks' own test, and cheaper than a hook that returns a no-op context manager to
+        enter and leave.
         """
-        return self._tracer is None and (
-            _monotonic() < self._trace_off_until or self.tracer is None
-        )
+        return self.tracer is None
 
     @property
     def metrics_enabled(self) -> bool:
@@ -364,10 +362,8 @@ class Telemetry:
         self, saga_type: str, saga_id: str, parent: Mapping[str, str] | None
     ) -> contextlib.AbstractContextManager[Span | None]:
         """The ``saga start`` span (a child of ``parent`` headers, else of the current span)."""
-        tracer = self._tracer
-        if tracer is None and (
-            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
-        ):
+        tracer = self.tracer
+        if tracer is None:
             return _NOOP
         api = _api()
         assert api is not None  # noqa: S101 - a tracer implies the API
@@ -421,10 +417,8 @@ class Telemetry:
         A reply is already inside its consumer span: that span gets the saga attributes and a
         link to the saga's start instead.
         """
-        tracer = self._tracer
-        if tracer is None and (
-            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
-        ):
+        tracer = self.tracer
+        if tracer is None:
             return _NOOP
         if type(event).__name__ in _REPLY_INPUTS:
             span = self._current_span()
@@ -450,10 +444,8 @@ class Telemetry:
         only way the context crosses the broker). With ``messaging_spans`` off it is an
         internal span under whatever span the broker instrumentation made.
         """
-        tracer = self._tracer
-        if tracer is None and (
-            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
-        ):
+        tracer = self.tracer
+        if tracer is None:
             return _NOOP
         api = _api()
         assert api is not None  # noqa: S101 - a tracer implies the API
@@ -512,10 +504,8 @@ class Telemetry:
         """
         if not self.messaging_spans:
             return contextlib.nullcontext(envelopes)
-        tracer = self._tracer
-        if tracer is None and (
-            _monotonic() < self._trace_off_until or (tracer := self.tracer) is None
-        ):
+        tracer = self.tracer
+        if tracer is None:
             return contextlib.nullcontext(envelopes)
         return self._publish_spans(tracer, envelopes, system)
 
@@ -540,10 +530,8 @@ class Telemetry:
 
     def record_decision(self, decision: Decision) -> None:
         """Count what a committed decision did (low-cardinality attributes only)."""
-        instruments = self._instruments
-        if instruments is None and (
-            _monotonic() < self._metrics_off_until or (instruments := self.instruments) is None
-        ):
+        instruments = self.instruments
+        if instruments is None:
             return
         instance = decision.instance
         saga_type = {"saga.type": instance.saga_type}

@@ -95,6 +95,15 @@ class ReplyMessage(BaseModel):
     in_reply_to: str | None = None
     created_at: datetime
 
+    @staticmethod
+    def id_answering(command_message_id: str) -> str:
+        """The id of the reply to the command with this id: ``<command id>:reply``.
+
+        Deterministic, so a redelivered command's reply has the id of the first one and the
+        orchestrator's inbox recognises it.
+        """
+        return f"{command_message_id}:reply"
+
     @classmethod
     def answering(
         cls,
@@ -107,7 +116,7 @@ class ReplyMessage(BaseModel):
     ) -> ReplyMessage:
         """The reply to ``command``: echoes its coordinates, id ``<command id>:reply``."""
         return cls(
-            message_id=f"{command.message_id}:reply",
+            message_id=cls.id_answering(command.message_id),
             saga_id=command.saga_id,
             saga_type=command.saga_type,
             step=command.step,

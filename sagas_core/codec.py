@@ -264,7 +264,7 @@ def encode_answer(
     headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
     headers[HEADER_IN_REPLY_TO] = command.message_id
     return _reply_envelope(
-        message_id=f"{command.message_id}:reply",
+        message_id=ReplyMessage.id_answering(command.message_id),
         saga_id=command.saga_id,
         at=at,
         body=_reply_body(status, data, error),

@@ -1055,8 +1055,7 @@ class Orchestrator:
                 ]
         # The deciding span's context travels with the outbox rows (published after a restart,
         # a message still joins its saga's trace).
-        telemetry = self.telemetry
-        return envelopes if telemetry.tracing_off() else telemetry.stamp(envelopes)
+        return self.telemetry.stamp(envelopes)  # unchanged while tracing is off
 
     def _circuits(self) -> dict[str, datetime] | None:
         return None if self.breaker is None else self.breaker.blocked(self.clock.now())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from pydantic import BaseModel
@@ -145,3 +146,26 @@ def test_following_needs_an_idle_interval_and_the_system_clock() -> None:
     assert TimeoutService(real, idle_interval=1).tracking
     with pytest.raises(ValueError, match=r"idle_interval \(0.05 s\) must not be shorter"):
         TimeoutService(real, interval=0.1, idle_interval=0.05)
+
+
+async def test_a_failed_poll_forgets_no_followed_deadline() -> None:
+    store = InMemorySagaStore()
+    orchestrator = Orchestrator(store=store, definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(orchestrator, interval=0.01, idle_interval=30)
+    fire_due = orchestrator.fire_due
+    failures = 0
+
+    async def failing_first(**kwargs: Any) -> int:
+        nonlocal failures
+        if failures < 3:  # the poll at start and those around the deadline fail
+            failures += 1
+            await asyncio.sleep(0.15)
+            raise RuntimeError("store unreachable")
+        return await fire_due(**kwargs)
+
+    orchestrator.fire_due = failing_first  # type: ignore[method-assign]
+    await orchestrator.start("quick", {}, saga_id="q-f")
+    await _run_until_fired(service)  # within 10 s: the idle poll would come after 30
+
+    assert failures == 3
+    assert "Timeout" in [entry.input for entry in await store.history("q-f")]

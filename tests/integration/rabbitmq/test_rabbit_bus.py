@@ -332,3 +332,25 @@ async def test_an_event_subscription_opened_again_consumes_the_queue_it_had(bus:
     assert again.queue_name == first.queue_name
     await until(lambda: len(received) == 1)
     assert received[0].message_id == meanwhile.message_id
+
+
+async def test_an_event_subscription_the_broker_refuses_frees_its_ordinal(
+    bus: RabbitBus, amqp_url: str
+) -> None:
+    # Queue 1 of the pattern exists with other arguments (a classic queue), so the broker
+    # refuses the subscription; once it is gone, the next subscription takes queue 1, not 2.
+    name = bus.topology.event_queue("order.completed", 1)
+    connection = await aio_pika.connect(amqp_url, timeout=WAIT)
+    try:
+        channel = await connection.channel()
+        await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "classic"})
+        with pytest.raises(TransportError, match="subscribing"):
+            await bus.subscribe(RouteKind.EVENT, "order.completed", _ignore)
+        channel = await connection.channel()
+        await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+    again = await bus.subscribe(RouteKind.EVENT, "order.completed", _ignore)
+
+    assert again.queue_name == name

@@ -134,10 +134,15 @@ class Result:
         return self.steps / self.seconds
 
     def summary(self) -> dict[str, object]:
-        """The numbers, without the raw samples."""
+        """The numbers, and the step latencies (µs precision) so runs can be pooled."""
         data = asdict(self)
         for raw in ("step_ms", "saga_ms", "compensation_ms"):
             del data[raw]
+        # One run's p99 is its ~1%-largest samples, and at 8 in flight a stall delays all
+        # 8 sagas' steps at once: a few stalls decide it. Pooling the samples of repeated
+        # runs (bench/compare.py) gives a p99 that many more stalls decide.
+        data["step_ms_samples"] = [round(value, 3) for value in self.step_ms]
+        data["compensation_ms_samples"] = [round(value, 3) for value in self.compensation_ms]
         data.update(
             sagas_per_s=round(self.sagas_per_s, 1),
             steps_per_s=round(self.steps_per_s, 1),

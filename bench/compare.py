@@ -101,8 +101,7 @@ def ratios(pairs: list[tuple[Row, Row]]) -> str:
             )
         lines.append("")
         for level, level_pairs in _pairs_by_level(pairs).items():
-            ours_p99, ours_n = pooled_p99([row for row, _ in level_pairs])
-            raw_p99, raw_n = pooled_p99([base for _, base in level_pairs])
+            (ours_p99, ours_n), (raw_p99, raw_n) = _pooled_sides(level_pairs)
             lines.append(
                 f"{level:>9} in flight: step p99 pooled over the runs: ours {_cell(ours_p99)} ms "
                 f"({ours_n:,} steps), raw {_cell(raw_p99)} ms ({raw_n:,}), "
@@ -116,6 +115,13 @@ def _pairs_by_level(pairs: list[tuple[Row, Row]]) -> dict[int, list[tuple[Row, R
     for row, base in pairs:
         by_level.setdefault(int(row["level"]), []).append((row, base))
     return by_level
+
+
+def _pooled_sides(
+    level_pairs: list[tuple[Row, Row]],
+) -> tuple[tuple[float, int], tuple[float, int]]:
+    """:func:`pooled_p99` of ours' runs and of raw's."""
+    return pooled_p99([row for row, _ in level_pairs]), pooled_p99([b for _, b in level_pairs])
 
 
 def pooled_p99(rows: list[Row], key: str = "step_ms_samples") -> tuple[float, int]:
@@ -174,8 +180,7 @@ def markdown(pairs: list[tuple[Row, Row]], inmemory_text: str | None) -> str:
             f"{_cell(row['step_p99_ms'])} / {_cell(base['step_p99_ms'])}"
             for row, base in level_pairs
         )
-        ours_p99, ours_n = pooled_p99([row for row, _ in level_pairs])
-        raw_p99, raw_n = pooled_p99([base for _, base in level_pairs])
+        (ours_p99, ours_n), (raw_p99, raw_n) = _pooled_sides(level_pairs)
         lines.append(
             f"| {level} | {', '.join(f'{value:.2f}' for value in values)} | "
             f"**{statistics.median(values):.2f}** | {p99} | "

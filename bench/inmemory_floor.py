@@ -21,12 +21,12 @@ step next to a plain chain of awaited no-op calls.
 no engine, no ports), the work the product promises per step and the issue's target counts in:
 the saga's per-step progress and wait in its state; the user's data model validated at each
 merge (pydantic, as users declare it); commands and replies as envelopes with the protocol's
-message ids, idempotency key and headers; the outbox written in the save and drained right after
-it (publish, then mark: inline, no relay task); status events (5 per 3-step saga: started, a step completed each,
-completed) through the outbox too; a history row per transition with its timestamp; the reply
-deadline the timeout service follows; the participant's inbox of commands it ran. It answers
-"what would the cheapest possible implementation of these guarantees cost in this Python",
-so the in-memory target can be read against it.
+message ids, idempotency key and headers; the outbox written in the save and drained right
+after it (publish, then mark: inline, no relay task); status events (5 per 3-step saga:
+started, a step completed each, completed) through the outbox too; a history row per transition
+with its timestamp; the reply deadline the timeout service follows; the participant's inbox of
+commands it ran. It answers "what would the cheapest possible implementation of these
+guarantees cost in this Python", so the in-memory target can be read against it.
 
 Run: ``python -m bench.inmemory_floor [--sagas N] [--steps K] [--in-flight F]``
 """
@@ -39,10 +39,27 @@ import heapq
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydantic_core
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+
+def check_and_put(
+    rows: dict[str, Any], inbox: set[str], new: Any, expected: int | None, message_id: str | None
+) -> None:
+    """The versioned save's checks (expected version, reply not seen), then the new row."""
+    current = rows.get(new.saga_id)
+    if (current.version if current is not None else None) != expected:
+        raise RuntimeError("version conflict")
+    if message_id is not None:
+        if message_id in inbox:
+            raise RuntimeError("duplicate")
+        inbox.add(message_id)
+    rows[new.saga_id] = new
 
 
 @dataclass(slots=True)
@@ -64,14 +81,7 @@ class Store:
     inbox: set[str] = field(default_factory=set)
 
     def save(self, new: State, expected: int | None, message_id: str | None) -> None:
-        current = self.rows.get(new.saga_id)
-        if (current.version if current is not None else None) != expected:
-            raise RuntimeError("version conflict")
-        if message_id is not None:
-            if message_id in self.inbox:
-                raise RuntimeError("duplicate")
-            self.inbox.add(message_id)
-        self.rows[new.saga_id] = new
+        check_and_put(self.rows, self.inbox, new, expected, message_id)
         self.history.append((new.saga_id, new.version, "step"))
 
 
@@ -151,24 +161,35 @@ async def plain_chain(sagas: int, steps: int) -> float:
     return time.perf_counter() - began
 
 
+async def run_callers(
+    start: Callable[[str], Awaitable[asyncio.Future[None]]],
+    sagas: int,
+    in_flight: int,
+    background: list[asyncio.Task[None]],
+) -> float:
+    """``in_flight`` callers, each starting its next saga when its last one ended; seconds."""
+    numbers = iter(range(sagas))
+
+    async def caller() -> None:
+        for number in numbers:
+            await (await start(f"saga-{number}"))
+
+    began = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(in_flight))), timeout=120)
+    elapsed = time.perf_counter() - began
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
+    return elapsed
+
+
 async def floor(sagas: int, steps: int, in_flight: int, level: str) -> float:
     system = Floor(steps, level)
     consumers = [
         asyncio.create_task(system.consume(system.commands, system.participant)),
         asyncio.create_task(system.consume(system.replies, system.on_reply)),
     ]
-    numbers = iter(range(sagas))
-
-    async def caller() -> None:
-        for number in numbers:
-            await (await system.start(f"saga-{number}"))
-
-    began = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(in_flight))), timeout=120)
-    elapsed = time.perf_counter() - began
-    for task in consumers:
-        task.cancel()
-    await asyncio.gather(*consumers, return_exceptions=True)
+    elapsed = await run_callers(system.start, sagas, in_flight, consumers)
     assert len(system.store.history) == sagas * (steps + 1)  # the run was real
     return elapsed
 
@@ -245,14 +266,7 @@ class GuaranteedStore:
         entry: tuple[str, str, str, str | None],
         messages: list[Message],
     ) -> list[int]:
-        current = self.rows.get(new.saga_id)
-        if (current.version if current is not None else None) != expected:
-            raise RuntimeError("version conflict")
-        if message_id is not None:
-            if message_id in self.inbox:
-                raise RuntimeError("duplicate")
-            self.inbox.add(message_id)
-        self.rows[new.saga_id] = new
+        check_and_put(self.rows, self.inbox, new, expected, message_id)
         from_status, to_status, kind, step = entry
         self.history.append(
             (
@@ -500,18 +514,7 @@ async def guarantees(sagas: int, steps: int, in_flight: int) -> float:
         asyncio.create_task(system.consume(system.replies, system.on_reply)),
         asyncio.create_task(system.timeouts()),
     ]
-    numbers = iter(range(sagas))
-
-    async def caller() -> None:
-        for number in numbers:
-            await (await system.start(f"saga-{number}"))
-
-    began = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(in_flight))), timeout=120)
-    elapsed = time.perf_counter() - began
-    for task in background:
-        task.cancel()
-    await asyncio.gather(*background, return_exceptions=True)
+    elapsed = await run_callers(system.start, sagas, in_flight, background)
     # The run was real: every transition in the history, every saga completed, outbox drained.
     assert len(system.store.history) == sagas * (steps + 1)
     assert all(saga.status == "completed" for saga in system.store.rows.values())

@@ -124,14 +124,14 @@ def _pooled_sides(
     return pooled_p99([row for row, _ in level_pairs]), pooled_p99([b for _, b in level_pairs])
 
 
-def pooled_p99(rows: list[Row], key: str = "step_ms_samples") -> tuple[float, int]:
+def pooled_p99(rows: list[Row]) -> tuple[float, int]:
     """The p99 of every run's samples together, and how many there were.
 
     A run of 300 sagas has 900 step samples, so its p99 is its 9th-largest sample; at 8 in
     flight one stall of the machine delays 8 steps at once, so one run's p99 turns on one or two
     stalls. Pooled over repeated runs it turns on several times as many.
     """
-    samples = [value for row in rows for value in row.get(key, [])]
+    samples = [value for row in rows for value in row.get("step_ms_samples", [])]
     return percentile(samples, 99), len(samples)
 
 

@@ -138,11 +138,8 @@ class Result:
         data = asdict(self)
         for raw in ("step_ms", "saga_ms", "compensation_ms"):
             del data[raw]
-        # One run's p99 is its ~1%-largest samples, and at 8 in flight a stall delays all
-        # 8 sagas' steps at once: a few stalls decide it. Pooling the samples of repeated
-        # runs (bench/compare.py) gives a p99 that many more stalls decide.
+        # For the p99 pooled over repeated runs (bench/compare.py, pooled_p99).
         data["step_ms_samples"] = [round(value, 3) for value in self.step_ms]
-        data["compensation_ms_samples"] = [round(value, 3) for value in self.compensation_ms]
         data.update(
             sagas_per_s=round(self.sagas_per_s, 1),
             steps_per_s=round(self.steps_per_s, 1),

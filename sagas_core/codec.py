@@ -39,6 +39,7 @@ __all__ = [
     "HEADER_IN_REPLY_TO",
     "HEADER_KIND",
     "HEADER_REASON",
+    "HEADER_REPLY_TOKEN",
     "HEADER_SAGA_TYPE",
     "HEADER_STEP",
     "REPLY_TYPE",
@@ -59,6 +60,7 @@ HEADER_ATTEMPT = "x-saga-attempt"
 HEADER_KIND = "x-saga-kind"
 HEADER_IDEMPOTENCY_KEY = "x-idempotency-key"
 HEADER_IN_REPLY_TO = "x-in-reply-to"
+HEADER_REPLY_TOKEN = "x-saga-reply-token"  # noqa: S105 - a header name, not a secret
 HEADER_REASON = "x-dead-letter-reason"
 HEADER_ERROR_CODE = "x-error-code"
 HEADER_ERROR_MESSAGE = "x-error-message"
@@ -67,7 +69,14 @@ EVENT_TYPE = "saga.event"
 DEAD_LETTER_KEY = "compensation-failed"
 
 _COMMAND_HEADERS = frozenset(
-    {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
+    {
+        HEADER_SAGA_TYPE,
+        HEADER_STEP,
+        HEADER_ATTEMPT,
+        HEADER_KIND,
+        HEADER_IDEMPOTENCY_KEY,
+        HEADER_REPLY_TOKEN,
+    }
 )
 
 # Enum members by value and values by member, without the enum machinery's Python calls
@@ -170,6 +179,8 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
     """
     saga_headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
     saga_headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
+    if command.reply_token is not None:
+        saga_headers[HEADER_REPLY_TOKEN] = command.reply_token
     if command.headers:
         headers = dict(command.headers)
         headers.update(saga_headers)
@@ -227,6 +238,7 @@ def decode_command(envelope: Envelope) -> CommandMessage:
                 if _COMMAND_HEADERS.issuperset(headers)
                 else {k: v for k, v in headers.items() if k not in _COMMAND_HEADERS}
             ),
+            "reply_token": headers.get(HEADER_REPLY_TOKEN) or None,
         },
     )
 
@@ -236,6 +248,8 @@ def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
     headers = _saga_headers(reply.saga_type, reply.step, reply.attempt, reply.kind)
     if reply.in_reply_to:
         headers[HEADER_IN_REPLY_TO] = reply.in_reply_to
+    if reply.reply_token is not None:
+        headers[HEADER_REPLY_TOKEN] = reply.reply_token
     return _reply_envelope(
         message_id=reply.message_id,
         saga_id=reply.saga_id,
@@ -257,12 +271,15 @@ def encode_answer(
     """Encode the reply to ``command`` for its ``reply_to`` (which must be set).
 
     The same envelope as ``encode_reply(ReplyMessage.answering(command, ...), reply_to)``,
-    without making the reply message first (a participant answers every command).
+    without making the reply message first (a participant answers every command). It echoes
+    the command's reply token, so a participant's own code never sees it.
     """
     if not command.reply_to:
         raise ValueError(f"command {command.message_id!r} has no reply_to to answer to")
     headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
     headers[HEADER_IN_REPLY_TO] = command.message_id
+    if command.reply_token is not None:
+        headers[HEADER_REPLY_TOKEN] = command.reply_token
     return _reply_envelope(
         message_id=ReplyMessage.id_answering(command.message_id),
         saga_id=command.saga_id,
@@ -363,6 +380,7 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
             "error": error,
             "in_reply_to": envelope.headers.get(HEADER_IN_REPLY_TO),
             "created_at": envelope.timestamp,
+            "reply_token": envelope.headers.get(HEADER_REPLY_TOKEN) or None,
         },
     )
 
@@ -400,6 +418,7 @@ def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
     """Encode a parked compensation: the command as it was, with its last error in headers."""
     command = encode_command(dead.command)
     headers = dict(command.headers)
+    headers.pop(HEADER_REPLY_TOKEN, None)  # a secret: the dead-letter queue has other readers
     headers[HEADER_REASON] = dead.reason
     headers[HEADER_ERROR_CODE] = dead.error.code
     headers[HEADER_ERROR_MESSAGE] = dead.error.message
@@ -415,8 +434,12 @@ def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
 
 
 def dead_lettered(envelope: Envelope, reason: str) -> Envelope:
-    """The same message, addressed to the dead-letter queue with ``reason`` in its headers."""
+    """The same message, addressed to the dead-letter queue with ``reason`` in its headers.
+
+    A reply token it carries is left out: the dead-letter queue has other readers.
+    """
     headers = dict(envelope.headers)
+    headers.pop(HEADER_REPLY_TOKEN, None)
     headers[HEADER_REASON] = reason
     return envelope.model_copy(
         update={"route": RouteKind.DEAD_LETTER, "key": DEAD_LETTER_KEY, "headers": headers}

@@ -10,6 +10,11 @@ Rules that hold for every status and input (the property tests check them):
   and never reused, so a duplicate of an applied input is always stale.
 * Terminal sagas (completed, compensated, resolved) never change and never send again. A
   ``failed`` saga waits for an operator.
+* A reply to a command that carried a reply token is applied only if it echoes that token
+  (compared in constant time); otherwise it is **rejected**: the saga does not change, the reply
+  is recorded in history as rejected (never with the token) and the decision names why, so the
+  shell dead-letters it. The token of a step's previous attempt does not count. A step whose
+  command carried no token (sent before tokens existed) takes a reply without one.
 * Compensation runs in reverse step order, at most once per step, for every step whose effect
   is or may be applied: succeeded, or still without an answer (in flight or timed out). A step
   whose participant replied ``failed`` applied nothing (docs/protocol.md) and is not compensated.
@@ -17,6 +22,7 @@ Rules that hold for every status and input (the property tests check them):
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
@@ -94,6 +100,7 @@ _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatu
 # Tuples, not ``A | B``: a union in isinstance is built anew on every call (5x slower).
 _STEP_INPUTS = (StepSucceeded, StepFailed, Timeout, RetryDue)
 _OPERATOR_INPUTS = (Compensate, RetryCompensation, Resolve)
+_REPLIES = (StepSucceeded, StepFailed)
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
 _NO_CIRCUITS: Mapping[str, datetime] = MappingProxyType({})
 # Members asked for on every step, as module constants: on Python 3.11 looking a member up on
@@ -125,7 +132,10 @@ class Decision:
         commands: Commands to send, after the change is committed.
         events: Saga events to publish.
         dead_letters: Compensations to park in the dead-letter queue.
-        history: Audit rows to append (one per input, applied or stale).
+        history: Audit rows to append (one per input, applied, stale or rejected).
+        rejected: Why a reply was rejected (it did not authenticate); the shell dead-letters it
+            and must not record its message id as processed, so the genuine reply with the
+            same (predictable) id still gets in. ``None`` for every other decision.
     """
 
     instance: SagaInstance
@@ -134,6 +144,7 @@ class Decision:
     events: tuple[SagaEvent, ...] = ()
     dead_letters: tuple[DeadLetterMessage, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
+    rejected: str | None = None
 
 
 def command_message_id(saga_id: str, step: str, kind: StepKind, attempt: int) -> str:
@@ -174,6 +185,7 @@ def decide(
     event: SagaInput,
     *,
     circuits: Mapping[str, datetime] | None = None,
+    reply_token: str | None = None,
 ) -> Decision:
     """Apply one input to one saga and return the decision. Pure: no I/O, no clock, no random.
 
@@ -184,6 +196,10 @@ def decide(
         circuits: Destinations whose circuit is open, each with when a command may be sent
             again: a command for one of them is deferred to that moment (the saga waits with a
             retry deadline and no attempt is used) instead of being sent.
+        reply_token: The token the command this decision sends (a decision sends at most one)
+            asks its reply to echo, kept on the step: an unguessable value the caller makes
+            (``secrets.token_urlsafe``), a new one for every decision. ``None`` sends a command
+            that asks for none, whose reply is taken without authentication.
 
     Raises:
         InvalidSagaData: ``Start`` data does not fit the data model.
@@ -194,7 +210,7 @@ def decide(
     if isinstance(event, Start):
         if instance is not None:
             return _ignored(instance, event, "saga already started", outcome="duplicate")
-        return _start(definition, event, circuits or _NO_CIRCUITS)
+        return _start(definition, event, circuits or _NO_CIRCUITS, reply_token)
     if instance is None:
         raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
     if instance.saga_type != definition.name:
@@ -203,7 +219,9 @@ def decide(
             saga_id=instance.saga_id,
             saga_type=instance.saga_type,
         )
-    return _Transition(definition, instance, event, circuits=circuits or _NO_CIRCUITS).run()
+    return _Transition(
+        definition, instance, event, circuits=circuits or _NO_CIRCUITS, reply_token=reply_token
+    ).run()
 
 
 def parked(
@@ -324,7 +342,12 @@ def _forced(
     return Decision(instance=changed, changed=True, events=(event,), history=(history,))
 
 
-def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, datetime]) -> Decision:
+def _start(
+    definition: SagaDefinition,
+    event: Start,
+    circuits: Mapping[str, datetime],
+    reply_token: str | None,
+) -> Decision:
     data = definition.parse_data(event.data, saga_id=event.saga_id)
     saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
     dumped = data.model_dump(mode="json")
@@ -353,7 +376,9 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
             "trace_context": dict(event.trace_context),
         },
     )
-    transition = _Transition(definition, seed, event, created=True, circuits=circuits)
+    transition = _Transition(
+        definition, seed, event, created=True, circuits=circuits, reply_token=reply_token
+    )
     transition.seed_parsed(dumped, data)
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
@@ -379,6 +404,7 @@ def _pending_step(name: str) -> StepState:
             "started_at": None,
             "finished_at": None,
             "early_event": None,
+            "reply_token": None,
         },
     )
 
@@ -430,6 +456,7 @@ def _ignored(
     return Decision(
         instance=instance,
         changed=False,
+        rejected=reason if outcome == "rejected" else None,
         history=(
             _history(
                 instance,
@@ -474,6 +501,7 @@ class _Transition:
         "event",
         "pending_events",
         "reason",
+        "reply_token",
         "status",
         "steps",
         "wait",
@@ -487,7 +515,9 @@ class _Transition:
         *,
         created: bool = False,
         circuits: Mapping[str, datetime] | None = None,
+        reply_token: str | None = None,
     ) -> None:
+        self.reply_token = reply_token
         self.circuits: Mapping[str, datetime] = circuits or _NO_CIRCUITS
         self.definition = definition
         self.before = instance
@@ -541,6 +571,10 @@ class _Transition:
             return _ignored(
                 self.before, event, f"superseded attempt (current attempt is {self.attempt})"
             )
+        if isinstance(event, _REPLIES):
+            refused = self.unauthenticated(index, event)
+            if refused is not None:
+                return _ignored(self.before, event, refused, outcome="rejected")
         if isinstance(event, StepSucceeded):
             if self.wait is _RETRY and not self.last_attempt_timed_out(index):
                 return _ignored(self.before, event, "attempt already failed")
@@ -583,6 +617,19 @@ class _Transition:
 
     def deadline_passed(self) -> bool:
         return self.deadline_at is not None and self.at >= self.deadline_at
+
+    def unauthenticated(self, index: int, event: StepSucceeded | StepFailed) -> str | None:
+        """Why the reply ``event`` does not authenticate for step ``index``, or ``None``."""
+        expected = self.steps[index].reply_token
+        if expected is None:
+            return None  # the command asked for no token (docs/protocol.md, upgrading)
+        given = event.reply_token
+        if given is None:
+            return "reply rejected: it carries no reply token"
+        # Constant time: the comparison must not tell a forger how much of a guess was right.
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
+            return "reply rejected: its reply token is not the current attempt's"
+        return None
 
     def last_attempt_timed_out(self, index: int) -> bool:
         error = self.steps[index].error
@@ -762,6 +809,9 @@ class _Transition:
             and event.attempt == self.attempt
             and self.last_attempt_timed_out(index)
         ):
+            refused = self.unauthenticated(index, event)
+            if refused is not None:
+                return _ignored(self.before, event, refused, outcome="rejected")
             self.status = SagaStatus.COMPENSATING
             self.error = None
             self.reason = "late reply to the last compensation attempt"
@@ -851,9 +901,15 @@ class _Transition:
                 status=_STEP_RUNNING,
                 attempts=attempt,
                 started_at=state.started_at or self.at,
+                reply_token=self.reply_token,
             )
         else:
-            self.update_step(index, status=StepStatus.COMPENSATING, compensation_attempts=attempt)
+            self.update_step(
+                index,
+                status=StepStatus.COMPENSATING,
+                compensation_attempts=attempt,
+                reply_token=self.reply_token,
+            )
         self.wait = _REPLY
         self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
         try:
@@ -881,7 +937,9 @@ class _Transition:
                 self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
                 self.park(index, error)
             return
-        self.commands.append(self.command(step_def, spec, kind, attempt, payload))
+        self.commands.append(
+            self.command(step_def, spec, kind, attempt, payload, reply_token=self.reply_token)
+        )
 
     def wait_for_event(self, index: int, attempt: int) -> None:
         """Begin a step that waits for a bus event (no command); complete it if it came early."""
@@ -907,6 +965,8 @@ class _Transition:
         kind: StepKind,
         attempt: int,
         payload: dict[str, Any],
+        *,
+        reply_token: str | None = None,
     ) -> CommandMessage:
         saga_id = self.before.saga_id
         return trusted(
@@ -925,6 +985,7 @@ class _Transition:
                 "reply_to": None,
                 "created_at": self.at,
                 "headers": {},
+                "reply_token": reply_token,
             },
         )
 

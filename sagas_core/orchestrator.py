@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -57,10 +58,12 @@ from sagas_abstractions import (
 from sagas_abstractions.ports import OutboxHandoff
 from sagas_core._models import trusted
 from sagas_core.codec import (
+    dead_lettered,
     decode_reply,
     encode_command,
     encode_dead_letter,
     encode_event,
+    encode_reply,
 )
 from sagas_core.definition import EventRole, MissingSagaPolicy
 from sagas_core.engine import (
@@ -114,6 +117,11 @@ def _uuid4_hex() -> str:
     value = (value & ~(0xC000 << 48)) | (0x8000 << 48)  # variant: RFC 4122
     value = (value & ~(0xF000 << 64)) | (4 << 76)  # version 4
     return f"{value:032x}"
+
+
+def _reply_token() -> str:
+    """A new reply token: 128 random bits, URL-safe text (an AMQP header value as it is)."""
+    return secrets.token_urlsafe(16)
 
 
 def reply_queue(group: str) -> str:
@@ -253,6 +261,9 @@ class Orchestrator:
             ``None``).
         status_events: Which status events go to the saga-events topic (all, the saga's own
             lifecycle only, or none); history and telemetry record everything regardless.
+        reply_tokens: Makes the reply token of each command (docs/protocol.md, section 5.1):
+            unguessable, so only the command's readers can answer it. Tests may make them
+            predictable; production must not.
         instance_cache: How many active sagas it saved last the orchestrator keeps in memory
             (least recently saved out first), to decide their next input without loading them
             first; 0 loads every time. The version check of the save finds an entry that went
@@ -275,8 +286,10 @@ class Orchestrator:
         telemetry: Telemetry | None = None,
         instance_cache: int = 0,
         status_events: StatusEvents | str = StatusEvents.ALL,
+        reply_tokens: Callable[[], str] = _reply_token,
     ) -> None:
         self.store = store
+        self.reply_tokens = reply_tokens
         self.breaker = breaker
         self.telemetry = telemetry or Telemetry.default()
         self.messaging_system = "sagas"
@@ -386,7 +399,13 @@ class Orchestrator:
                 message_id=None if cause is None else cause[1],
             )
             try:
-                decision = decide(definition, None, event, circuits=self._circuits())
+                decision = decide(
+                    definition,
+                    None,
+                    event,
+                    circuits=self._circuits(),
+                    reply_token=self.reply_tokens(),
+                )
             except InvalidSagaData:
                 # Starting an existing id returns it whatever the data (or refuses another type).
                 existing = None if saga_id is None else await self.store.load(new_id)
@@ -431,21 +450,30 @@ class Orchestrator:
         """
         telemetry = self.telemetry
         if telemetry.tracing_off():
-            await self.handle_reply(_decoded(envelope))  # consume() would make no span
+            # consume() would make no span
+            await self.handle_reply(_decoded(envelope), envelope=envelope)
             return
         with telemetry.consume(envelope, system=self.messaging_system) as span:
             reply = _decoded(envelope)
             if span is not None:
                 telemetry.failed(span, reply.error)
-            await self.handle_reply(reply)
+            await self.handle_reply(reply, envelope=envelope)
 
-    async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
+    async def handle_reply(
+        self, reply: ReplyMessage, *, envelope: Envelope | None = None
+    ) -> Decision | None:
         """Apply a participant's reply; returns the decision, or ``None`` when none was made.
 
         ``None`` covers a duplicate, an orphan (the saga does not exist, or is not of the type
         the reply names) and a saga this orchestrator cannot decide (a stored row that does
         not parse, an unregistered type, a changed definition): that saga is parked and the
         reply recorded, so it is acked, not redelivered.
+
+        A reply that does not echo its command's reply token is rejected
+        (:attr:`Decision.rejected`): recorded in the saga's history, and parked in the
+        dead-letter queue (``envelope`` as received, or the reply encoded again) in the same
+        transaction, never applied. Its message id is not recorded as processed, so the genuine
+        reply with the same id is still applied when it comes.
         """
         # No inbox pre-check: the save records the message id in the same transaction and
         # refuses a duplicate (DuplicateMessage), which saves a round trip on every reply.
@@ -462,22 +490,41 @@ class Orchestrator:
             }
             if reply.status is _SUCCEEDED:
                 values["data"] = reply.data
+                values["reply_token"] = reply.reply_token
                 return trusted(StepSucceeded, values)
             assert reply.error is not None  # noqa: S101 - the codec guarantees it
             values["error"] = reply.error
+            values["reply_token"] = reply.reply_token
             return trusted(StepFailed, values)
+
+        def reject(reason: str) -> Envelope:
+            received = envelope if envelope is not None else encode_reply(reply, self.reply_to)
+            _log.warning(
+                "reply %s for saga %s (%s, step %s, attempt %d) dead-lettered: %s",
+                reply.message_id,
+                reply.saga_id,
+                reply.saga_type,
+                reply.step,
+                reply.attempt,
+                reason,
+            )
+            return dead_lettered(
+                received,
+                f"{reason} (saga {reply.saga_id}, step {reply.step!r}, attempt {reply.attempt})",
+            )
 
         inbox = InboxEntry(self.consumer, reply.message_id)
         try:
             decision = await self._apply(
-                reply.saga_id, make, inbox=inbox, saga_type=reply.saga_type
+                reply.saga_id, make, inbox=inbox, saga_type=reply.saga_type, reject=reject
             )
         except SagaNotFound:
             await self._orphan(reply)
         except _UNDECIDABLE as problem:
             await self._park(reply.saga_id, problem, inbox=inbox, message_id=reply.message_id)
         else:
-            if decision is not None:  # not a duplicate: tell the breaker how the destination did
+            # Not a duplicate nor a forgery: tell the breaker how the destination did.
+            if decision is not None and decision.rejected is None:
                 self._observe_reply(reply)
             return decision
         return None
@@ -952,8 +999,12 @@ class Orchestrator:
         *,
         inbox: InboxEntry | None,
         saga_type: str | None = None,
+        reject: Callable[[str], Envelope] | None = None,
     ) -> Decision | None:
         """Load, decide and save one input, reloading and reapplying on a version conflict.
+
+        A rejected reply is recorded with ``reject(reason)`` (its dead letter) in the outbox,
+        without ``inbox``.
 
         Raises:
             SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
@@ -981,7 +1032,20 @@ class Orchestrator:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
                 circuits = None if self.breaker is None else self._circuits()
-                decision = decide(definition, instance, event, circuits=circuits)
+                decision = decide(
+                    definition,
+                    instance,
+                    event,
+                    circuits=circuits,
+                    reply_token=self.reply_tokens(),
+                )
+                if decision.rejected is not None:
+                    if kept is not None:
+                        # Judge a forgery on the stored saga, never on a kept copy.
+                        self._instances.pop(saga_id, None)
+                        continue
+                    await self._record_rejected(decision, reject)
+                    return decision
                 if not decision.changed and inbox is None:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
@@ -1011,6 +1075,21 @@ class Orchestrator:
             actual_version=None,
             saga_type=saga_type,
         )
+
+    async def _record_rejected(
+        self, decision: Decision, reject: Callable[[str], Envelope] | None
+    ) -> None:
+        """Write a rejected reply's history row and dead letter, and no inbox row."""
+        assert decision.rejected is not None  # noqa: S101 - only called for a rejection
+        change = SagaChange(
+            instance=decision.instance,
+            expected_version=decision.instance.version,
+            outbox=[] if reject is None else [reject(decision.rejected)],
+            history=decision.history,
+        )
+        handed = await self._save(change)
+        self._committed([decision.instance], claim=not handed)
+        self.telemetry.record_decision(decision)
 
     def _change(
         self,

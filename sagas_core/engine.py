@@ -28,6 +28,7 @@ from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from sagas_abstractions import (
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANCELLED_CODE",
+    "DATA_TOO_LARGE_CODE",
     "INVALID_PAYLOAD_CODE",
     "INVALID_REPLY_CODE",
     "OPERATOR_CODE",
@@ -95,6 +97,8 @@ OPERATOR_CODE = "operator_compensate"
 """Error code recorded when an operator compensates a running saga."""
 CANCELLED_CODE = "cancelled_by_event"
 """Error code of a saga a bus event (``cancel_on``) sent into compensation."""
+DATA_TOO_LARGE_CODE = "saga_data_too_large"
+"""Error code recorded when a successful reply would grow the saga past its data size limit."""
 
 _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
 # Tuples, not ``A | B``: a union in isinstance is built anew on every call (5x slower).
@@ -186,6 +190,7 @@ def decide(
     *,
     circuits: Mapping[str, datetime] | None = None,
     reply_token: str | None = None,
+    max_data_bytes: int | None = None,
 ) -> Decision:
     """Apply one input to one saga and return the decision. Pure: no I/O, no clock, no random.
 
@@ -200,9 +205,13 @@ def decide(
             asks its reply to echo, kept on the step: an unguessable value the caller makes
             (``secrets.token_urlsafe``), a new one for every decision. ``None`` sends a command
             that asks for none, whose reply is taken without authentication.
+        max_data_bytes: The most bytes the saga data, and the data of one reply kept as its
+            step's result, may take as JSON; ``None``: no limit. A successful reply that would
+            pass it fails its step (``saga_data_too_large``) and the saga compensates.
 
     Raises:
-        InvalidSagaData: ``Start`` data does not fit the data model.
+        InvalidSagaData: ``Start`` data does not fit the data model, or is over
+            ``max_data_bytes``.
         SagaNotFound: A non-start input for a saga that does not exist.
         UnknownSagaType: The instance belongs to another definition.
         InvalidOperation: An operator action the saga's status does not allow.
@@ -210,7 +219,7 @@ def decide(
     if isinstance(event, Start):
         if instance is not None:
             return _ignored(instance, event, "saga already started", outcome="duplicate")
-        return _start(definition, event, circuits or _NO_CIRCUITS, reply_token)
+        return _start(definition, event, circuits or _NO_CIRCUITS, reply_token, max_data_bytes)
     if instance is None:
         raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
     if instance.saga_type != definition.name:
@@ -220,7 +229,12 @@ def decide(
             saga_type=instance.saga_type,
         )
     return _Transition(
-        definition, instance, event, circuits=circuits or _NO_CIRCUITS, reply_token=reply_token
+        definition,
+        instance,
+        event,
+        circuits=circuits or _NO_CIRCUITS,
+        reply_token=reply_token,
+        max_data_bytes=max_data_bytes,
     ).run()
 
 
@@ -347,10 +361,20 @@ def _start(
     event: Start,
     circuits: Mapping[str, datetime],
     reply_token: str | None,
+    max_data_bytes: int | None,
 ) -> Decision:
     data = definition.parse_data(event.data, saga_id=event.saga_id)
     saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
     dumped = data.model_dump(mode="json")
+    if max_data_bytes is not None:
+        size = len(pydantic_core.to_json(dumped))
+        if size > max_data_bytes:
+            raise InvalidSagaData(
+                f"the start data takes {size} bytes as JSON, over the saga data limit of "
+                f"{max_data_bytes} bytes (SAGAS_MAX_SAGA_DATA_BYTES)",
+                saga_id=event.saga_id,
+                saga_type=definition.name,
+            )
     # Every value comes from the validated input and the definition (its name is checked by
     # the builder against the same limits), so the instance is not validated again.
     seed = trusted(
@@ -377,7 +401,13 @@ def _start(
         },
     )
     transition = _Transition(
-        definition, seed, event, created=True, circuits=circuits, reply_token=reply_token
+        definition,
+        seed,
+        event,
+        created=True,
+        circuits=circuits,
+        reply_token=reply_token,
+        max_data_bytes=max_data_bytes,
     )
     transition.seed_parsed(dumped, data)
     transition.emit(EventKind.STARTED)
@@ -499,6 +529,7 @@ class _Transition:
         "definition",
         "error",
         "event",
+        "max_data_bytes",
         "pending_events",
         "reason",
         "reply_token",
@@ -516,8 +547,10 @@ class _Transition:
         created: bool = False,
         circuits: Mapping[str, datetime] | None = None,
         reply_token: str | None = None,
+        max_data_bytes: int | None = None,
     ) -> None:
         self.reply_token = reply_token
+        self.max_data_bytes = max_data_bytes
         self.circuits: Mapping[str, datetime] = circuits or _NO_CIRCUITS
         self.definition = definition
         self.before = instance
@@ -655,7 +688,8 @@ class _Transition:
             self.update_step(
                 index,
                 status=StepStatus.SUCCEEDED,
-                result=dict(data),
+                # An oversized reply is not kept anywhere: holding it is what the limit prevents.
+                result=None if merged.code == DATA_TOO_LARGE_CODE else dict(data),
                 error=merged,
                 finished_at=self.at,
             )
@@ -731,8 +765,29 @@ class _Transition:
         except Exception as exc:  # noqa: BLE001 - a user merge function failed: fail the step
             return ErrorInfo(code=INVALID_REPLY_CODE, message=f"{type(exc).__name__}: {exc}")
         dumped = model.model_dump(mode="json")
+        if self.max_data_bytes is not None:
+            too_large = self.too_large(step_def.name, reply, dumped, self.max_data_bytes)
+            if too_large is not None:
+                return too_large
         self._parsed = (dumped, model)  # the caller stores exactly this dict as the data
         return dumped
+
+    def too_large(
+        self, step: str, reply: dict[str, Any], merged: dict[str, Any], limit: int
+    ) -> ErrorInfo | None:
+        """The error of a reply whose data, or the saga data it makes, is over ``limit`` bytes."""
+        for what, value in (("the reply's data", reply), ("the saga data", merged)):
+            size = len(pydantic_core.to_json(value))
+            if size > limit:
+                return ErrorInfo(
+                    code=DATA_TOO_LARGE_CODE,
+                    message=(
+                        f"saga {self.before.saga_id} ({self.definition.name}), step {step!r}: "
+                        f"{what} would take {size} bytes as JSON, over the saga data limit of "
+                        f"{limit} bytes (SAGAS_MAX_SAGA_DATA_BYTES)"
+                    ),
+                )
+        return None
 
     def timed_out(self, index: int) -> Decision:
         spec = self.spec(index, self.kind)

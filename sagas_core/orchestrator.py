@@ -37,6 +37,7 @@ from sagas_abstractions import (
     InvalidEvent,
     InvalidSagaData,
     MessageDecodeError,
+    MessageTooLarge,
     ReplyMessage,
     ReplyStatus,
     Resolve,
@@ -95,6 +96,11 @@ __all__ = [
 ]
 
 _log = logging.getLogger("sagas.orchestrator")
+
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest reply or event body the orchestrator parses, by default (1 MiB)."""
+DEFAULT_MAX_DATA_BYTES = 256 * 1024
+"""The most a saga's data (and one reply's data) may take as JSON, by default (256 KiB)."""
 
 DEFAULT_DEADLINE_LEASE = timedelta(seconds=5)
 """How long :meth:`Orchestrator.fire_due` holds the deadlines it claims, by default."""
@@ -264,6 +270,12 @@ class Orchestrator:
         reply_tokens: Makes the reply token of each command (docs/protocol.md, section 5.1):
             unguessable, so only the command's readers can answer it. Tests may make them
             predictable; production must not.
+        max_message_bytes: The largest reply or event body it parses; a larger one is refused
+            unparsed (:class:`~sagas_abstractions.MessageTooLarge` for a reply, dead-lettered
+            by the runtime; a dead-letter outcome for an event). ``None``: no limit.
+        max_data_bytes: The most bytes a saga's data, and one reply's data, may take as JSON
+            (``decide``'s limit): a start over it is refused, a reply that would pass it fails
+            its step. ``None``: no limit.
         instance_cache: How many active sagas it saved last the orchestrator keeps in memory
             (least recently saved out first), to decide their next input without loading them
             first; 0 loads every time. The version check of the save finds an entry that went
@@ -287,9 +299,13 @@ class Orchestrator:
         instance_cache: int = 0,
         status_events: StatusEvents | str = StatusEvents.ALL,
         reply_tokens: Callable[[], str] = _reply_token,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        max_data_bytes: int | None = DEFAULT_MAX_DATA_BYTES,
     ) -> None:
         self.store = store
         self.reply_tokens = reply_tokens
+        self.max_message_bytes = max_message_bytes
+        self.max_data_bytes = max_data_bytes
         self.breaker = breaker
         self.telemetry = telemetry or Telemetry.default()
         self.messaging_system = "sagas"
@@ -405,6 +421,7 @@ class Orchestrator:
                     event,
                     circuits=self._circuits(),
                     reply_token=self.reply_tokens(),
+                    max_data_bytes=self.max_data_bytes,
                 )
             except InvalidSagaData:
                 # Starting an existing id returns it whatever the data (or refuses another type).
@@ -445,9 +462,12 @@ class Orchestrator:
         """Handle a reply envelope from the bus (the reply queue's consumer).
 
         Raises:
+            MessageTooLarge: the body is over ``max_message_bytes``; it was not parsed (the
+                runtime dead-letters it at once).
             MessageDecodeError: the envelope does not follow the protocol (the bus retries it a
                 bounded number of times, then dead-letters it).
         """
+        self._check_size(envelope, "reply")
         telemetry = self.telemetry
         if telemetry.tracing_off():
             # consume() would make no span
@@ -458,6 +478,27 @@ class Orchestrator:
             if span is not None:
                 telemetry.failed(span, reply.error)
             await self.handle_reply(reply, envelope=envelope)
+
+    def _check_size(self, envelope: Envelope, what: str) -> None:
+        """Refuse a body over the limit before anything parses it."""
+        limit, size = self.max_message_bytes, len(envelope.body)
+        if limit is None or size <= limit:
+            return
+        _log.warning(
+            "%s %s for saga %s is %d bytes, over the limit of %d: dead-lettered unparsed",
+            what,
+            envelope.message_id,
+            envelope.correlation_id,
+            size,
+            limit,
+        )
+        raise MessageTooLarge(
+            f"{what} {envelope.message_id!r} is {size} bytes, over the message limit of {limit} "
+            "bytes (SAGAS_MAX_MESSAGE_BYTES); not parsed",
+            size=size,
+            limit=limit,
+            saga_id=envelope.correlation_id,
+        )
 
     async def handle_reply(
         self, reply: ReplyMessage, *, envelope: Envelope | None = None
@@ -571,6 +612,11 @@ class Orchestrator:
             event in the dead-letter queue (the runtime does).
         """
         outcome = EventOutcome()
+        try:
+            self._check_size(envelope, "event")
+        except MessageTooLarge as exc:
+            outcome.dead_letter.append(str(exc))
+            return outcome
         routes = self._event_routes().get(envelope.key)
         if not routes:
             _log.warning("event %s on topic %r: no saga listens", envelope.message_id, envelope.key)
@@ -1038,6 +1084,7 @@ class Orchestrator:
                     event,
                     circuits=circuits,
                     reply_token=self.reply_tokens(),
+                    max_data_bytes=self.max_data_bytes,
                 )
                 if decision.rejected is not None:
                     if kept is not None:

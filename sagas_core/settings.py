@@ -70,6 +70,10 @@ class SagasSettings(BaseSettings):
             change, per step too), ``lifecycle`` (the saga's own changes) or ``none``.
         tune_gc: ``sagas worker`` tunes the garbage collector for a long-running process
             (:func:`sagas_core.runtime.tune_gc`); ``false`` keeps Python's own settings.
+        max_message_bytes: The largest reply or event body the orchestrator parses; a larger
+            one is dead-lettered unparsed, with the reason.
+        max_saga_data_bytes: The most a saga's data (and one reply's data) may take as JSON: a
+            reply that would pass it fails its step, a start over it is refused.
     """
 
     model_config = SettingsConfigDict(
@@ -102,6 +106,8 @@ class SagasSettings(BaseSettings):
     circuit_open_seconds: float = Field(default=30.0, gt=0, le=86_400)
     status_events: Literal["all", "lifecycle", "none"] = "all"
     tune_gc: bool = True
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    max_saga_data_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024 * 1024)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -211,6 +211,9 @@ class Envelope(BaseModel):
         headers: Protocol headers (``x-saga-*``, ``x-idempotency-key``, trace context).
         body: UTF-8 JSON.
         timestamp: When the message was made.
+        user_id: Who published it, as the broker validated it (the AMQP ``user_id``
+            property), when the transport has one; only ever read from a delivery, never
+            published.
     """
 
     model_config = _FROZEN
@@ -224,6 +227,7 @@ class Envelope(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     body: bytes
     timestamp: datetime
+    user_id: str | None = None
 
 
 class OutboxRecord(BaseModel):

@@ -197,6 +197,7 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
             "headers": headers,
             "body": pydantic_core.to_json(command.payload),
             "timestamp": command.created_at,
+            "user_id": None,
         }
     )
 
@@ -317,6 +318,7 @@ def _reply_envelope(
             "headers": headers,
             "body": body,
             "timestamp": at,
+            "user_id": None,
         }
     )
 
@@ -399,6 +401,7 @@ def encode_event(event: SagaEvent) -> Envelope:
             # The model's own serializer writes the JSON in one pass (as model_dump + dumps).
             "body": event.__pydantic_serializer__.to_json(event),
             "timestamp": event.at,
+            "user_id": None,
         }
     )
 

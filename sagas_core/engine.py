@@ -84,6 +84,7 @@ __all__ = [
     "due_input",
     "idempotency_key",
     "parked",
+    "rejected",
     "resolved_without_definition",
 ]
 
@@ -271,6 +272,14 @@ def parked(
         event_kind=EventKind.FAILED,
         detail=reason,
     )
+
+
+def rejected(instance: SagaInstance, event: StepSucceeded | StepFailed, reason: str) -> Decision:
+    """Reject a reply the shell found unauthentic (a wrong publisher): recorded, never applied.
+
+    The same decision as ``decide`` makes for a reply without its command's token.
+    """
+    return _ignored(instance, event, reason, outcome="rejected")
 
 
 def resolved_without_definition(instance: SagaInstance, event: Resolve) -> Decision:

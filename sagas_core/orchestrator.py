@@ -72,6 +72,7 @@ from sagas_core.engine import (
     decide,
     due_input,
     parked,
+    rejected,
     resolved_without_definition,
 )
 from sagas_core.events import EventOutcome, EventRoutes, event_inbox_id, parse_event
@@ -276,6 +277,10 @@ class Orchestrator:
         max_data_bytes: The most bytes a saga's data, and one reply's data, may take as JSON
             (``decide``'s limit): a start over it is refused, a reply that would pass it fails
             its step. ``None``: no limit.
+        reply_users: The broker user each destination's participant publishes as, by
+            destination (docs/protocol.md, section 5.2): a reply envelope for a step of such
+            a destination is rejected unless the broker validated that ``user_id`` on it.
+            Destinations not listed are not checked.
         instance_cache: How many active sagas it saved last the orchestrator keeps in memory
             (least recently saved out first), to decide their next input without loading them
             first; 0 loads every time. The version check of the save finds an entry that went
@@ -301,8 +306,10 @@ class Orchestrator:
         reply_tokens: Callable[[], str] = _reply_token,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         max_data_bytes: int | None = DEFAULT_MAX_DATA_BYTES,
+        reply_users: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.reply_users = dict(reply_users or {})
         self.reply_tokens = reply_tokens
         self.max_message_bytes = max_message_bytes
         self.max_data_bytes = max_data_bytes
@@ -555,9 +562,17 @@ class Orchestrator:
             )
 
         inbox = InboxEntry(self.consumer, reply.message_id)
+        refused = None
+        if self.reply_users and envelope is not None:
+            refused = self._wrong_user(reply, envelope.user_id)
         try:
             decision = await self._apply(
-                reply.saga_id, make, inbox=inbox, saga_type=reply.saga_type, reject=reject
+                reply.saga_id,
+                make,
+                inbox=inbox,
+                saga_type=reply.saga_type,
+                reject=reject,
+                refused=refused,
             )
         except SagaNotFound:
             await self._orphan(reply)
@@ -569,6 +584,18 @@ class Orchestrator:
                 self._observe_reply(reply)
             return decision
         return None
+
+    def _wrong_user(self, reply: ReplyMessage, user_id: str | None) -> str | None:
+        """Why the broker-validated publisher of ``reply`` is not its destination's, if so."""
+        destination = self._destination(reply.saga_type, reply.step, reply.kind)
+        expected = None if destination is None else self.reply_users.get(destination)
+        if expected is None or user_id == expected:
+            return None
+        publisher = "without a user id" if user_id is None else f"by AMQP user {user_id!r}"
+        return (
+            f"reply rejected: published {publisher}, not by {expected!r}, the user of "
+            f"destination {destination!r}"
+        )
 
     async def _orphan(self, reply: ReplyMessage) -> None:
         _log.warning(
@@ -1046,11 +1073,12 @@ class Orchestrator:
         inbox: InboxEntry | None,
         saga_type: str | None = None,
         reject: Callable[[str], Envelope] | None = None,
+        refused: str | None = None,
     ) -> Decision | None:
         """Load, decide and save one input, reloading and reapplying on a version conflict.
 
         A rejected reply is recorded with ``reject(reason)`` (its dead letter) in the outbox,
-        without ``inbox``.
+        without ``inbox``. ``refused`` rejects the reply for that reason without deciding.
 
         Raises:
             SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
@@ -1078,14 +1106,17 @@ class Orchestrator:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
                 circuits = None if self.breaker is None else self._circuits()
-                decision = decide(
-                    definition,
-                    instance,
-                    event,
-                    circuits=circuits,
-                    reply_token=self.reply_tokens(),
-                    max_data_bytes=self.max_data_bytes,
-                )
+                if refused is not None and isinstance(event, StepSucceeded | StepFailed):
+                    decision = rejected(instance, event, refused)
+                else:
+                    decision = decide(
+                        definition,
+                        instance,
+                        event,
+                        circuits=circuits,
+                        reply_token=self.reply_tokens(),
+                        max_data_bytes=self.max_data_bytes,
+                    )
                 if decision.rejected is not None:
                     if kept is not None:
                         # Judge a forgery on the stored saga, never on a kept copy.

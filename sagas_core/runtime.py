@@ -133,6 +133,8 @@ class SagaRuntime:
             one is dead-lettered unparsed); ``None``: no limit.
         max_data_bytes: The most a saga's data, and one reply's data, may take as JSON (a
             reply that would pass it fails its step); ``None``: no limit.
+        reply_users: The broker user of each destination's participant: replies for its steps
+            must carry that validated AMQP ``user_id`` (see :class:`Orchestrator`).
 
     Example:
         ```python
@@ -165,6 +167,7 @@ class SagaRuntime:
         status_events: StatusEvents | str = StatusEvents.ALL,
         max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
         max_data_bytes: int | None = DEFAULT_MAX_DATA_BYTES,
+        reply_users: Mapping[str, str] | None = None,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -190,6 +193,7 @@ class SagaRuntime:
             status_events=status_events,
             max_message_bytes=max_message_bytes,
             max_data_bytes=max_data_bytes,
+            reply_users=reply_users,
         )
         self.orchestrator.messaging_system = messaging_system(self.bus)
         self.relay = OutboxRelay(

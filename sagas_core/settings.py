@@ -74,6 +74,9 @@ class SagasSettings(BaseSettings):
             one is dead-lettered unparsed, with the reason.
         max_saga_data_bytes: The most a saga's data (and one reply's data) may take as JSON: a
             reply that would pass it fails its step, a start over it is refused.
+        reply_users: The broker user of each destination's participant, as a JSON object
+            (``{"shipping": "shipping-svc"}``): replies for that destination's steps must carry
+            that broker-validated AMQP ``user_id``. Destinations not listed are not checked.
     """
 
     model_config = SettingsConfigDict(
@@ -108,6 +111,7 @@ class SagasSettings(BaseSettings):
     tune_gc: bool = True
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=512 * 1024 * 1024)
     max_saga_data_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024 * 1024)
+    reply_users: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from pydantic import BaseModel
 
 from sagas_abstractions import (
@@ -23,7 +24,7 @@ from sagas_abstractions import (
     StepKind,
     StepSucceeded,
 )
-from sagas_core import Orchestrator, Participant, SagaBuilder
+from sagas_core import Orchestrator, Participant, SagaBuilder, load_settings
 from sagas_core.codec import (
     HEADER_REASON,
     HEADER_REPLY_TOKEN,
@@ -351,3 +352,41 @@ async def test_injected_tokens_make_commands_predictable_for_tests() -> None:
     saga = await orchestrator.start("shop", {"order_id": "o-1"})
 
     assert saga.steps[0].reply_token == "token-1"
+
+
+# ---------------------------------------------------------------------------- validated user ids
+
+
+async def test_a_reply_not_published_by_its_destinations_broker_user_is_rejected() -> None:
+    harness = SagaTestHarness(shop())
+    harness.orchestrator.reply_users = {"shipping": "shipping-svc"}
+    harness.stub("inventory").on(Reserve).succeed()
+    harness.stub("shipping").on(Ship).never_answer()
+    saga = await harness.start(Order(order_id="o-1"), saga_id="s-1")
+    ship = harness.sent[-1]
+    genuine = encode_reply(
+        ReplyMessage.answering(
+            ship, status=ReplyStatus.SUCCEEDED, at=T0, data={"shipment_id": "SH-1"}
+        ),
+        ship.reply_to or "",
+    )
+
+    # The right token, read somewhere it leaked, is not enough from another broker user.
+    for user in (None, "inventory-svc"):
+        await harness.orchestrator.handle_envelope(genuine.model_copy(update={"user_id": user}))
+        await harness.run_until_idle()
+    assert (await harness.saga(saga.saga_id)).status is SagaStatus.RUNNING
+    reasons = [dead.headers[HEADER_REASON] for dead in harness.dead_letters]
+    assert "without a user id" in reasons[0]
+    assert "'inventory-svc', not by 'shipping-svc'" in reasons[1]
+
+    await harness.orchestrator.handle_envelope(
+        genuine.model_copy(update={"user_id": "shipping-svc"})
+    )
+    assert (await harness.saga(saga.saga_id)).status is SagaStatus.COMPLETED
+
+
+def test_reply_users_come_from_settings_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SAGAS_REPLY_USERS", '{"shipping": "shipping-svc"}')
+
+    assert load_settings().reply_users == {"shipping": "shipping-svc"}

@@ -238,7 +238,13 @@ def shipping_user(amqp_url: str, prefix: str, needs_rabbitmqctl: None) -> Iterat
 async def test_the_documented_permissions_let_a_participant_serve_only_its_own_queue(
     connect: BusFactory, amqp_url: str, prefix: str, shipping_user: str
 ) -> None:
-    await connect()  # the orchestrator: declares the exchanges and the dead-letter queue
+    orchestrator = await connect()  # declares the exchanges and the dead-letter queue
+    received: list[Envelope] = []
+
+    async def receive(envelope: Envelope) -> None:
+        received.append(envelope)
+
+    await orchestrator.subscribe(RouteKind.REPLY, "probe", receive)
     arguments: dict[str, Any] = dict(queue_arguments(prefix))
     admin = await aio_pika.connect(amqp_url)
     connection = await aio_pika.connect(shipping_user)
@@ -265,8 +271,11 @@ async def test_the_documented_permissions_let_a_participant_serve_only_its_own_q
                     message_id=f"probe-{exchange}",
                     user_id=urlsplit(shipping_user).username,
                 ),
-                routing_key="nobody",
+                routing_key="probe",
             )
+        # The orchestrator reads the user id the broker validated.
+        (reply,) = await eventually(lambda: received, what="the probe reply")
+        assert reply.user_id == urlsplit(shipping_user).username
 
         # Another destination's commands, and so their reply tokens, are out of reach.
         other = await connection.channel()

@@ -253,23 +253,16 @@ def test_the_codec_carries_the_token_in_a_header_and_keeps_it_out_of_extra_heade
 
 
 def forged_reply(command: CommandMessage, status: ReplyStatus, token: str | None) -> ReplyMessage:
-    """What the forger of the issue published: the predictable id, its own data."""
-    return ReplyMessage(
-        message_id=f"{command.message_id}:reply",
-        saga_id=command.saga_id,
-        saga_type=command.saga_type,
-        step=command.step,
-        attempt=command.attempt,
-        kind=command.kind,
+    """What the forger of the issue published: the predictable id, its own data, any token."""
+    succeeded = status is ReplyStatus.SUCCEEDED
+    reply = ReplyMessage.answering(
+        command,
         status=status,
-        data={"shipment_id": "FORGED"} if status is ReplyStatus.SUCCEEDED else {},
-        error=None
-        if status is ReplyStatus.SUCCEEDED
-        else ErrorInfo(code="forged", message="compensate it"),
-        in_reply_to=command.message_id,
-        created_at=T0,
-        reply_token=token,
+        at=T0,
+        data={"shipment_id": "FORGED"} if succeeded else {},
+        error=None if succeeded else ErrorInfo(code="forged", message="compensate it"),
     )
+    return reply.model_copy(update={"reply_token": token})
 
 
 async def test_a_forged_reply_is_recorded_dead_lettered_and_the_genuine_one_still_applies() -> None:

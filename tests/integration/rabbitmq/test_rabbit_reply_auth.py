@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +26,13 @@ from sagas_core.codec import HEADER_REASON, HEADER_REPLY_TOKEN
 from sagas_rabbitmq.testing import rabbitmqctl
 from sagas_sqlalchemy import SqlSagaStore
 from tests.integration.rabbitmq.conftest import DELIVERY_LIMIT, BusFactory
+from tests.integration.rabbitmq.hardening import (
+    Release,
+    Reserve,
+    inventory,
+    publish_reply,
+    store_of_this_test,
+)
 from tests.waiting import eventually, saga_reaches
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -36,14 +42,6 @@ class Order(BaseModel):
     order_id: str
     reservation_id: str | None = None
     shipment_id: str | None = None
-
-
-class Reserve(BaseModel):
-    order_id: str
-
-
-class Release(BaseModel):
-    order_id: str
 
 
 class CreateShipment(BaseModel):
@@ -63,28 +61,8 @@ order_saga = (
 
 @pytest.fixture
 async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
-    store = SqlSagaStore.from_url(
-        postgres_url, table_prefix=f"a{uuid.uuid4().hex[:8]}_", create_tables=True
-    )
-    try:
+    async with store_of_this_test(postgres_url) as store:
         yield store
-    finally:
-        await store.drop_tables()
-        await store.close()
-
-
-def inventory(released: list[str]) -> Participant:
-    participant = Participant("inventory")
-
-    @participant.handles(Reserve)
-    async def reserve(cmd: Reserve) -> dict[str, str]:
-        return {"reservation_id": f"R-{cmd.order_id}"}
-
-    @participant.handles(Release)
-    async def release(cmd: Release) -> None:
-        released.append(cmd.order_id)
-
-    return participant
 
 
 def shipping(shipped: list[str]) -> Participant:
@@ -101,35 +79,17 @@ def shipping(shipped: list[str]) -> Participant:
 async def forge(
     amqp_url: str, prefix: str, reply_to: str, saga_id: str, body: dict[str, object]
 ) -> None:
-    """Publish what the forger of the issue published: a plain, confirmed, mandatory reply."""
-    command_id = f"{saga_id}:create-shipment:execute:1"
-    connection = await aio_pika.connect(amqp_url)
-    try:
-        channel = await connection.channel(publisher_confirms=True)
-        exchange = await channel.get_exchange(f"{prefix}.replies", ensure=False)
-        await exchange.publish(
-            aio_pika.Message(
-                json.dumps(body).encode(),
-                content_type="application/json",
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                message_id=f"{command_id}:reply",
-                correlation_id=saga_id,
-                type="saga.reply",
-                timestamp=datetime.now(UTC),
-                headers={
-                    "x-saga-type": "forged-replies",
-                    "x-saga-step": "create-shipment",
-                    "x-saga-attempt": "1",
-                    "x-saga-kind": "execute",
-                    "x-in-reply-to": command_id,
-                    HEADER_REPLY_TOKEN: "a-guess",
-                },
-            ),
-            routing_key=reply_to,
-            mandatory=True,
-        )
-    finally:
-        await connection.close()
+    """Publish what the forger of the issue published, with a guessed token."""
+    await publish_reply(
+        amqp_url,
+        prefix,
+        reply_to,
+        saga_type="forged-replies",
+        saga_id=saga_id,
+        step="create-shipment",
+        body=json.dumps(body).encode(),
+        token="a-guess",
+    )
 
 
 async def test_forged_replies_for_another_step_neither_complete_nor_compensate_the_saga(

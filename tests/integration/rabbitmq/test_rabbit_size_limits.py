@@ -7,11 +7,8 @@ saga compensates.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 
-import aio_pika
 import pytest
 from pydantic import BaseModel
 
@@ -21,6 +18,13 @@ from sagas_core.codec import HEADER_REASON
 from sagas_core.engine import DATA_TOO_LARGE_CODE
 from sagas_sqlalchemy import SqlSagaStore
 from tests.integration.rabbitmq.conftest import BusFactory
+from tests.integration.rabbitmq.hardening import (
+    Release,
+    Reserve,
+    inventory,
+    publish_reply,
+    store_of_this_test,
+)
 from tests.waiting import eventually, saga_reaches
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq, pytest.mark.postgres]
@@ -33,14 +37,6 @@ class Order(BaseModel):
     order_id: str
     reservation_id: str | None = None
     label: str | None = None
-
-
-class Reserve(BaseModel):
-    order_id: str
-
-
-class Release(BaseModel):
-    order_id: str
 
 
 class PrintLabel(BaseModel):
@@ -60,28 +56,8 @@ order_saga = (
 
 @pytest.fixture
 async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
-    store = SqlSagaStore.from_url(
-        postgres_url, table_prefix=f"z{uuid.uuid4().hex[:8]}_", create_tables=True
-    )
-    try:
+    async with store_of_this_test(postgres_url) as store:
         yield store
-    finally:
-        await store.drop_tables()
-        await store.close()
-
-
-def inventory(released: list[str]) -> Participant:
-    participant = Participant("inventory")
-
-    @participant.handles(Reserve)
-    async def reserve(cmd: Reserve) -> dict[str, str]:
-        return {"reservation_id": f"R-{cmd.order_id}"}
-
-    @participant.handles(Release)
-    async def release(cmd: Release) -> None:
-        released.append(cmd.order_id)
-
-    return participant
 
 
 def labels() -> Participant:
@@ -124,31 +100,15 @@ async def test_an_oversized_reply_is_dead_lettered_unparsed_with_the_reason(
     try:
         saga = await runtime.start_saga(order_saga, Order(order_id="o-1"))
         await saga_reaches(store, saga.saga_id, SagaStatus.RUNNING, step="print-label")
-        command_id = f"{saga.saga_id}:print-label:execute:1"
-        connection = await aio_pika.connect(amqp_url)
-        try:
-            channel = await connection.channel(publisher_confirms=True)
-            replies = await channel.get_exchange(f"{prefix}.replies", ensure=False)
-            await replies.publish(
-                aio_pika.Message(
-                    b'{"status": "succeeded", "data": {"label": "' + b"x" * MESSAGE_LIMIT + b'"}}',
-                    content_type="application/json",
-                    message_id=f"{command_id}:reply",
-                    correlation_id=saga.saga_id,
-                    type="saga.reply",
-                    timestamp=datetime.now(UTC),
-                    headers={
-                        "x-saga-type": "sized-replies",
-                        "x-saga-step": "print-label",
-                        "x-saga-attempt": "1",
-                        "x-saga-kind": "execute",
-                    },
-                ),
-                routing_key=runtime.orchestrator.reply_to,
-                mandatory=True,
-            )
-        finally:
-            await connection.close()
+        await publish_reply(
+            amqp_url,
+            prefix,
+            runtime.orchestrator.reply_to,
+            saga_type="sized-replies",
+            saga_id=saga.saga_id,
+            step="print-label",
+            body=b'{"status": "succeeded", "data": {"label": "' + b"x" * MESSAGE_LIMIT + b'"}}',
+        )
         await eventually(lambda: dead, what="the oversized reply dead-lettered")
         after = await store.load(saga.saga_id)
     finally:
@@ -156,7 +116,7 @@ async def test_an_oversized_reply_is_dead_lettered_unparsed_with_the_reason(
         await runtime.stop(grace=5)
 
     (letter,) = dead
-    assert letter.message_id == f"{command_id}:reply"
+    assert letter.message_id == f"{saga.saga_id}:print-label:execute:1:reply"
     reason = letter.headers[HEADER_REASON]
     assert f"over the message limit of {MESSAGE_LIMIT} bytes" in reason
     assert "not parsed" in reason

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 _FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.MULTILINE)
-_SUMMARY = re.compile(r"^=+ (.*\d+ (?:passed|failed).*) =+$", re.MULTILINE)
+# pytest's last line: "1 failed, 1264 passed in 541.28s (0:09:01)", between "=" rules unless -q.
+_SUMMARY = re.compile(r"^=* ?(\d+ (?:passed|failed)\b.*? in [\d.]+s.*?) ?=*$", re.MULTILINE)
 
 
 def _burn(until: float) -> None:

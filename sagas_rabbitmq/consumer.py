@@ -401,10 +401,18 @@ class RabbitSubscription:
             exc,
         )
         copy = _poisoned_copy(message, header_text(str(exc)))
+        await self._replace(
+            message, self._topology.dead_letter_exchange, _routing_key(message), copy
+        )
+
+    async def _replace(
+        self, message: DeliveredMessage, exchange: str, routing_key: str, copy: aio_pika.Message
+    ) -> None:
+        """Publish ``copy`` of ``message``, then ack the original (or, failing that, requeue it)."""
         try:
-            await self._republish(self._topology.dead_letter_exchange, _routing_key(message), copy)
+            await self._republish(exchange, routing_key, copy)
         except Exception:  # noqa: BLE001 - any failure: keep the original instead
-            _log.exception("dead-lettering %s failed; requeueing it", copy.message_id)
+            _log.exception("republishing %s failed; requeueing it", copy.message_id)
             await self._settle(_nack(message), message, "nack")
             return
         await self._ack(message)
@@ -461,13 +469,7 @@ class RabbitSubscription:
             headers[DELIVERY_COUNT_HEADER] = str(count + 1)
             headers[ROUTING_KEY_HEADER] = _routing_key(message)
             exchange, routing_key = "", self.queue_name
-        try:
-            await self._republish(exchange, routing_key, to_amqp(envelope, headers=headers))
-        except Exception:  # noqa: BLE001 - any failure: keep the original instead
-            _log.exception("republishing %s failed; requeueing it", envelope.message_id)
-            await self._settle(_nack(message), message, "nack")
-            return
-        await self._ack(message)
+        await self._replace(message, exchange, routing_key, to_amqp(envelope, headers=headers))
 
     # ------------------------------------------------------------------ closing
 

@@ -29,6 +29,7 @@ from sagas_abstractions.errors import (
     SagaError,
     SagaNotFound,
     StoreError,
+    StoreUnavailable,
     TransportError,
     UnknownSagaType,
 )
@@ -130,6 +131,7 @@ __all__ = [
     "StepStatus",
     "StepSucceeded",
     "StoreError",
+    "StoreUnavailable",
     "Subscription",
     "Timeout",
     "TransportError",

@@ -52,6 +52,7 @@ from sagas_abstractions import (
     SagaInstance,
     StoreError,
 )
+from sagas_sqlalchemy._errors import store_error
 from sagas_sqlalchemy.engine import has_pending_input
 
 if TYPE_CHECKING:
@@ -859,7 +860,7 @@ class GroupCommit:
             # Cancelled (the loop is closing) or broken: no caller may wait forever.
             failed, self._queue = [*batch, *self._queue], []
             for pending in failed:
-                _settle(pending.future, StoreError(f"the save was not written: {error!r}"))
+                _settle(pending.future, store_error("the save was not written", error))
             raise
         finally:
             self._running -= 1
@@ -984,10 +985,3 @@ def unique_violation(error: psycopg.Error) -> bool:
 def as_timestamp(value: str | None) -> datetime | None:
     """A timestamp from its JSON rendering (for sorting rows read as JSON)."""
     return None if value is None else datetime.fromisoformat(value)
-
-
-def store_error(message: str, error: BaseException, **context: Any) -> StoreError:
-    """A :class:`StoreError` naming the driver error's first line."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else "no details"
-    return StoreError(f"{message}: {type(error).__name__}: {first}", **context)

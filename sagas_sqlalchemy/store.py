@@ -54,8 +54,8 @@ from sagas_abstractions import (
     SagaError,
     SagaInstance,
     SagaStatus,
-    StoreError,
 )
+from sagas_sqlalchemy._errors import store_error
 from sagas_sqlalchemy.engine import BEGIN_MODE, create_engine
 from sagas_sqlalchemy.migrate import upgrade_engine
 from sagas_sqlalchemy.tables import DEFAULT_TABLE_PREFIX, SagaTables, build_tables
@@ -238,11 +238,7 @@ class SqlSagaStore:
         try:
             yield
         except (SQLAlchemyError, OSError) as error:
-            raise StoreError(
-                f"{message}: {type(error).__name__}: {_first_line(error)}",
-                saga_id=saga_id,
-                saga_type=saga_type,
-            ) from error
+            raise store_error(message, error, saga_id=saga_id, saga_type=saga_type) from error
 
     def _insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         if self._dialect == "postgresql":
@@ -360,11 +356,7 @@ class SqlSagaStore:
         try:
             yield
         except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
-            raise StoreError(
-                f"{message}: {type(error).__name__}: {_first_line(error)}",
-                saga_id=saga_id,
-                saga_type=saga_type,
-            ) from error
+            raise store_error(message, error, saga_id=saga_id, saga_type=saga_type) from error
 
     async def _save_one(
         self,
@@ -1030,14 +1022,9 @@ def _save_failed(
             saga_type=saga.saga_type,
         )
     batch = f" (in a batch of {batch_size} changes)" if batch_size > 1 else ""
-    return StoreError(
-        f"saving the saga failed{batch}, nothing was written: "
-        f"{type(error).__name__}: {_first_line(error)}",
+    return store_error(
+        f"saving the saga failed{batch}, nothing was written",
+        error,
         saga_id=saga.saga_id,
         saga_type=saga.saga_type,
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"

@@ -68,6 +68,7 @@ SAGAS_ABSTRACTIONS = [
     "StepStatus",
     "StepSucceeded",
     "StoreError",
+    "StoreUnavailable",
     "Subscription",
     "Timeout",
     "TransportError",

@@ -15,6 +15,7 @@ touched (``EXPLAIN (ANALYZE, BUFFERS)``), which must stay within a bound set by 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -22,10 +23,13 @@ from typing import Any
 import psycopg
 import pytest
 import sqlalchemy as sa
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from sagas_core.telemetry import Telemetry
 from sagas_sqlalchemy import SqlSagaStore
 from sagas_sqlalchemy.engine import create_engine
-from tests.contracts.store_contract import T0
+from tests.contracts.store_contract import T0, insert, make_envelope, make_instance
 from tests.integration.sqlalchemy.sql_support import unique_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -158,3 +162,35 @@ async def test_a_claim_from_a_50k_backlog_touches_buffers_bounded_by_its_batch(
     firsts = sorted(ids[0] for ids in leased.values())
     assert all(len(ids) == 1 for ids in leased.values())
     assert firsts == list(range(BLOCKED + 1, BLOCKED + 1 + 5 * BATCH))
+
+
+async def test_slow_claims_and_saves_are_logged_and_recorded(
+    planned_store: tuple[SqlSagaStore, Explained], caplog: pytest.LogCaptureFixture
+) -> None:
+    store, _ = planned_store
+    store._slow_seconds = 0.0  # every claim and save is slow
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    store.watch_slow_statements(telemetry.record_slow_statement)
+    saga = make_instance("saga-1")
+    with caplog.at_level(logging.WARNING, logger="sagas.sqlalchemy"):
+        await store.save([insert(saga, outbox=[make_envelope("m-1", saga.saga_id)])])
+        await store.claim(owner="relay-a", limit=7, lease=LEASE, now=T0)
+
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert [getattr(record, "statement", None) for record in warnings] == ["save", "claim"]
+    assert [getattr(record, "batch_size", None) for record in warnings] == [1, 7]
+    assert "slow claim" in warnings[1].getMessage()
+    assert "batch of 7" in warnings[1].getMessage()
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [
+        point
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+        if metric.name == "saga.store.slow_statement.duration"
+        for point in metric.data.data_points
+    ]
+    recorded = {str(point.attributes["db.operation.name"]): point.count for point in points}
+    assert recorded == {"save": 1, "claim": 1}

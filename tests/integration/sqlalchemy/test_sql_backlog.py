@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -26,10 +27,17 @@ import sqlalchemy as sa
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+from sagas_abstractions import InboxEntry
 from sagas_core.telemetry import Telemetry
 from sagas_sqlalchemy import SqlSagaStore
 from sagas_sqlalchemy.engine import create_engine
-from tests.contracts.store_contract import T0, insert, make_envelope, make_instance
+from tests.contracts.store_contract import (
+    T0,
+    insert,
+    make_envelope,
+    make_instance,
+    update,
+)
 from tests.integration.sqlalchemy.sql_support import unique_prefix
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -194,3 +202,80 @@ async def test_slow_claims_and_saves_are_logged_and_recorded(
     ]
     recorded = {str(point.attributes["db.operation.name"]): point.count for point in points}
     assert recorded == {"save": 1, "claim": 1}
+
+
+# ---------------------------------------------------------------------- every hot statement
+
+_PARAM = re.compile(r"%\((\w+)\)s|%s")
+
+
+def hot_statement_params(store: SqlSagaStore) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Each hot statement of the psycopg lane with the values a worker would run it with."""
+    pg = store._pg
+    assert pg is not None
+    new = make_instance("saga-new")
+    old = make_instance("saga-00042")
+    step = update(old, inbox=InboxEntry("orchestrator", "r-1"))
+    inserting = pg.save_params(
+        insert(new, outbox=[make_envelope("m-new", new.saga_id)]), owner="relay-a", until=T0
+    )
+    updating = pg.save_params(step, owner="relay-a", until=T0)
+    sent = {"sent": [1, 2, 3]}
+    return {
+        "save (insert)": (inserting[0], inserting[1] | sent),
+        "save (update)": (updating[0], updating[1] | sent),
+        "mark sent": (pg.mark_sent, sent),
+        "load": (pg.load, {"0": "saga-00042"}),
+        "claim due": (pg.claim_due, {"owner": "a", "until": T0, "now": T0, "limit": BATCH}),
+        "claim": (
+            pg.claim,
+            {"owner": "a", "until": T0, "now": T0, "after": 0, "window": 800, "limit": BATCH},
+        ),
+    }
+
+
+def numbered(statement: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match[1] or str(len(names))
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return _PARAM.sub(number, statement), [params[name] for name in names]
+
+
+@pytest.mark.parametrize(
+    "name", ["save (insert)", "save (update)", "mark sent", "load", "claim due", "claim"]
+)
+async def test_each_hot_statement_planned_on_empty_tables_stays_bounded_at_a_large_backlog(
+    psycopg_store: SqlSagaStore, name: str
+) -> None:
+    store = psycopg_store
+    statement, params = hot_statement_params(store)[name]
+    prepared, values = numbered(statement, params)
+    inst = store.tables.instances.name
+    assert store._lane is not None
+    async with store._lane.connection() as conn:
+        await conn.execute(f"PREPARE probe AS {prepared}")  # generic: the lane forces it
+        try:
+            await fill_outbox(store)
+            await conn.execute(
+                f'INSERT INTO "{inst}" SELECT (jsonb_populate_record(NULL::"{inst}", '
+                "%s::jsonb || jsonb_build_object('saga_id', 'saga-' || lpad(g::text, 5, '0'), "
+                "'next_deadline_at', %s::timestamptz - g * interval '1 second'))).* "
+                f"FROM generate_series(0, {SAGAS - 1}) AS g",
+                (make_instance("x").model_dump_json(), T0),
+            )
+            client = psycopg.AsyncClientCursor(conn)
+            arguments = ", ".join(["%s"] * len(values))
+            await client.execute(
+                f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE probe({arguments})", values
+            )
+            row = await client.fetchone()
+        finally:
+            await conn.execute("DEALLOCATE probe")
+    assert row is not None
+    touched = buffers(row[0][0])
+    assert touched <= BUFFERS_PER_RECORD * BATCH, (name, touched, json.dumps(row[0], indent=1))

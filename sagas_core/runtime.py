@@ -216,6 +216,9 @@ class SagaRuntime:
             self.orchestrator, interval=timeout_interval, idle_interval=timeout_idle_interval
         )
         self.orchestrator.use_relay(self.relay)
+        watch = getattr(self.store, "watch_slow_statements", None)
+        if callable(watch):  # the SQL store reports its slow claims and saves
+            watch(self.telemetry.record_slow_statement)
         self._subscriptions: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()

@@ -17,6 +17,7 @@ import contextlib
 import multiprocessing
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.load < 0 or args.max_minutes <= 0:
         parser.error("--runs must be >= 1, --load >= 0 and --max-minutes > 0")
 
+    # A SIGTERM ends the run like Ctrl-C: the busy processes are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args.logs.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + args.max_minutes * 60
     failures: Counter[str] = Counter()

@@ -30,6 +30,7 @@ from sagas_abstractions.errors import (
     SagaError,
     SagaNotFound,
     StoreError,
+    StoreUnavailable,
     TransportError,
     UnknownSagaType,
 )
@@ -132,6 +133,7 @@ __all__ = [
     "StepStatus",
     "StepSucceeded",
     "StoreError",
+    "StoreUnavailable",
     "Subscription",
     "Timeout",
     "TransportError",

@@ -15,6 +15,7 @@ alone tells an operator which saga to look at and what to do next::
     ├── ConcurrencyConflict      an optimistic version check failed (reload and reapply)
     ├── DuplicateMessage         the inbox already holds that message id for that consumer
     ├── StoreError               the state store failed (adapters translate their driver errors)
+    │   └── StoreUnavailable     it cannot be reached: the worker's fault, not the message's
     ├── TransportError           the message bus failed
     │   └── PublishError         a publish was not confirmed (unroutable, nacked, timed out)
     ├── MessageDecodeError       a message on the wire does not follow the protocol
@@ -45,6 +46,7 @@ __all__ = [
     "SagaError",
     "SagaNotFound",
     "StoreError",
+    "StoreUnavailable",
     "TransportError",
     "UnknownSagaType",
 ]
@@ -255,6 +257,16 @@ class DuplicateMessage(SagaError):  # noqa: N818
 
 class StoreError(SagaError):
     """The saga store failed; the adapter's driver error is chained as ``__cause__``."""
+
+
+class StoreUnavailable(StoreError):  # noqa: N818 - reads as a state: the store is unavailable
+    """The store cannot be reached: it refuses connections, dropped them, or has none to spare.
+
+    The failure is the worker's own, not the message's: a bus whose handler raises it does not
+    count the delivery against the message's delivery limit. It holds the message, pauses the
+    subscription's other deliveries and tries again, with backoff, until the store answers
+    (see :meth:`MessageBus.subscribe <sagas_abstractions.MessageBus.subscribe>`).
+    """
 
 
 class TransportError(SagaError):

@@ -270,7 +270,13 @@ class MessageBus(Protocol):
 
         Up to ``concurrency`` messages are handled at once. A handler that returns acks the
         message; one that raises has it redelivered, a bounded number of times, after which the
-        message goes to the dead-letter queue.
+        message goes to the dead-letter queue. Two failures are not the message's to count:
+
+        - ``MessageDecodeError``: the message breaks the protocol and always will. It goes to
+          the dead-letter queue at once, with the error in an ``x-dead-letter-reason`` header.
+        - ``StoreUnavailable``: the handler's store cannot be reached. The message is held
+          (not redelivered, not counted) and handled again once the store answers; the
+          subscription's other messages wait meanwhile.
         """
         ...
 

@@ -45,6 +45,7 @@ from sagas_core.definition import (
     ReplyMerger,
     SagaDefinition,
     StepDefinition,
+    TimeoutOf,
     event_name,
     fingerprint_of,
 )
@@ -90,6 +91,24 @@ def _duration(
     return base + timedelta(seconds=seconds, minutes=minutes, hours=hours)
 
 
+@dataclass(frozen=True, slots=True)
+class _TimeoutFromData:
+    """A user's ``data -> span | seconds | None``, checked each time it is called."""
+
+    compute: Callable[[Any], timedelta | float | None]
+
+    def __call__(self, data: BaseModel) -> timedelta | None:
+        value = self.compute(data)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, timedelta | int | float):
+            raise TypeError(f"a timeout must be a timedelta, seconds or None, got {value!r}")
+        span = value if isinstance(value, timedelta) else timedelta(seconds=value)
+        if span <= timedelta():
+            raise ValueError(f"a timeout must be positive, got {span.total_seconds():g}s")
+        return span
+
+
 @dataclass
 class _ActionDraft:
     target: type[BaseModel] | Callable[..., Awaitable[Any]]
@@ -117,6 +136,7 @@ class _StepDraft:
     action: _ActionDraft | None = None
     compensation: _ActionDraft | None = None
     timeout: timedelta | None = None
+    timeout_of: TimeoutOf | None = None
     retry: RetryPolicy | None = None
     merge: Any = None
     reply_model: type[BaseModel] | None = None
@@ -446,17 +466,29 @@ class StepBuilder(Generic[D]):
 
     def timeout(
         self,
-        value: timedelta | float | None = None,
+        value: timedelta | float | Callable[[D], timedelta | float | None] | None = None,
         *,
         seconds: float = 0,
         minutes: float = 0,
         hours: float = 0,
     ) -> StepBuilder[D]:
-        """Time out each attempt that gets no reply within this time."""
+        """Time out each attempt that gets no reply within this time.
+
+        ``value`` may be a function of the saga data (``lambda data: data.hold_for``), called
+        each time an attempt begins: a span, seconds, or ``None`` for no timeout. When it raises
+        or returns something else, the attempt is not sent and the step fails, naming why.
+        """
+        if callable(value) and not isinstance(value, timedelta):
+            if seconds or minutes or hours:
+                self._problem("a timeout function takes no seconds=, minutes= or hours=")
+            self._draft.timeout = None
+            self._draft.timeout_of = _TimeoutFromData(value)
+            return self
         duration = _duration(value, seconds, minutes, hours)
         if duration <= timedelta():
             self._problem(f"timeout must be positive, got {duration.total_seconds()}s")
         self._draft.timeout = duration
+        self._draft.timeout_of = None
         return self
 
     def retry(
@@ -570,17 +602,26 @@ class _StepCompiler:
             return None
         retry = draft.retry or RetryPolicy(attempts=1)
         if draft.wait is not None:
-            action = self.wait_action(draft.wait, draft.timeout)
+            action = self.wait_action(draft.wait, draft.timeout, draft.timeout_of)
         else:
-            action = self.action(draft.action, StepKind.EXECUTE, None, draft.timeout, retry)
+            action = self.action(
+                draft.action,
+                StepKind.EXECUTE,
+                None,
+                draft.timeout,
+                retry,
+                timeout_of=draft.timeout_of,
+            )
         compensation = None
         if draft.compensation is not None:
+            own = draft.compensation.timeout
             compensation = self.action(
                 draft.compensation,
                 StepKind.COMPENSATE,
                 action.destination if action and action.kind is ActionKind.REMOTE else None,
-                draft.compensation.timeout or draft.timeout,
+                own or draft.timeout,
                 draft.compensation.retry or DEFAULT_COMPENSATION_RETRY,
+                timeout_of=None if own else draft.timeout_of,
             )
         merge = self.merger(draft.merge, draft.reply_model)
         if action is None or merge is None:
@@ -594,7 +635,9 @@ class _StepCompiler:
             reply_model=draft.reply_model,
         )
 
-    def wait_action(self, trigger: _TriggerDraft, timeout: timedelta | None) -> ActionSpec | None:
+    def wait_action(
+        self, trigger: _TriggerDraft, timeout: timedelta | None, timeout_of: TimeoutOf | None
+    ) -> ActionSpec | None:
         if self.draft.retry is not None:
             self.problem("a step that waits for an event cannot be retried: there is no command")
         if self.draft.compensation is not None:
@@ -610,6 +653,7 @@ class _StepCompiler:
             timeout=timeout,
             retry=RetryPolicy(attempts=1),
             command_model=trigger.event,
+            timeout_of=timeout_of,
         )
 
     def action(
@@ -619,6 +663,8 @@ class _StepCompiler:
         default_destination: str | None,
         timeout: timedelta | None,
         retry: RetryPolicy,
+        *,
+        timeout_of: TimeoutOf | None = None,
     ) -> ActionSpec | None:
         target = draft.target
         what = "compensation" if kind is StepKind.COMPENSATE else "step"
@@ -649,6 +695,7 @@ class _StepCompiler:
                 timeout=timeout,
                 retry=retry,
                 command_model=target,
+                timeout_of=timeout_of,
             )
         if callable(target):
             if not inspect.iscoroutinefunction(target):
@@ -665,6 +712,7 @@ class _StepCompiler:
                 timeout=timeout,
                 retry=retry,
                 handler=target,
+                timeout_of=timeout_of,
             )
         self.problem(  # type: ignore[unreachable] # guards callers without a type checker
             f"{what} must be a command model or an async function, got {target!r}"

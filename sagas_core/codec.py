@@ -68,6 +68,9 @@ REPLY_TYPE = "saga.reply"
 EVENT_TYPE = "saga.event"
 DEAD_LETTER_KEY = "compensation-failed"
 
+# Attempts are stored as 32-bit integers: a larger one could never be a current attempt.
+_MAX_ATTEMPT = 2**31 - 1
+
 _COMMAND_HEADERS = frozenset(
     {
         HEADER_SAGA_TYPE,
@@ -151,9 +154,10 @@ def _coordinates(envelope: Envelope) -> tuple[str, str, str, int, StepKind]:
             saga_type=saga_type,
             step=step,
         )
-    if attempt < 1:
+    if attempt < 1 or attempt > _MAX_ATTEMPT:
+        bound = ">= 1" if attempt < 1 else f"<= {_MAX_ATTEMPT}"
         raise MessageDecodeError(
-            f"message {envelope.message_id!r} has {HEADER_ATTEMPT}={attempt}; it must be >= 1",
+            f"message {envelope.message_id!r} has {HEADER_ATTEMPT}={attempt}; it must be {bound}",
             saga_id=saga_id,
             saga_type=saga_type,
             step=step,
@@ -340,9 +344,14 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
         )
     status = _REPLY_STATUSES.get(str(body.get("status")))
     if status is None:
+        looks_like = (
+            f" (a {envelope.message_type!r} message: a command sent to the reply route?)"
+            if "status" not in body and envelope.message_type != REPLY_TYPE
+            else ""
+        )
         raise MessageDecodeError(
             f"reply {envelope.message_id!r} status must be 'succeeded' or 'failed', got "
-            f"{body.get('status')!r}",
+            f"{body.get('status')!r}{looks_like}",
             saga_id=saga_id,
             saga_type=saga_type,
             step=step,

@@ -29,6 +29,7 @@ __all__ = [
     "ReplyMerger",
     "SagaDefinition",
     "StepDefinition",
+    "TimeoutOf",
     "event_name",
 ]
 
@@ -40,6 +41,12 @@ ReplyMerger = Callable[[BaseModel, Mapping[str, Any]], dict[str, Any]]
 
 LocalHandler = Callable[..., Awaitable[Any]]
 """An async callable run inside the worker for a local step or compensation."""
+
+TimeoutOf = Callable[[BaseModel], "timedelta | None"]
+"""A per-saga timeout: computed from the saga data each time an attempt begins.
+
+Returns a positive span, or ``None`` for no timeout; raises when it cannot be computed.
+"""
 
 
 class ActionKind(StrEnum):
@@ -67,6 +74,8 @@ class ActionSpec:
         retry: When to try again.
         command_model: The command's pydantic model (remote actions).
         handler: The callable to run (local actions).
+        timeout_of: Computes the timeout from the saga data instead (``timeout`` is then
+            ``None``); see :meth:`timeout_for`.
     """
 
     kind: ActionKind
@@ -77,6 +86,18 @@ class ActionSpec:
     retry: RetryPolicy
     command_model: type[BaseModel] | None = None
     handler: LocalHandler | None = None
+    timeout_of: TimeoutOf | None = None
+
+    def timeout_for(self, data: Callable[[], BaseModel]) -> timedelta | None:
+        """This attempt's timeout; ``data`` (the saga data) is asked for only when it is needed.
+
+        Raises:
+            Exception: Whatever the per-saga timeout function raises, or ``ValueError`` when it
+                returns something other than a positive span or ``None``.
+        """
+        if self.timeout_of is None:
+            return self.timeout
+        return self.timeout_of(data())
 
     def shape(self) -> dict[str, object]:
         """What the action is, without its timeout and retry policy (the fingerprint's part)."""
@@ -93,7 +114,11 @@ class ActionSpec:
             "kind": self.kind.value,
             "command_type": self.command_type,
             "destination": self.destination,
-            "timeout": None if self.timeout is None else self.timeout.total_seconds(),
+            "timeout": "per saga"
+            if self.timeout_of is not None
+            else None
+            if self.timeout is None
+            else self.timeout.total_seconds(),
             "retry": self.retry.describe(),
             "schema": schema,
             "handler": None

@@ -76,6 +76,7 @@ __all__ = [
     "DATA_TOO_LARGE_CODE",
     "INVALID_PAYLOAD_CODE",
     "INVALID_REPLY_CODE",
+    "INVALID_TIMEOUT_CODE",
     "OPERATOR_CODE",
     "SAGA_TIMEOUT_CODE",
     "Decision",
@@ -93,6 +94,7 @@ SAGA_TIMEOUT_CODE = "saga_timeout"
 INVALID_REPLY_CODE = "invalid_reply"
 """Error code recorded when a successful reply's data does not fit the saga."""
 INVALID_PAYLOAD_CODE = "invalid_command_payload"
+INVALID_TIMEOUT_CODE = "invalid_timeout"
 """Error code recorded when a command could not be built from the saga data."""
 OPERATOR_CODE = "operator_compensate"
 """Error code recorded when an operator compensates a running saga."""
@@ -150,6 +152,13 @@ class Decision:
     dead_letters: tuple[DeadLetterMessage, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
     rejected: str | None = None
+
+
+def _timeout_error(step: str, exc: Exception) -> ErrorInfo:
+    return ErrorInfo(
+        code=INVALID_TIMEOUT_CODE,
+        message=f"could not compute the timeout of step {step!r}: {type(exc).__name__}: {exc}",
+    )
 
 
 def command_message_id(saga_id: str, step: str, kind: StepKind, attempt: int) -> str:
@@ -800,10 +809,14 @@ class _Transition:
 
     def timed_out(self, index: int) -> Decision:
         spec = self.spec(index, self.kind)
-        seconds = spec.timeout.total_seconds() if spec.timeout else 0
-        message = f"no reply to attempt {self.attempt} within {seconds:g}s"
+        try:
+            timeout = spec.timeout_for(self.parsed_data)
+        except Exception:  # noqa: BLE001 - it worked when the attempt began; only the text needs it
+            timeout = None
+        within = f"within {timeout.total_seconds():g}s" if timeout else "within its timeout"
+        message = f"no reply to attempt {self.attempt} {within}"
         if spec.kind is ActionKind.WAIT:
-            message = f"{spec.command_type} did not arrive within {seconds:g}s"
+            message = f"{spec.command_type} did not arrive {within}"
         error = ErrorInfo(code=TIMEOUT_CODE, message=message, retryable=True)
         if self.kind is StepKind.EXECUTE:
             self.update_step(index, status=StepStatus.TIMED_OUT, error=error)
@@ -975,7 +988,11 @@ class _Transition:
                 reply_token=self.reply_token,
             )
         self.wait = _REPLY
-        self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
+        try:
+            self.deadline_at = self.deadline(spec)
+        except Exception as exc:  # noqa: BLE001 - a per-saga timeout failed: the step fails
+            self.not_begun(index, kind, _timeout_error(step_def.name, exc))
+            return
         try:
             payload = spec.build_payload(self.parsed_data())
         except Exception as exc:  # noqa: BLE001 - a mapper failed: the step fails, visibly
@@ -988,22 +1005,33 @@ class _Transition:
                 code=INVALID_PAYLOAD_CODE,
                 message=f"could not build {spec.command_type}: {message}",
             )
-            self.reason = error.message
-            self.wait = None
-            self.deadline_at = None
-            if kind is StepKind.EXECUTE:
-                # Nothing was sent, so nothing can have been applied.
-                self.update_step(index, status=StepStatus.FAILED, error=error, finished_at=self.at)
-                self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
-                self.error = error
-                self.begin_compensation()
-            else:
-                self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
-                self.park(index, error)
+            self.not_begun(index, kind, error)
             return
         self.commands.append(
             self.command(step_def, spec, kind, attempt, payload, reply_token=self.reply_token)
         )
+
+    def deadline(self, spec: ActionSpec) -> datetime | None:
+        """When the attempt beginning now times out (a per-saga timeout reads the data)."""
+        # The common case first: no call, no data parsed.
+        timeout = spec.timeout if spec.timeout_of is None else spec.timeout_for(self.parsed_data)
+        return None if timeout is None else self.at + timeout
+
+    def not_begun(self, index: int, kind: StepKind, error: ErrorInfo) -> None:
+        """The attempt could not begin (nothing was sent): fail the step with ``error``."""
+        step_def = self.definition.steps[index]
+        self.reason = error.message
+        self.wait = None
+        self.deadline_at = None
+        if kind is StepKind.EXECUTE:
+            # Nothing was sent, so nothing can have been applied.
+            self.update_step(index, status=StepStatus.FAILED, error=error, finished_at=self.at)
+            self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
+            self.error = error
+            self.begin_compensation()
+        else:
+            self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
+            self.park(index, error)
 
     def wait_for_event(self, index: int, attempt: int) -> None:
         """Begin a step that waits for a bus event (no command); complete it if it came early."""
@@ -1018,7 +1046,11 @@ class _Transition:
             early_event=None,
         )
         self.wait = WaitKind.REPLY
-        self.deadline_at = None if spec.timeout is None else self.at + spec.timeout
+        try:
+            self.deadline_at = self.deadline(spec)
+        except Exception as exc:  # noqa: BLE001 - a per-saga timeout failed: the step fails
+            self.not_begun(index, _EXECUTE, _timeout_error(self.definition.steps[index].name, exc))
+            return
         if state.early_event is not None:
             self.complete(index, state.early_event)
 

@@ -481,6 +481,7 @@ async def open_settings_store(settings: SagasSettings) -> SagaRepository:
         sqlite_path=settings.sqlite_path,
         migrate=True if settings.auto_migrate else None,
         table_prefix=settings.table_prefix,
+        slow_statement_seconds=settings.slow_statement_seconds,
     )
     try:
         await store.pending_count()

@@ -36,7 +36,6 @@ from sagas_abstractions import (
     InboxEntry,
     InvalidEvent,
     InvalidSagaData,
-    MessageDecodeError,
     MessageTooLarge,
     ReplyMessage,
     ReplyStatus,
@@ -164,15 +163,6 @@ _STEP_EVENTS = frozenset(
 _ACTIVE = frozenset(status for status in SagaStatus if status.is_active)
 _SUCCEEDED = ReplyStatus.SUCCEEDED
 _ALL_EVENTS, _LIFECYCLE_EVENTS = StatusEvents.ALL, StatusEvents.LIFECYCLE
-
-
-def _decoded(envelope: Envelope) -> ReplyMessage:
-    """The reply in ``envelope``; one that does not decode is logged, then raised."""
-    try:
-        return decode_reply(envelope)
-    except MessageDecodeError:
-        _log.exception("undecodable reply %s", envelope.message_id)
-        raise
 
 
 def _wake(waiter: asyncio.Future[None]) -> None:
@@ -469,19 +459,21 @@ class Orchestrator:
         """Handle a reply envelope from the bus (the reply queue's consumer).
 
         Raises:
-            MessageTooLarge: the body is over ``max_message_bytes``; it was not parsed (the
-                runtime dead-letters it at once).
-            MessageDecodeError: the envelope does not follow the protocol (the bus retries it a
-                bounded number of times, then dead-letters it).
+            MessageTooLarge: the body is over ``max_message_bytes``; it was not parsed (a
+                :class:`MessageDecodeError`: dead-lettered at once, with the error as the reason).
+            MessageDecodeError: the envelope does not follow the protocol (the bus dead-letters
+                it at once, with the error as the reason: it cannot get better).
+            StoreUnavailable: the store cannot be reached (the bus holds the reply, uncounted,
+                until it answers).
         """
         self._check_size(envelope, "reply")
         telemetry = self.telemetry
         if telemetry.tracing_off():
             # consume() would make no span
-            await self.handle_reply(_decoded(envelope), envelope=envelope)
+            await self.handle_reply(decode_reply(envelope), envelope=envelope)
             return
         with telemetry.consume(envelope, system=self.messaging_system) as span:
-            reply = _decoded(envelope)
+            reply = decode_reply(envelope)
             if span is not None:
                 telemetry.failed(span, reply.error)
             await self.handle_reply(reply, envelope=envelope)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import (
     Envelope,
-    MessageTooLarge,
     RouteKind,
     SagaInstance,
     SagaNotFound,
@@ -53,6 +52,30 @@ if TYPE_CHECKING:
 __all__ = ["SagaRuntime", "run_event_loop", "tune_gc"]
 
 _log = logging.getLogger("sagas.runtime")
+
+# How long stop() lets the flush count what is left after its own timeout (one store query).
+_COUNT_SECONDS = 5.0
+
+
+async def _finish(tasks: list[asyncio.Task[None]], grace: float) -> None:
+    """Let ``tasks`` end within ``grace`` seconds, then cancel the rest; log, never raise."""
+    if not tasks:
+        return
+    done, pending = await asyncio.wait(tasks, timeout=grace)
+    for task in done:
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("background task %s had failed", task.get_name(), exc_info=task.exception())
+    if not pending:
+        return
+    _log.warning(
+        "background task(s) %s did not stop within %gs; cancelled",
+        ", ".join(sorted(task.get_name() for task in pending)),
+        grace,
+    )
+    for task in pending:
+        task.cancel()
+    await asyncio.wait(pending, timeout=_COUNT_SECONDS)
+
 
 T = TypeVar("T")
 
@@ -212,6 +235,9 @@ class SagaRuntime:
             self.orchestrator, interval=timeout_interval, idle_interval=timeout_idle_interval
         )
         self.orchestrator.use_relay(self.relay)
+        watch = getattr(self.store, "watch_slow_statements", None)
+        if callable(watch):  # the SQL store reports its slow claims and saves
+            watch(self.telemetry.record_slow_statement)
         self._subscriptions: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -303,9 +329,6 @@ class SagaRuntime:
             await self.bus.publish(
                 [dead_lettered(envelope, "reply for a saga that does not exist")]
             )
-        except MessageTooLarge as exc:
-            # It can never get smaller: park it at once instead of redelivering it.
-            await self.bus.publish([dead_lettered(envelope, str(exc))])
 
     async def _on_event(self, envelope: Envelope) -> None:
         outcome = await self.orchestrator.handle_event(envelope)
@@ -338,7 +361,13 @@ class SagaRuntime:
         )
 
     async def stop(self, *, grace: float = 10.0) -> None:
-        """Stop consuming, let in-flight work finish, flush the outbox (bounded), stop tasks."""
+        """Stop consuming, let in-flight work finish, flush the outbox (bounded), stop tasks.
+
+        A stuck or failing dependency (a broker that stopped confirming, a database that does
+        not answer) does not make this raise: the background tasks get ``grace`` seconds and are
+        then cancelled, the flush gets ``grace`` more, and what is left unpublished is logged.
+        It is safe in the outbox and goes out on the next start.
+        """
         if not self._running:
             return
         self._running = False
@@ -348,14 +377,23 @@ class SagaRuntime:
         self.timeouts.stop()
         self.relay.stop()
         self._stopped.set()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait_for(task, timeout=grace)
+        await _finish(self._tasks, grace)
         self._tasks.clear()
         # The relay's loop has ended: flushing now cannot race it for the same records.
-        remaining = await self.relay.flush(timeout=grace)
-        if remaining:
-            _log.warning("%d outbox message(s) left unpublished; they go out on restart", remaining)
+        try:
+            async with asyncio.timeout(grace + _COUNT_SECONDS):
+                remaining = await self.relay.flush(timeout=grace)
+        except Exception as exc:  # noqa: BLE001 - stopping must not fail; the outbox keeps it
+            _log.warning(
+                "outbox not flushed (%s: %s); unpublished messages go out on restart",
+                type(exc).__name__,
+                exc,
+            )
+        else:
+            if remaining:
+                _log.warning(
+                    "%d outbox message(s) left unpublished; they go out on restart", remaining
+                )
         if self._owns_bus:
             await self.bus.close()
 

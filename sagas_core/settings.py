@@ -46,6 +46,8 @@ class SagasSettings(BaseSettings):
         sqlite_path: The embedded SQLite file, used when no database URL is set.
         table_prefix: Prefix of the sagas tables.
         auto_migrate: Migrate a server database at start (SQLite always is).
+        slow_statement_seconds: A store claim or save slower than this is logged as a warning
+            and recorded (``saga.store.slow_statement.duration``).
         amqp_url: RabbitMQ URL. Unset: the in-process bus (participants must be in-process).
         rabbitmq_prefix: Prefix of every exchange and queue name.
         rabbitmq_quorum: Quorum queues (``false`` falls back to classic queues).
@@ -91,6 +93,7 @@ class SagasSettings(BaseSettings):
     sqlite_path: Path = Path(".sagas/sagas.sqlite3")
     table_prefix: str = Field(default="sagas_", pattern=r"^[a-z][a-z0-9_]{0,30}$")
     auto_migrate: bool = False
+    slow_statement_seconds: float = Field(default=1.0, ge=0, le=3600)
     amqp_url: str | None = Field(default=None, repr=False)
     rabbitmq_prefix: str = Field(default="sagas", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,60}$")
     rabbitmq_quorum: bool = True

@@ -165,6 +165,11 @@ class _Instruments:
         self.dead_lettered: Counter = meter.create_counter(
             "saga.dead_lettered", unit="{message}", description="Messages sent to the DLQ."
         )
+        self.slow_statements: Histogram = meter.create_histogram(
+            "saga.store.slow_statement.duration",
+            unit="s",
+            description="Store claims and saves slower than the store's threshold.",
+        )
         meter.create_observable_gauge(
             "saga.outbox.lag",
             callbacks=[telemetry.observe_outbox_lag],
@@ -597,6 +602,14 @@ class Telemetry:
         instruments = self.instruments
         if instruments is not None:
             instruments.dead_lettered.add(1, {"messaging.destination.name": destination})
+
+    def record_slow_statement(self, statement: str, seconds: float, batch_size: int) -> None:
+        """Record a store claim or save that took longer than the store's threshold."""
+        instruments = self.instruments
+        if instruments is not None:
+            instruments.slow_statements.record(
+                seconds, {"db.operation.name": statement, "db.operation.batch.size": batch_size}
+            )
 
     def watch_breaker(self, breaker: CircuitBreaker) -> None:
         """Report ``breaker``'s circuits as the ``saga.circuit.state`` gauge."""

@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     )
 
     from sagas_abstractions import MessageHandler
+    from sagas_core.outage import Outage
 
 __all__ = ["RabbitBus"]
 
@@ -589,6 +590,7 @@ class RabbitBus:
         on_closed: Callable[[RabbitSubscription], None],
         what: str,
         slots: asyncio.Semaphore | None = None,
+        outage: Outage | None = None,
     ) -> RabbitSubscription:
         """A consumer on a channel of its own, of the queue ``declare`` declares on it."""
         channel: AbstractRobustChannel | None = None
@@ -609,6 +611,7 @@ class RabbitBus:
                     on_closed=on_closed,
                     retry_interval=self.settings.reconnect_interval,
                     slots=slots,
+                    outage=outage,
                 )
                 await subscription.start()
         except BROKER_ERRORS as exc:
@@ -658,6 +661,7 @@ class RabbitBus:
             on_closed=closed,
             what=f"{RouteKind.REPLY.value}/{own}",
             slots=shared.slots,
+            outage=shared.outage,
         )
         shared.add_companion(companion)
         self._affinity[key] = own

@@ -13,6 +13,13 @@ reopens (after a reconnection), once the channel has declared the queue again; a
 broker cancels the consumer (its queue was deleted, say) it declares the queue again and
 consumes again, retrying until it can, as aio-pika does for the consumers it knows.
 
+A handler failure that belongs to the message is treated by what it says: a
+``MessageDecodeError`` (the message breaks the protocol, and will every time) dead-letters a copy
+at once, with the error in ``x-dead-letter-reason``, and acks the original; any other failure
+hands it back to be counted against the delivery limit. A ``StoreUnavailable`` is the worker's
+failure, not the message's: the delivery is held, uncounted, until the store answers (see
+:class:`~sagas_core.outage.Outage`).
+
 Acks of the handlers that finish together (a group commit acks its whole batch) go to the
 socket in one write (:class:`_AckWriter`): aiormq writes and drains each ack on its own, one
 system call per message.
@@ -33,6 +40,8 @@ from aiormq.abc import ChannelFrame
 from pamqp.commands import Basic
 
 from sagas_abstractions import Envelope, MessageDecodeError, RouteKind
+from sagas_core.codec import HEADER_REASON
+from sagas_core.outage import Outage
 from sagas_rabbitmq.errors import BROKER_ERRORS
 from sagas_rabbitmq.topology import (
     DEAD_LETTER_REASON_HEADER,
@@ -130,9 +139,23 @@ def _nack(message: DeliveredMessage) -> Awaitable[None]:
     return message.channel.basic_nack(_tag(message), requeue=True)
 
 
-def _reject(message: DeliveredMessage) -> Awaitable[None]:
-    """Reject ``message`` for good: its queue dead-letters it."""
-    return message.channel.basic_reject(_tag(message), requeue=False)
+def _poisoned_copy(message: DeliveredMessage, reason: str) -> aio_pika.Message:
+    """A copy of ``message`` as it came (properties, headers, body) plus the reason header."""
+    properties = message.header.properties
+    headers = dict(properties.headers or {})
+    headers[HEADER_REASON] = reason
+    return aio_pika.Message(
+        message.body,
+        headers=headers,
+        content_type=properties.content_type,
+        content_encoding=properties.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        message_id=properties.message_id,
+        correlation_id=properties.correlation_id,
+        type=properties.message_type,
+        reply_to=properties.reply_to,
+        timestamp=properties.timestamp,
+    )
 
 
 def _supports_ack_writer(channel: object) -> bool:
@@ -183,6 +206,7 @@ class RabbitSubscription:
         on_closed: Callable[[RabbitSubscription], None],
         retry_interval: float = 1.0,
         slots: asyncio.Semaphore | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.route = route
         self.key = key
@@ -201,6 +225,7 @@ class RabbitSubscription:
         self._on_closed = on_closed
         # Shared with a companion subscription (see add_companion): one bound for both.
         self._slots = slots or asyncio.Semaphore(concurrency)
+        self._outage = outage or Outage(self.queue_name)
         self._companions: list[RabbitSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._consumer_tag: str | None = None
@@ -307,18 +332,21 @@ class RabbitSubscription:
         async with self._slots:
             try:
                 envelope = from_amqp(message, self.route, self._envelope_key(message))
-            except MessageDecodeError:
-                _log.exception("dead-lettering a message on %s that breaks the protocol", self.key)
-                await self._settle(_reject(message), message, "reject")
+            except MessageDecodeError as exc:
+                await self._poisoned(message, exc)
                 return
             try:
-                await self._handler(envelope)
+                await self._outage.handle(self._handler, envelope)
             except asyncio.CancelledError:
                 # Cancelled by close() after its grace period: hand the message back.
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(1.0):
                         await _nack(message)
                 raise
+            except MessageDecodeError as exc:
+                self.failed += 1
+                await self._poisoned(message, exc)
+                return
             except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
                 self.failed += 1
                 await self._failed(message, envelope, exc)
@@ -357,6 +385,42 @@ class RabbitSubscription:
             )
             return False
         return True
+
+    async def _poisoned(self, message: DeliveredMessage, exc: MessageDecodeError) -> None:
+        """Dead-letter a message that breaks the protocol now: redelivering cannot help.
+
+        Published to the dead-letter exchange rather than rejected, for every queue type: a
+        rejected message carries only the broker's reason (``rejected``), and a reply rejected
+        in this process's own reply queue would be dead-lettered into the group's queue, not
+        to the dead-letter queue, and delivered again there.
+        """
+        _log.error(
+            "dead-lettering %s from %s, which breaks the protocol: %s",
+            message.header.properties.message_id,
+            self.queue_name,
+            exc,
+        )
+        copy = _poisoned_copy(message, header_text(str(exc)))
+        await self._replace(
+            message, self._topology.dead_letter_exchange, _routing_key(message), copy
+        )
+
+    async def _replace(
+        self, message: DeliveredMessage, exchange: str, routing_key: str, copy: aio_pika.Message
+    ) -> None:
+        """Publish ``copy`` of ``message``, then ack the original (or, failing that, requeue it)."""
+        try:
+            await self._republish(exchange, routing_key, copy)
+        except Exception:  # noqa: BLE001 - any failure: keep the original instead
+            _log.exception("republishing %s failed; requeueing it", copy.message_id)
+            await self._settle(_nack(message), message, "nack")
+            return
+        await self._ack(message)
+
+    @property
+    def outage(self) -> Outage:
+        """The outage state of this subscription's store (a companion shares it)."""
+        return self._outage
 
     async def _failed(self, message: DeliveredMessage, envelope: Envelope, exc: Exception) -> None:
         if self._topology.quorum:
@@ -405,13 +469,7 @@ class RabbitSubscription:
             headers[DELIVERY_COUNT_HEADER] = str(count + 1)
             headers[ROUTING_KEY_HEADER] = _routing_key(message)
             exchange, routing_key = "", self.queue_name
-        try:
-            await self._republish(exchange, routing_key, to_amqp(envelope, headers=headers))
-        except Exception:  # noqa: BLE001 - any failure: keep the original instead
-            _log.exception("republishing %s failed; requeueing it", envelope.message_id)
-            await self._settle(_nack(message), message, "nack")
-            return
-        await self._ack(message)
+        await self._replace(message, exchange, routing_key, to_amqp(envelope, headers=headers))
 
     # ------------------------------------------------------------------ closing
 

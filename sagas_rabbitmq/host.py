@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from sagas_abstractions import SagaError
 from sagas_core.host import import_target
 from sagas_core.participant import Participant
 from sagas_core.runtime import tune_gc
@@ -160,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    except SagaError as exc:  # the broker refused us (credentials, permissions): say it once
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     return 0
 
 

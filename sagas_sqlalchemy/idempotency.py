@@ -34,8 +34,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from sagas_abstractions import ErrorInfo, ReplyStatus, StoreError
+from sagas_abstractions import ErrorInfo, ReplyStatus
 from sagas_core.participant import CachedOutcome
+from sagas_sqlalchemy._errors import store_error
 from sagas_sqlalchemy.engine import BEGIN_MODE, create_engine
 from sagas_sqlalchemy.tables import JSONType, UTCDateTime
 
@@ -211,4 +212,4 @@ class SqlIdempotencyStore:
         try:
             yield
         except SQLAlchemyError as error:
-            raise StoreError(f"{message}: {type(error).__name__}: {error}") from error
+            raise store_error(message, error) from error

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Self
 
@@ -54,15 +56,15 @@ from sagas_abstractions import (
     SagaError,
     SagaInstance,
     SagaStatus,
-    StoreError,
 )
+from sagas_sqlalchemy._errors import store_error
 from sagas_sqlalchemy.engine import BEGIN_MODE, create_engine
 from sagas_sqlalchemy.migrate import upgrade_engine
 from sagas_sqlalchemy.tables import DEFAULT_TABLE_PREFIX, SagaTables, build_tables
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
     from datetime import timedelta
 
     from sqlalchemy.engine import URL, RowMapping
@@ -70,7 +72,19 @@ if TYPE_CHECKING:
 
     from sagas_sqlalchemy._pg import GroupCommit, PgLane, PgStatements
 
-__all__ = ["SqlSagaStore", "create_store"]
+__all__ = ["DEFAULT_SLOW_STATEMENT_SECONDS", "SqlSagaStore", "create_store"]
+
+_log = logging.getLogger("sagas.sqlalchemy")
+
+DEFAULT_SLOW_STATEMENT_SECONDS = 1.0
+"""A claim or save that takes longer than this is logged as a warning (and counted)."""
+
+# A claim statement looks at this many unsent records per record it may lease (at least
+# _CLAIM_WINDOW_MIN), and a claim at no more than _CLAIM_WINDOWS such windows: its cost is
+# bounded by its batch size whatever the outbox holds (see SqlSagaStore.claim).
+_CLAIM_WINDOW_PER_RECORD = 8
+_CLAIM_WINDOW_MIN = 256
+_CLAIM_WINDOWS = 4
 
 # PostgreSQL SQLSTATEs that mean "another transaction got in the way; try again".
 _RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
@@ -103,6 +117,9 @@ class SqlSagaStore:
             keeps for its hot statements (``None``: the engine pool's size). They are opened
             through the engine's pool and then detached from it, so the pool stays free for
             the other queries.
+        slow_statement_seconds: A claim or save that takes longer than this is logged as a
+            warning naming it, its duration and batch size, and reported to the listeners of
+            :meth:`watch_slow_statements` (``None``: never).
     """
 
     def __init__(
@@ -114,8 +131,12 @@ class SqlSagaStore:
         migrate: bool = False,
         owns_engine: bool = False,
         hot_connections: int | None = None,
+        slow_statement_seconds: float | None = DEFAULT_SLOW_STATEMENT_SECONDS,
     ) -> None:
         self._engine = engine
+        self._slow_seconds = slow_statement_seconds
+        self._slow_listeners: list[Callable[[str, float, int], None]] = []
+        self._claim_cursors: dict[str, int] = {}
         self._tables = build_tables(table_prefix)
         self._dialect = engine.dialect.name
         self._create_tables = create_tables
@@ -148,6 +169,7 @@ class SqlSagaStore:
         table_prefix: str = DEFAULT_TABLE_PREFIX,
         create_tables: bool = False,
         migrate: bool | None = None,
+        slow_statement_seconds: float | None = DEFAULT_SLOW_STATEMENT_SECONDS,
         **engine_options: Any,
     ) -> Self:
         """Create a store with its own engine (dead pooled connections replaced on checkout).
@@ -159,6 +181,8 @@ class SqlSagaStore:
             create_tables: Create missing tables from the metadata on first use.
             migrate: Run the migrations to head on first use. ``None`` (the default) migrates
                 SQLite, the embedded default, and never a server database: opt in for those.
+            slow_statement_seconds: Warn about claims and saves slower than this (see
+                :class:`SqlSagaStore`).
             **engine_options: Passed to ``create_async_engine``.
         """
         engine = create_engine(url, **engine_options)
@@ -170,6 +194,7 @@ class SqlSagaStore:
             create_tables=create_tables,
             migrate=migrate,
             owns_engine=True,
+            slow_statement_seconds=slow_statement_seconds,
         )
 
     @property
@@ -215,6 +240,32 @@ class SqlSagaStore:
                 await conn.run_sync(self._tables.metadata.drop_all)
                 await conn.execute(sa.text(f'DROP TABLE IF EXISTS "{self._tables.version_table}"'))
 
+    def watch_slow_statements(self, listener: Callable[[str, float, int], None]) -> None:
+        """Call ``listener(statement, seconds, batch_size)`` after each slow claim or save.
+
+        Slow means longer than ``slow_statement_seconds``; the store logs a warning either
+        way. The runtime passes :meth:`sagas_core.telemetry.Telemetry.record_slow_statement`.
+        """
+        self._slow_listeners.append(listener)
+
+    def _watch(self, statement: str, seconds: float, batch_size: int) -> None:
+        """Warn about (and report) a claim or save that took longer than the threshold."""
+        if self._slow_seconds is None or seconds < self._slow_seconds:
+            return
+        _log.warning(
+            "slow %s: %.3f s for a batch of %d (threshold %.3f s)",
+            statement,
+            seconds,
+            batch_size,
+            self._slow_seconds,
+            extra={"statement": statement, "seconds": seconds, "batch_size": batch_size},
+        )
+        for listener in self._slow_listeners:
+            try:
+                listener(statement, seconds, batch_size)
+            except Exception:  # noqa: BLE001 - a metric must never fail a claim or a save
+                _log.exception("a slow-statement listener failed")
+
     # ------------------------------------------------------------------ plumbing
 
     @contextlib.asynccontextmanager
@@ -238,11 +289,7 @@ class SqlSagaStore:
         try:
             yield
         except (SQLAlchemyError, OSError) as error:
-            raise StoreError(
-                f"{message}: {type(error).__name__}: {_first_line(error)}",
-                saga_id=saga_id,
-                saga_type=saga_type,
-            ) from error
+            raise store_error(message, error, saga_id=saga_id, saga_type=saga_type) from error
 
     def _insert_ignoring_duplicates(self, table: sa.Table) -> sa.Insert:
         if self._dialect == "postgresql":
@@ -311,6 +358,15 @@ class SqlSagaStore:
         if not changes:
             return []
         await self.initialize()
+        started = time.perf_counter()
+        try:
+            return await self._save_changes(changes, owner=owner, until=until)
+        finally:
+            self._watch("save", time.perf_counter() - started, len(changes))
+
+    async def _save_changes(
+        self, changes: Sequence[SagaChange], *, owner: str | None, until: datetime | None
+    ) -> builtins.list[OutboxRecord]:
         if self._lane is not None:
             return await self._save_pg(changes, owner=owner, until=until)
         current = changes[0]
@@ -360,11 +416,7 @@ class SqlSagaStore:
         try:
             yield
         except (psycopg.Error, SQLAlchemyError, OSError) as error:  # SQLAlchemy: connecting
-            raise StoreError(
-                f"{message}: {type(error).__name__}: {_first_line(error)}",
-                saga_id=saga_id,
-                saga_type=saga_type,
-            ) from error
+            raise store_error(message, error, saga_id=saga_id, saga_type=saga_type) from error
 
     async def _save_one(
         self,
@@ -681,20 +733,121 @@ class SqlSagaStore:
 
         A record leased by another owner (lease not expired) or waiting for its retry time
         blocks itself and every later record of its saga.
+
+        The work is bounded by ``limit``, not by the outbox: each statement looks at a window
+        of the ``_CLAIM_WINDOW_PER_RECORD * limit`` oldest unsent records (after a cursor), and
+        a claim looks at no more than ``_CLAIM_WINDOWS`` windows. When those hold too few
+        records that may go (the oldest ones are leased elsewhere or wait for a retry), the
+        next claim of ``owner`` goes on after them, and starts from the oldest again once it
+        has reached the newest record or filled a batch, so nothing waits for ever.
         """
         if limit <= 0:
             return []
         await self.initialize()
+        window = max(limit * _CLAIM_WINDOW_PER_RECORD, _CLAIM_WINDOW_MIN)
+        after = self._claim_cursors.pop(owner, 0)
+        claimed: list[OutboxRecord] = []
+        started = time.perf_counter()
+        for _ in range(_CLAIM_WINDOWS):
+            records, walked, last = await self._claim_window(
+                owner=owner,
+                limit=limit - len(claimed),
+                lease=lease,
+                now=now,
+                after=after,
+                window=window,
+            )
+            claimed.extend(records)
+            if len(claimed) >= limit or walked < window:
+                break
+            after = last
+        else:
+            self._claim_cursors[owner] = after
+        self._watch("claim", time.perf_counter() - started, limit)
+        return claimed
+
+    async def _claim_window(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: int,
+        window: int,
+    ) -> tuple[builtins.list[OutboxRecord], int, int]:
+        """Claim from the ``window`` oldest unsent records after id ``after``.
+
+        Returns:
+            The records leased, how many unsent records the window held, and its last id.
+        """
+        if self._lane is not None:
+            return await self._claim_window_pg(
+                owner=owner, limit=limit, lease=lease, now=now, after=after, window=window
+            )
+        outbox = self._tables.outbox
+        with self._translate(f"claiming outbox records for {owner!r} failed"):
+            async with self._write() as conn:
+                walk = (
+                    (
+                        await conn.execute(
+                            sa.select(
+                                outbox.c.id,
+                                outbox.c.saga_id,
+                                outbox.c.claimed_by,
+                                outbox.c.claimed_until,
+                                outbox.c.available_at,
+                            )
+                            .where(outbox.c.sent_at.is_(None), outbox.c.id > after)
+                            .order_by(outbox.c.id)
+                            .limit(window)
+                        )
+                    )
+                    .mappings()
+                    .all()
+                )
+                if not walk:
+                    return [], 0, after
+                last = walk[-1]["id"]
+                firsts: dict[str, int] = {}
+                for row in walk:
+                    firsts.setdefault(row["saga_id"], row["id"])
+                candidates = [
+                    row["id"]
+                    for row in walk
+                    if firsts[row["saga_id"]] == row["id"] and _claimable(row, owner=owner, now=now)
+                ]
+                heads = await self._lock_heads(conn, candidates, owner=owner, limit=limit, now=now)
+                chosen = _leasable(walk, heads, owner=owner, now=now)[:limit]
+                if not chosen:
+                    return [], len(walk), last
+                await conn.execute(
+                    sa.update(outbox)
+                    .where(outbox.c.id.in_(chosen))
+                    .values(claimed_by=owner, claimed_until=now + lease)
+                )
+                rows = (
+                    await conn.execute(
+                        sa.select(outbox).where(outbox.c.id.in_(chosen)).order_by(outbox.c.id)
+                    )
+                ).mappings()
+                records = [_outbox_record(row) for row in rows]
+        return records, len(walk), last
+
+    async def _lock_heads(
+        self,
+        conn: AsyncConnection,
+        candidates: builtins.list[int],
+        *,
+        owner: str,
+        limit: int,
+        now: datetime,
+    ) -> set[str]:
+        """The sagas of ``candidates`` that are heads (no earlier unsent record), locked."""
+        if not candidates:
+            return set()
         outbox = self._tables.outbox
         earlier = outbox.alias("earlier")
-        claimable = sa.and_(
-            sa.or_(
-                outbox.c.claimed_until.is_(None),
-                outbox.c.claimed_until <= now,
-                outbox.c.claimed_by == owner,
-            ),
-            sa.or_(outbox.c.available_at.is_(None), outbox.c.available_at <= now),
-        )
         has_earlier = (
             sa.exists()
             .where(
@@ -704,44 +857,54 @@ class SqlSagaStore:
             )
             .correlate(outbox)
         )
+        claimable = sa.and_(
+            sa.or_(
+                outbox.c.claimed_until.is_(None),
+                outbox.c.claimed_until <= now,
+                outbox.c.claimed_by == owner,
+            ),
+            sa.or_(outbox.c.available_at.is_(None), outbox.c.available_at <= now),
+        )
         heads = (
             sa.select(outbox.c.saga_id)
-            .where(outbox.c.sent_at.is_(None), ~has_earlier, claimable)
+            .where(outbox.c.id.in_(candidates), outbox.c.sent_at.is_(None), ~has_earlier, claimable)
             .order_by(outbox.c.id)
             .limit(limit)
         )
         if self._dialect == "postgresql":
             heads = heads.with_for_update(skip_locked=True, of=outbox)
-        with self._translate(f"claiming outbox records for {owner!r} failed"):
-            async with self._write() as conn:
-                saga_ids = list((await conn.scalars(heads)).all())
-                if not saga_ids:
-                    return []
-                candidates = (
-                    await conn.execute(
-                        sa.select(outbox)
-                        .where(outbox.c.sent_at.is_(None), outbox.c.saga_id.in_(saga_ids))
-                        .order_by(outbox.c.id)
-                        .limit(limit)
-                    )
-                ).mappings()
-                chosen: list[RowMapping] = []
-                blocked: set[str] = set()
-                for row in candidates:
-                    if row["saga_id"] in blocked:
-                        continue
-                    if not _claimable(row, owner=owner, now=now):
-                        blocked.add(row["saga_id"])  # later messages of this saga must wait
-                        continue
-                    chosen.append(row)
-                if not chosen:
-                    return []
-                await conn.execute(
-                    sa.update(outbox)
-                    .where(outbox.c.id.in_([row["id"] for row in chosen]))
-                    .values(claimed_by=owner, claimed_until=now + lease)
-                )
-        return [_outbox_record(row) for row in chosen]
+        return set((await conn.scalars(heads)).all())
+
+    async def _claim_window_pg(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        lease: timedelta,
+        now: datetime,
+        after: int,
+        window: int,
+    ) -> tuple[builtins.list[OutboxRecord], int, int]:
+        from sagas_sqlalchemy._pg import outbox_record  # noqa: PLC0415 - psycopg only
+
+        assert self._lane is not None  # noqa: S101 - PostgreSQL hot path only
+        assert self._pg is not None  # noqa: S101
+        _refuse_naive_now(now)
+        params = {
+            "owner": owner,
+            "until": now + lease,
+            "now": now,
+            "after": after,
+            "window": window,
+            "limit": limit,
+        }
+        with self._translate_pg(f"claiming outbox records for {owner!r} failed"):
+            async with self._lane.connection() as conn:
+                cursor = await conn.execute(self._pg.claim, params)
+                rows = await cursor.fetchall()
+        walked, last = rows[0][0], rows[0][1]
+        records = [outbox_record(row[2:]) for row in rows if row[2] is not None]
+        return records, int(walked), after if last is None else int(last)
 
     async def mark_sent(self, ids: Sequence[int], *, now: datetime) -> None:
         """Records the bus confirmed are done with: they are deleted from the outbox.
@@ -800,6 +963,7 @@ def create_store(
     table_prefix: str = DEFAULT_TABLE_PREFIX,
     create_tables: bool = False,
     migrate: bool | None = None,
+    slow_statement_seconds: float | None = DEFAULT_SLOW_STATEMENT_SECONDS,
     **engine_options: Any,
 ) -> SqlSagaStore:
     """Create a :class:`SqlSagaStore` with its own engine; ``await store.close()`` disposes it.
@@ -813,6 +977,8 @@ def create_store(
         table_prefix: Prefix of every table and index name.
         create_tables: Create missing tables from the metadata on first use (no migrations).
         migrate: Migrate to head on first use; ``None`` means "SQLite only".
+        slow_statement_seconds: Warn about claims and saves slower than this (see
+            :class:`SqlSagaStore`).
         **engine_options: Passed to ``create_async_engine``.
     """
     return SqlSagaStore.from_url(
@@ -820,6 +986,7 @@ def create_store(
         table_prefix=table_prefix,
         create_tables=create_tables,
         migrate=migrate,
+        slow_statement_seconds=slow_statement_seconds,
         **engine_options,
     )
 
@@ -992,6 +1159,23 @@ def _outbox_record(row: RowMapping) -> OutboxRecord:
     )
 
 
+def _leasable(
+    walk: Sequence[RowMapping], heads: set[str], *, owner: str, now: datetime
+) -> list[int]:
+    """The ids to lease: each head saga's records in ``walk``, up to its first that may not go."""
+    chosen: list[int] = []
+    blocked: set[str] = set()
+    for row in walk:
+        saga_id = row["saga_id"]
+        if saga_id not in heads or saga_id in blocked:
+            continue
+        if not _claimable(row, owner=owner, now=now):
+            blocked.add(saga_id)  # later messages of this saga must wait
+            continue
+        chosen.append(row["id"])
+    return chosen
+
+
 def _claimable(row: RowMapping, *, owner: str, now: datetime) -> bool:
     claimed_until: datetime | None = row["claimed_until"]
     available_at: datetime | None = row["available_at"]
@@ -1030,14 +1214,9 @@ def _save_failed(
             saga_type=saga.saga_type,
         )
     batch = f" (in a batch of {batch_size} changes)" if batch_size > 1 else ""
-    return StoreError(
-        f"saving the saga failed{batch}, nothing was written: "
-        f"{type(error).__name__}: {_first_line(error)}",
+    return store_error(
+        f"saving the saga failed{batch}, nothing was written",
+        error,
         saga_id=saga.saga_id,
         saga_type=saga.saga_type,
     )
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else "no details"

@@ -10,7 +10,15 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
-from sagas_abstractions import Envelope, MessageHandler, PublishError, RouteKind
+from sagas_abstractions import (
+    Envelope,
+    MessageDecodeError,
+    MessageHandler,
+    PublishError,
+    RouteKind,
+)
+from sagas_core.codec import HEADER_REASON
+from sagas_core.outage import Outage
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -150,8 +158,12 @@ class InMemoryBus:
     until a consumer takes them (like a durable queue); several subscriptions on one queue
     compete. Each event subscription gets its own queue bound by topic pattern. A handler that
     raises gets its message redelivered, up to ``max_deliveries`` in all; then the message goes
-    to the dead-letter queue with an ``x-death-reason`` header. Closing a subscription lets the
-    messages being handled finish first, for up to ``close_timeout`` seconds.
+    to the dead-letter queue with an ``x-death-reason`` header. One that raises
+    ``MessageDecodeError`` has it dead-lettered at once, with the error in
+    ``x-dead-letter-reason``; one that raises ``StoreUnavailable`` has it held, uncounted, and
+    tried again once the store answers (see :class:`~sagas_core.outage.Outage`). Closing a
+    subscription lets the messages being handled finish first, for up to ``close_timeout``
+    seconds.
 
     Test hooks: :meth:`fail_next_publishes` makes publishes raise ``PublishError`` (nothing is
     delivered), ``duplicate_deliveries`` delivers every message twice, and :attr:`published`
@@ -281,15 +293,19 @@ class InMemoryBus:
             queue = self._queue((route, key))
         queue.consumers += 1
         consumers = [_Consumer() for _ in range(concurrency)]
+        outage = Outage(f"{route.value}/{key}")
         for consumer in consumers:
             consumer.task = asyncio.create_task(
-                self._consume(queue, handler, consumer), name=f"memory-bus:{route}:{key}"
+                self._consume(queue, handler, consumer, outage),
+                name=f"memory-bus:{route}:{key}",
             )
         subscription = _MemorySubscription(self, consumers)
         self._subscriptions.append(subscription)
         return subscription
 
-    async def _consume(self, queue: _Queue, handler: MessageHandler, consumer: _Consumer) -> None:
+    async def _consume(
+        self, queue: _Queue, handler: MessageHandler, consumer: _Consumer, outage: Outage
+    ) -> None:
         # The handler runs in this task (no task per message): close() cancels the consumer
         # only while it waits for a message, and waits while it handles one.
         try:
@@ -298,10 +314,12 @@ class InMemoryBus:
                 consumer.busy = True
                 self._in_flight += 1
                 try:
-                    await handler(delivery.envelope)
+                    await outage.handle(handler, delivery.envelope)
                 except asyncio.CancelledError:
                     queue.put(delivery)  # not acked: back to the queue
                     raise
+                except MessageDecodeError as exc:
+                    self._poisoned(delivery, exc)
                 except Exception as exc:  # noqa: BLE001 - a failing handler means redelivery
                     self._redeliver(queue, delivery, exc)
                 finally:
@@ -309,6 +327,17 @@ class InMemoryBus:
                     consumer.busy = False
         finally:
             queue.consumers -= 1
+
+    def _poisoned(self, delivery: _Delivery, exc: MessageDecodeError) -> None:
+        """Dead-letter at once a message that breaks the protocol: it cannot get better."""
+        _log.error(
+            "dead-lettering %s, which breaks the protocol: %s", delivery.envelope.message_id, exc
+        )
+        headers = dict(delivery.envelope.headers)
+        headers[HEADER_REASON] = str(exc)
+        self._queue(DEAD_LETTER_QUEUE).put(
+            _Delivery(delivery.envelope.model_copy(update={"headers": headers}))
+        )
 
     def _redeliver(self, queue: _Queue, delivery: _Delivery, exc: Exception) -> None:
         if delivery.count < self.max_deliveries:

@@ -39,7 +39,12 @@ if TYPE_CHECKING:
     from sagas_abstractions import SagaInstance, SagaRepository
 
 DEMO_TTL = timedelta(seconds=1)
-"""The demo's reservation time to live: an abandoned cart is released a second later."""
+"""The abandoned cart's time to live (its ``ItemAdded.hold_seconds``): released a second later.
+
+The other carts ask for a hold as long as the demo's ``settle_within``: a line that should be
+ordered is never released by the clock first, however slow the machine (the demo would have
+given up waiting by then anyway).
+"""
 
 demo_saga = reservation_saga(ttl=DEMO_TTL)
 """The reservation saga the demo runs (and resumes): the production one, with a 1 s TTL."""
@@ -104,9 +109,20 @@ class Cart:
             self.events.setdefault(line, []).append(name)
         return message_id
 
-    async def add(self, line: str, sku: str, quantity: int, *, times: int = 1) -> None:
-        """Publish ``ItemAdded`` (``times`` times: a cart service that publishes it again)."""
-        event = ItemAdded(cart_id=self.cart_id, line_id=line, sku=sku, quantity=quantity)
+    async def add(
+        self, line: str, sku: str, quantity: int, *, times: int = 1, hold: float | None = None
+    ) -> None:
+        """Publish ``ItemAdded`` (``times`` times: a cart service that publishes it again).
+
+        The line's stock is held ``hold`` seconds without an order (``settle_within`` if unset).
+        """
+        event = ItemAdded(
+            cart_id=self.cart_id,
+            line_id=line,
+            sku=sku,
+            quantity=quantity,
+            hold_seconds=hold or self.settle_within,
+        )
         for _ in range(times):
             await self._publish(event, (line,))
 
@@ -287,7 +303,7 @@ async def _order_before_stock_confirmed(cart: Cart) -> None:
 
 
 async def _abandoned(cart: Cart) -> None:
-    await cart.add("L1", "MUG-1", 1)
+    await cart.add("L1", "MUG-1", 1, hold=DEMO_TTL.total_seconds())
     await cart.held("L1")  # then nothing: the TTL releases it
 
 
@@ -318,11 +334,12 @@ def scenarios() -> list[Scenario]:
 async def finish_leftovers(store: SagaRepository, *, settle_within: float = 10.0) -> int:
     """Finish the reservations a killed run left in flight, against a scratch inventory.
 
-    Their inventory died with that run: the ones still waiting for an order outlive the demo's
-    TTL and release nothing that the new batch holds.
+    Their inventory died with that run: the ones still waiting for an order outlive their hold
+    (at most ``settle_within``, as the demo's carts ask) and release nothing that the new batch
+    holds.
     """
     return await demo_support.finish_leftovers(
-        store, demo_saga, [inventory_participant(Inventory())], settle_within=settle_within
+        store, demo_saga, [inventory_participant(Inventory())], settle_within=2 * settle_within
     )
 
 
@@ -337,7 +354,9 @@ async def run_demo(
         run_id: Makes this run's cart ids (and so saga ids) unique in a store that keeps
             earlier runs' sagas; random by default.
     """
-    run = DemoRun()
+    # The sofa's shelf check waits for the script's confirm (bounded by settle_within, not by a
+    # guess at how fast the order is kept): the reserve step's own retries bound it too.
+    run = DemoRun(inventory=Inventory(slow_seconds=settle_within))
     run_id = run_id or secrets.token_hex(3)
     bus = InMemoryBus()
     runtime = SagaRuntime(

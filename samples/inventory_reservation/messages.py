@@ -35,6 +35,10 @@ def line_saga_id(cart_id: str, line_id: str) -> str:
 # Events the cart and order services publish -------------------------------------------------
 
 
+HoldSeconds = Annotated[float, Field(gt=0, le=86_400)]
+"""How long a line's stock may stay held without an order, in seconds."""
+
+
 class ItemAdded(BaseModel):
     """A line was added to a cart: starts its reservation saga."""
 
@@ -42,6 +46,8 @@ class ItemAdded(BaseModel):
     line_id: LineId
     sku: Sku
     quantity: Quantity
+    hold_seconds: HoldSeconds | None = None
+    """How long the cart asks the stock to be held without an order (the saga's TTL if unset)."""
 
 
 class ItemRemoved(BaseModel):
@@ -76,6 +82,8 @@ class ReservationData(BaseModel):
     line_id: LineId
     sku: Sku
     quantity: Quantity
+    hold_seconds: HoldSeconds | None = None
+    """From ``ItemAdded``: this line's time to live, instead of the saga's."""
     reservation_id: str | None = None
     """Set by the inventory's reply to ``ReserveStock``."""
     order_id: OrderId | None = None

@@ -47,8 +47,9 @@ def every_line(event: CartCleared | OrderCompleted) -> list[str]:
 def reservation_saga(ttl: timedelta = RESERVATION_TTL) -> SagaDefinition:
     """The reservation saga, holding stock for at most ``ttl`` without an order.
 
-    The time to live is part of the definition (its fingerprint): a saga must be resumed by a
-    definition with the same one.
+    A cart may ask for another time to live per line (``ItemAdded.hold_seconds``). Timeouts are
+    not part of the definition's fingerprint: a changed ``ttl`` applies to the waits that begin
+    after the change, and never parks a running saga.
     """
     return (
         SagaBuilder("inventory-reservation", data=ReservationData)
@@ -67,7 +68,7 @@ def reservation_saga(ttl: timedelta = RESERVATION_TTL) -> SagaDefinition:
         .step("await-order")
         # An order for a line that holds no stock is not ignored: a human must look at it.
         .wait_for(OrderCompleted, saga_id=every_line, missing="dead-letter")
-        .timeout(ttl)
+        .timeout(lambda data: data.hold_seconds or ttl)
         .step("commit")
         .send(CommitStock, to="inventory")
         .timeout(INVENTORY_TIMEOUT)

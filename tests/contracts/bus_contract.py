@@ -22,17 +22,28 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 
 import pytest
 
-from sagas_abstractions import Envelope, MessageBus, RouteKind, TransportError
+from sagas_abstractions import (
+    Envelope,
+    MessageBus,
+    MessageDecodeError,
+    RouteKind,
+    StoreUnavailable,
+    TransportError,
+)
 
 __all__ = ["MessageBusContract", "Recorder", "make_message", "unique"]
 
 WAIT_SECONDS = 5.0
 """Upper bound of every wait for a delivery."""
+
+REASON_HEADER = "x-dead-letter-reason"
+"""Why a message that cannot get better was dead-lettered (docs/protocol.md, section 3)."""
 
 
 def unique(prefix: str) -> str:
@@ -287,6 +298,60 @@ class MessageBusContract:
         [dead_letter] = [d for d in dead.received if d.message_id == message.message_id]
         assert dead_letter.body == message.body
         assert dead_letter.headers.items() >= message.headers.items()
+
+    async def test_a_message_whose_handler_cannot_decode_it_is_dead_lettered_at_once_with_why(
+        self, bus: MessageBus
+    ) -> None:
+        key = unique("replies")
+        attempts: list[str] = []
+        dead = Recorder()
+        await bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", dead)
+
+        async def strict(envelope: Envelope) -> None:
+            attempts.append(envelope.message_id)
+            raise MessageDecodeError(f"reply {envelope.message_id!r} body is not valid JSON")
+
+        await bus.subscribe(RouteKind.REPLY, key, strict)
+        message = make_message(key, route=RouteKind.REPLY, body=b"not json")
+
+        await bus.publish([message])
+
+        await wait_until(lambda: message.message_id in dead.ids)
+        await self.settle()
+        assert attempts == [message.message_id]
+        [dead_letter] = [d for d in dead.received if d.message_id == message.message_id]
+        assert "body is not valid JSON" in dead_letter.headers[REASON_HEADER]
+        assert dead_letter.body == message.body
+        assert dead_letter.headers.items() >= message.headers.items()
+
+    async def test_messages_whose_handler_finds_the_store_unavailable_wait_for_it_uncounted(
+        self, bus: MessageBus
+    ) -> None:
+        key = unique("replies")
+        store_down = True
+        refused: list[str] = []
+        handled = Recorder()
+        dead = Recorder()
+        await bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", dead)
+
+        async def needs_the_store(envelope: Envelope) -> None:
+            if store_down:
+                refused.append(envelope.message_id)
+                raise StoreUnavailable("the database refuses connections")
+            await handled(envelope)
+
+        await bus.subscribe(RouteKind.REPLY, key, needs_the_store, concurrency=3)
+        messages = [make_message(key, route=RouteKind.REPLY) for _ in range(5)]
+
+        await bus.publish(messages)
+        # One message refused more often than a delivery limit of 3 allows, then the store is back.
+        await wait_until(lambda: max(Counter(refused).values(), default=0) > 3)
+        store_down = False
+
+        await handled.wait_for(len(messages))
+        await self.settle()
+        assert sorted(handled.ids) == sorted(m.message_id for m in messages)
+        assert not {m.message_id for m in messages} & set(dead.ids)
 
     async def test_a_message_published_to_the_dead_letter_route_reaches_its_consumer(
         self, bus: MessageBus

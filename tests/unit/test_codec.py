@@ -182,6 +182,25 @@ def test_an_attempt_below_one_is_refused() -> None:
         decode_command(envelope)
 
 
+def test_an_attempt_beyond_32_bits_is_refused_before_it_reaches_a_store() -> None:
+    envelope = with_header(
+        encode_reply(reply(), "sagas.replies.default"), HEADER_ATTEMPT, "2147483648"
+    )
+
+    with pytest.raises(MessageDecodeError, match=rf"{HEADER_ATTEMPT}=2147483648; it must be <="):
+        decode_reply(envelope)
+
+
+def test_a_command_on_the_reply_route_is_named_as_one() -> None:
+    sent = command()
+    misrouted = encode_command(sent).model_copy(
+        update={"route": RouteKind.REPLY, "key": "sagas.replies.x"}
+    )
+
+    with pytest.raises(MessageDecodeError, match=rf"{sent.command_type!r} message"):
+        decode_reply(misrouted)
+
+
 def test_a_command_body_that_is_not_json_is_a_decode_error() -> None:
     envelope = encode_command(command()).model_copy(update={"body": b"{not json"})
 

@@ -69,6 +69,7 @@ SAGAS_ABSTRACTIONS = [
     "StepStatus",
     "StepSucceeded",
     "StoreError",
+    "StoreUnavailable",
     "Subscription",
     "Timeout",
     "TransportError",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -30,13 +32,17 @@ from sagas_core import (
     OrphanReplyPolicy,
     Participant,
     SagaBuilder,
+    SagaHost,
     SagaRuntime,
+    SagasSettings,
     fixed,
 )
 from sagas_core.codec import HEADER_KIND, HEADER_REASON, decode_command, encode_reply
 from sagas_core.definition import SagaDefinition
 from sagas_core.runtime import tune_gc
 from sagas_core.testing import InMemoryBus, InMemorySagaStore
+from sagas_core.worker import run_worker
+from tests.waiting import eventually
 
 WAIT = 5.0
 
@@ -436,3 +442,58 @@ def _event(number: int) -> Envelope:
         body=b"{}",
         timestamp=datetime(2030, 1, 1, tzinfo=UTC),
     )
+
+
+class StuckBus(InMemoryBus):
+    """A bus whose publishes never return (a broker that stopped confirming)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stuck = asyncio.Event()
+
+    async def publish(self, envelopes: Any) -> None:
+        self.stuck.set()
+        await asyncio.Event().wait()
+
+
+async def test_stop_gives_up_on_a_stuck_relay_after_the_grace_and_keeps_the_outbox(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = StuckBus()
+    runtime = SagaRuntime(sagas=[order_saga()], bus=bus, relay_poll_interval=0.05)
+    async with asyncio.timeout(WAIT * 2):
+        await runtime.start()
+        await runtime.start_saga("order", data(), saga_id="saga-1")
+        await bus.stuck.wait()  # the relay is inside a publish that never returns
+
+        await runtime.stop(grace=0.1)  # gives up cleanly: no TimeoutError
+
+    assert not runtime.running
+    left = await runtime.store.pending_count()  # the command and the status event
+    assert left >= 1  # safe in the outbox for the next start
+    assert f"{left} outbox message(s) left unpublished" in caplog.text
+    assert "sagas-outbox-relay did not stop within 0.1s" in caplog.text
+
+
+async def test_the_worker_exits_0_on_sigterm_when_the_relay_is_stuck_past_the_grace(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    bus = StuckBus()
+    host = (
+        SagaHost.builder()
+        .use_settings(SagasSettings(graceful_timeout=0.1))
+        .use_memory()
+        .use_bus(bus)
+        .add_saga(order_saga())
+        .build()
+    )
+    async with asyncio.timeout(WAIT * 2):
+        worker = asyncio.create_task(run_worker(host, ready_message=False))
+        await eventually(lambda: host.started, what="the host started")
+        await host.start_saga("order", data(), saga_id="saga-1")
+        await bus.stuck.wait()
+
+        os.kill(os.getpid(), signal.SIGTERM)  # run_worker's handler takes it while it runs
+
+        assert await worker == 0
+    assert "left unpublished" in caplog.text

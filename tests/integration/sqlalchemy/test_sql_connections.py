@@ -14,9 +14,16 @@ from collections.abc import AsyncIterator
 import pytest
 import sqlalchemy as sa
 
-from sagas_abstractions import StoreError
+from sagas_abstractions import StoreError, StoreUnavailable
 from sagas_sqlalchemy import SqlSagaStore, create_engine
-from tests.contracts.store_contract import T0, insert, make_envelope, make_instance, update
+from tests.contracts.store_contract import (
+    T0,
+    insert,
+    make_envelope,
+    make_history,
+    make_instance,
+    update,
+)
 from tests.integration.sqlalchemy.sql_support import sql_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -99,3 +106,23 @@ async def test_a_database_that_does_not_answer_raises_store_errors_naming_the_sa
             await store.mark_sent([1], now=T0)
     finally:
         await store.close()
+
+
+async def test_a_database_that_cannot_be_reached_is_unavailable_but_a_refused_statement_is_not(
+    postgres_url: str, store: SqlSagaStore
+) -> None:
+    url = sa.make_url(postgres_url).set(drivername="postgresql+psycopg", port=1)
+    unreachable = SqlSagaStore.from_url(url, connect_args={"connect_timeout": 2})
+    saga = make_instance(f"saga-{uuid.uuid4().hex[:8]}")
+    try:
+        with pytest.raises(StoreUnavailable):
+            await unreachable.save([insert(saga)])
+        with pytest.raises(StoreUnavailable):
+            await unreachable.load(saga.saga_id)
+    finally:
+        await unreachable.close()
+
+    # An attempt number beyond the column's 32 bits: the message's fault, not the worker's.
+    with pytest.raises(StoreError) as caught:
+        await store.save([insert(saga, history=[make_history(saga, attempt=2**32)])])
+    assert not isinstance(caught.value, StoreUnavailable)

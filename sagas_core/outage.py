@@ -1,0 +1,147 @@
+"""Hold a subscription's deliveries while the store its handler needs cannot be reached.
+
+A handler that raises :class:`~sagas_abstractions.StoreUnavailable` failed for a reason of the
+worker's, not of the message's: handing the message back would spend its delivery limit (a
+quorum queue counts every return) and a short outage would dead-letter genuine messages. So a
+bus keeps the delivery (unacked: the broker sends no more than the prefetch meanwhile) and
+tries it again once the store answers. One delivery at a time probes the store, with backoff;
+the others wait for it instead of hammering a database that is down, and take their turn
+again once it succeeds. The outage is logged when it starts and when it ends, not per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+from sagas_abstractions import StoreUnavailable
+from sagas_core.retry import ExponentialBackoff
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from sagas_abstractions import Envelope, MessageHandler
+
+__all__ = ["Outage"]
+
+_log = logging.getLogger("sagas.outage")
+
+_PROBE_BACKOFF = ExponentialBackoff(initial=0.05, maximum=2.0, jitter=0.2)
+
+
+class Outage:
+    """The outage state of one subscription (or of subscriptions sharing a handler).
+
+    Args:
+        name: What is consumed, for the log lines.
+        backoff: The wait before each probe of the store while it is down.
+
+    Attributes:
+        outages: Outages seen so far.
+        held: Deliveries that met an outage (each counted once per outage).
+    """
+
+    def __init__(self, name: str, *, backoff: ExponentialBackoff = _PROBE_BACKOFF) -> None:
+        self.name = name
+        self.outages = 0
+        self.held = 0
+        self._backoff = backoff
+        self._up = asyncio.Event()
+        self._up.set()
+        self._probing = False
+        self._probes = 0
+        self._since = 0.0
+
+    @property
+    def down(self) -> bool:
+        """Whether the store was unavailable at the last try (deliveries are being held)."""
+        return not self._up.is_set()
+
+    async def handle(self, handler: MessageHandler, envelope: Envelope) -> None:
+        """Run ``handler(envelope)``, held while the store is unavailable (see :meth:`run`)."""
+        if self.down:
+            await self.run(partial(handler, envelope))
+            return
+        try:
+            await handler(envelope)
+        except StoreUnavailable as exc:
+            await self.run(partial(handler, envelope), failed=exc)
+
+    async def run(
+        self, attempt: Callable[[], Awaitable[None]], *, failed: StoreUnavailable | None = None
+    ) -> None:
+        """Run ``attempt`` (one delivery's handler) until it does not find the store unavailable.
+
+        Any other exception (the handler's own failure) is raised at once, as is a
+        cancellation (the subscription is closing: the delivery goes back to its queue).
+
+        Args:
+            attempt: Handles the delivery once.
+            failed: What the delivery's first attempt raised, when it was made already.
+        """
+        probing = False if failed is None else await self._unavailable(failed, probing=False)
+        while True:
+            if not probing:
+                await self._up.wait()
+            try:
+                await attempt()
+            except StoreUnavailable as exc:
+                probing = await self._unavailable(exc, probing=probing)
+            except asyncio.CancelledError:
+                if probing:
+                    self._probing = False
+                    self._up.set()  # closing: a waiting delivery takes over (or is cancelled)
+                raise
+            except BaseException:
+                if probing:
+                    self._recovered(probing=probing)  # the store answered; the handler failed
+                raise
+            else:
+                if probing or self.down:
+                    self._recovered(probing=probing)
+                return
+
+    async def _unavailable(self, exc: StoreUnavailable, *, probing: bool) -> bool:
+        """Note the failure; wait before probing again (``True``) or wait for the prober."""
+        if not self.down:
+            self.outages += 1
+            self._probes = 0
+            self._since = time.monotonic()
+            self._up.clear()
+            _log.warning(
+                "%s: the store is unavailable (%s); holding its deliveries, uncounted, and "
+                "trying again until it answers",
+                self.name,
+                exc,
+            )
+        if not probing:
+            self.held += 1
+            if self._probing:
+                return False  # another delivery probes: wait for it
+            self._probing = True
+        self._probes += 1
+        delay = self._backoff.delay(self._probes, self.name).total_seconds()
+        _log.debug("%s: store still unavailable, probing again in %.2fs", self.name, delay)
+        try:
+            await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._probing = False
+            self._up.set()  # closing: a waiting delivery takes over the probing (or is cancelled)
+            raise
+        return True
+
+    def _recovered(self, *, probing: bool) -> None:
+        if probing:
+            self._probing = False
+        if self.down:
+            self._up.set()
+            _log.warning(
+                "%s: the store answers again after %.1fs; %d held deliveries resume",
+                self.name,
+                time.monotonic() - self._since,
+                self.held,
+            )
+            self.held = 0

@@ -399,6 +399,7 @@ class SagaHost:
             prefetch=self.settings.prefetch,
             group=self.settings.group,
             reply_affinity=self.settings.rabbitmq_reply_affinity,
+            instance_id=self.settings.instance_id,
         )
         self._closers.append(rabbit_bus.close)
         return rabbit_bus

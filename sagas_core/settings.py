@@ -53,6 +53,10 @@ class SagasSettings(BaseSettings):
         rabbitmq_quorum: Quorum queues (``false`` falls back to classic queues).
         rabbitmq_reply_affinity: Replies come back to the worker that sent the command (its
             own reply queue; after 5 s unclaimed they move to the group's queue).
+        instance_id: This worker's stable name for its own reply queue (a pod or host name and
+            slot), so a restarted worker takes up its queue again instead of leaving one behind
+            (each left queue is deleted 5 minutes after its process stopped). Unique per live
+            process. Unset: a random id per process.
         delivery_limit: Deliveries of a failing message before it is dead-lettered.
         group: The orchestrator group (names the reply queue).
         concurrency: Messages handled at once per consumer.
@@ -98,6 +102,7 @@ class SagasSettings(BaseSettings):
     rabbitmq_prefix: str = Field(default="sagas", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,60}$")
     rabbitmq_quorum: bool = True
     rabbitmq_reply_affinity: bool = True
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
     delivery_limit: int = Field(default=5, ge=0, le=1000)
     group: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,60}$")
     concurrency: int = Field(default=16, ge=1, le=10_000)

@@ -116,7 +116,7 @@ class RabbitBus:
         self._publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
         self._writes: list[_Write] = []
         self._write_lock = asyncio.Lock()
-        self.instance = uuid.uuid4().hex[:12]
+        self.instance = settings.instance_id or uuid.uuid4().hex[:12]
         """This bus's name in its own reply addresses (see ``RabbitSettings.reply_affinity``)."""
         self._affinity: dict[str, str] = {}  # reply address -> this process's own address
 
@@ -139,7 +139,8 @@ class RabbitBus:
         connection_name: str | None = None,
         reply_affinity: bool = True,
         reply_affinity_ttl: float = 5.0,
-        reply_affinity_expires: float = 1800.0,
+        reply_affinity_expires: float = 300.0,
+        instance_id: str | None = None,
     ) -> RabbitBus:
         """Connect to ``url`` and declare the topology (see :class:`RabbitSettings`).
 
@@ -163,6 +164,7 @@ class RabbitBus:
                 reply_affinity=reply_affinity,
                 reply_affinity_ttl=reply_affinity_ttl,
                 reply_affinity_expires=reply_affinity_expires,
+                instance_id=instance_id,
             )
         )
 
@@ -644,6 +646,15 @@ class RabbitBus:
             )
             await queue.bind(topology.replies_exchange, routing_key=own)
             self._declared.add(queue.name)
+            consumers = queue.declaration_result.consumer_count
+            if consumers and settings.instance_id is not None:
+                _log.warning(
+                    "%d other process(es) consume %s: instance_id %r is not unique; they share "
+                    "its replies (safe, but each loses the affinity's benefit)",
+                    consumers,
+                    queue.name,
+                    settings.instance_id,
+                )
             return queue
 
         def closed(subscription: RabbitSubscription) -> None:

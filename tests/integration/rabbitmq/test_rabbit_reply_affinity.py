@@ -17,6 +17,7 @@ import pytest
 
 from sagas_abstractions import Envelope, RouteKind
 from sagas_rabbitmq import RabbitBus, RabbitSettings
+from sagas_rabbitmq.testing import rabbitmqctl
 from tests.integration.rabbitmq.test_rabbit_bus import envelope, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
@@ -143,3 +144,50 @@ def test_the_queue_must_outlive_the_ttl_by_far() -> None:
         RabbitSettings(reply_affinity_ttl=30, reply_affinity_expires=60)
     with pytest.raises(ValueError, match="reply_affinity_ttl"):
         RabbitSettings(reply_affinity_ttl=0)
+
+
+def _own_reply_queues(prefix: str) -> list[str]:
+    names = rabbitmqctl("list_queues", "name", "--no-table-headers").split()
+    return sorted(name for name in names if name.startswith(f"{prefix}.") and ".own." in name)
+
+
+@pytest.mark.usefixtures("needs_rabbitmqctl")
+@pytest.mark.parametrize("instance_id", [None, "worker-0"])
+async def test_a_restarted_worker_with_an_instance_id_takes_up_its_own_reply_queue_again(
+    connect: BusFactory, prefix: str, instance_id: str | None
+) -> None:
+    participant = await connect(group="participants")
+    first = await connect(instance_id=instance_id)
+    await _replies(first)
+    address = f"{GROUP}@{first.instance}"
+    await first.close()  # a crash: its queue stays (until x-expires)
+    waiting = envelope(RouteKind.REPLY, address, message_type="Reserved")
+    await participant.publish([waiting])  # a reply to a command of the stopped process
+
+    second = await connect(instance_id=instance_id)
+    replies = await _replies(second)
+    await until(lambda: len(replies) == 1)  # from its own queue, or the group's after the TTL
+
+    assert replies[0].message_id == waiting.message_id
+    own = _own_reply_queues(prefix)
+    if instance_id is None:
+        assert len(own) == 2  # each incarnation left a queue of its own
+    else:
+        assert own == [second.topology.affinity_queue(GROUP, instance_id)]  # the same queue
+        assert second.instance == first.instance == instance_id
+
+
+async def test_two_live_workers_with_one_instance_id_share_the_queue_and_warn(
+    connect: BusFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = await connect(instance_id="worker-0")
+    to_first = await _replies(first)
+    second = await connect(instance_id="worker-0")
+    to_second = await _replies(second)
+    await _responder(await connect(group="participants"))
+
+    sent = [envelope(RouteKind.COMMAND, "inventory") for _ in range(10)]
+    await first.publish(sent)
+
+    await until(lambda: len(to_first) + len(to_second) == 10)  # nothing lost, either takes them
+    assert "instance_id 'worker-0' is not unique" in caplog.text

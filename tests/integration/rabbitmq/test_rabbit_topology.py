@@ -56,6 +56,10 @@ def test_classic_queues_have_a_dead_letter_exchange_but_no_delivery_limit() -> N
         {"delivery_limit": -1},
         {"prefetch": 0},
         {"publish_timeout": 0},
+        {"instance_id": ""},
+        {"instance_id": "pod 1"},
+        {"instance_id": "-pod"},
+        {"instance_id": "x" * 65},
     ],
 )
 def test_settings_refuse_values_that_cannot_work(changes: dict[str, object]) -> None:

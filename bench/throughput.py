@@ -229,8 +229,10 @@ class Bench:
         orchestrator = runtime.orchestrator
         original = orchestrator.handle_reply
 
-        async def handle_reply(reply: ReplyMessage) -> Decision | None:
-            decision = await original(reply)
+        async def handle_reply(
+            reply: ReplyMessage, *, envelope: Envelope | None = None
+        ) -> Decision | None:
+            decision = await original(reply, envelope=envelope)
             now = time.perf_counter()
             probe = self.probe
             sent = probe.published.pop((reply.saga_id, reply.step, reply.kind.value), None)

@@ -19,7 +19,8 @@ alone tells an operator which saga to look at and what to do next::
     ├── TransportError           the message bus failed
     │   └── PublishError         a publish was not confirmed (unroutable, nacked, timed out)
     ├── MessageDecodeError       a message on the wire does not follow the protocol
-    │   └── InvalidEvent         a bus event does not fit the event model a saga declared
+    │   ├── InvalidEvent         a bus event does not fit the event model a saga declared
+    │   └── MessageTooLarge      a message body is over the size limit (never parsed)
     └── ParticipantError         raised by a step handler to fail its step with a code
         └── RetryableError       ... and to ask the orchestrator to retry it
 """
@@ -37,6 +38,7 @@ __all__ = [
     "InvalidOperation",
     "InvalidSagaData",
     "MessageDecodeError",
+    "MessageTooLarge",
     "ParticipantError",
     "PublishError",
     "RetryableError",
@@ -289,6 +291,30 @@ class InvalidEvent(MessageDecodeError):  # noqa: N818
     The event is dead-lettered (never retried: it cannot get better); the message names the
     saga type, the event and each failing field.
     """
+
+
+class MessageTooLarge(MessageDecodeError):  # noqa: N818
+    """A message body is over the deployment's size limit (``SAGAS_MAX_MESSAGE_BYTES``).
+
+    It is dead-lettered with this error as the reason, without being parsed: it cannot get
+    better, and parsing it is what the limit guards against.
+
+    Attributes:
+        size: The body's size in bytes.
+        limit: The limit in bytes.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        size: int,
+        limit: int,
+        saga_id: str | None = None,
+    ) -> None:
+        self.size = size
+        self.limit = limit
+        super().__init__(message, saga_id=saga_id)
 
 
 class ParticipantError(SagaError):

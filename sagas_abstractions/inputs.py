@@ -63,15 +63,23 @@ class _StepInput(BaseModel):
 
 
 class StepSucceeded(_StepInput):
-    """A participant replied that the step (or its compensation) succeeded."""
+    """A participant replied that the step (or its compensation) succeeded.
+
+    ``reply_token`` is the token the reply echoed (never shown in a ``repr``).
+    """
 
     data: dict[str, Any] = Field(default_factory=dict)
+    reply_token: str | None = Field(default=None, repr=False)
 
 
 class StepFailed(_StepInput):
-    """A participant replied that the step (or its compensation) failed."""
+    """A participant replied that the step (or its compensation) failed.
+
+    ``reply_token`` is the token the reply echoed (never shown in a ``repr``).
+    """
 
     error: ErrorInfo
+    reply_token: str | None = Field(default=None, repr=False)
 
 
 class Timeout(_StepInput):

@@ -45,6 +45,10 @@ class CommandMessage(BaseModel):
         reply_to: Where the reply goes (the orchestrator group's reply queue).
         created_at: When the command was decided.
         headers: Extra headers to carry (trace context).
+        reply_token: The secret the reply must echo to be applied (``x-saga-reply-token``):
+            unguessable, one per attempt, readable only by the destination. ``None`` for a
+            command that asks for none (sent before reply tokens existed). Never shown in a
+            ``repr``; never log it.
     """
 
     model_config = _FROZEN
@@ -62,6 +66,7 @@ class CommandMessage(BaseModel):
     reply_to: str | None = None
     created_at: datetime
     headers: dict[str, str] = Field(default_factory=dict)
+    reply_token: str | None = Field(default=None, repr=False)
 
 
 class ReplyMessage(BaseModel):
@@ -79,6 +84,8 @@ class ReplyMessage(BaseModel):
         error: On failure, why.
         in_reply_to: The command's message id.
         created_at: When the reply was made.
+        reply_token: Echoed from the command: proves the reply comes from a reader of the
+            command. Never shown in a ``repr``; never log it.
     """
 
     model_config = _FROZEN
@@ -94,6 +101,7 @@ class ReplyMessage(BaseModel):
     error: ErrorInfo | None = None
     in_reply_to: str | None = None
     created_at: datetime
+    reply_token: str | None = Field(default=None, repr=False)
 
     @staticmethod
     def id_answering(command_message_id: str) -> str:
@@ -114,7 +122,7 @@ class ReplyMessage(BaseModel):
         data: dict[str, Any] | None = None,
         error: ErrorInfo | None = None,
     ) -> ReplyMessage:
-        """The reply to ``command``: echoes its coordinates, id ``<command id>:reply``."""
+        """The reply to ``command``: echoes its coordinates and token, id ``<command id>:reply``."""
         return cls(
             message_id=cls.id_answering(command.message_id),
             saga_id=command.saga_id,
@@ -127,6 +135,7 @@ class ReplyMessage(BaseModel):
             error=error,
             in_reply_to=command.message_id,
             created_at=at,
+            reply_token=command.reply_token,
         )
 
 
@@ -202,6 +211,9 @@ class Envelope(BaseModel):
         headers: Protocol headers (``x-saga-*``, ``x-idempotency-key``, trace context).
         body: UTF-8 JSON.
         timestamp: When the message was made.
+        user_id: Who published it, as the broker validated it (the AMQP ``user_id``
+            property), when the transport has one; only ever read from a delivery, never
+            published.
     """
 
     model_config = _FROZEN
@@ -215,6 +227,7 @@ class Envelope(BaseModel):
     headers: dict[str, str] = Field(default_factory=dict)
     body: bytes
     timestamp: datetime
+    user_id: str | None = None
 
 
 class OutboxRecord(BaseModel):

@@ -44,6 +44,9 @@ class StepState(BaseModel):
         finished_at: When the step reached its last status.
         early_event: For a step that waits for a bus event: the event's data when it arrived
             before the step began; the step succeeds with it as soon as it begins.
+        reply_token: The secret the reply to the step's current command must echo (see
+            :attr:`~sagas_abstractions.CommandMessage.reply_token`); ``None`` when that command
+            asked for none. Never shown in a ``repr``; never log it.
     """
 
     model_config = _FROZEN
@@ -57,6 +60,7 @@ class StepState(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     early_event: dict[str, Any] | None = None
+    reply_token: str | None = Field(default=None, repr=False)
 
 
 class SagaInstance(BaseModel):

@@ -228,10 +228,15 @@ def list_sagas(
 
     sagas = _run(_with_store(settings, query))
     if as_json:
-        typer.echo(json.dumps([saga.model_dump(mode="json") for saga in sagas]))
+        typer.echo(json.dumps([_shown(saga) for saga in sagas]))
         return
     title = f"sagas not moved for {stuck_for}" if stuck_for else "sagas"
     console.print(_status_table(sagas, f"{title} ({len(sagas)})"))
+
+
+def _shown(saga: SagaInstance) -> dict[str, object]:
+    """The saga as JSON for a terminal: reply tokens are secrets and stay out."""
+    return saga.model_dump(mode="json", exclude={"steps": {"__all__": {"reply_token"}}})
 
 
 @app.command()
@@ -254,7 +259,7 @@ def show(
         raise _fail(f"no saga with id {saga_id!r}", 1)
     if as_json:
         document = {
-            "saga": saga.model_dump(mode="json"),
+            "saga": _shown(saga),
             "history": [entry.model_dump(mode="json") for entry in history],
         }
         typer.echo(json.dumps(document))

@@ -39,6 +39,7 @@ __all__ = [
     "HEADER_IN_REPLY_TO",
     "HEADER_KIND",
     "HEADER_REASON",
+    "HEADER_REPLY_TOKEN",
     "HEADER_SAGA_TYPE",
     "HEADER_STEP",
     "REPLY_TYPE",
@@ -59,6 +60,7 @@ HEADER_ATTEMPT = "x-saga-attempt"
 HEADER_KIND = "x-saga-kind"
 HEADER_IDEMPOTENCY_KEY = "x-idempotency-key"
 HEADER_IN_REPLY_TO = "x-in-reply-to"
+HEADER_REPLY_TOKEN = "x-saga-reply-token"  # noqa: S105 - a header name, not a secret
 HEADER_REASON = "x-dead-letter-reason"
 HEADER_ERROR_CODE = "x-error-code"
 HEADER_ERROR_MESSAGE = "x-error-message"
@@ -70,7 +72,14 @@ DEAD_LETTER_KEY = "compensation-failed"
 _MAX_ATTEMPT = 2**31 - 1
 
 _COMMAND_HEADERS = frozenset(
-    {HEADER_SAGA_TYPE, HEADER_STEP, HEADER_ATTEMPT, HEADER_KIND, HEADER_IDEMPOTENCY_KEY}
+    {
+        HEADER_SAGA_TYPE,
+        HEADER_STEP,
+        HEADER_ATTEMPT,
+        HEADER_KIND,
+        HEADER_IDEMPOTENCY_KEY,
+        HEADER_REPLY_TOKEN,
+    }
 )
 
 # Enum members by value and values by member, without the enum machinery's Python calls
@@ -174,6 +183,8 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
     """
     saga_headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
     saga_headers[HEADER_IDEMPOTENCY_KEY] = command.idempotency_key
+    if command.reply_token is not None:
+        saga_headers[HEADER_REPLY_TOKEN] = command.reply_token
     if command.headers:
         headers = dict(command.headers)
         headers.update(saga_headers)
@@ -190,6 +201,7 @@ def encode_command(command: CommandMessage, *, reply_to: str | None = None) -> E
             "headers": headers,
             "body": pydantic_core.to_json(command.payload),
             "timestamp": command.created_at,
+            "user_id": None,
         }
     )
 
@@ -231,6 +243,7 @@ def decode_command(envelope: Envelope) -> CommandMessage:
                 if _COMMAND_HEADERS.issuperset(headers)
                 else {k: v for k, v in headers.items() if k not in _COMMAND_HEADERS}
             ),
+            "reply_token": headers.get(HEADER_REPLY_TOKEN) or None,
         },
     )
 
@@ -240,6 +253,8 @@ def encode_reply(reply: ReplyMessage, reply_to: str) -> Envelope:
     headers = _saga_headers(reply.saga_type, reply.step, reply.attempt, reply.kind)
     if reply.in_reply_to:
         headers[HEADER_IN_REPLY_TO] = reply.in_reply_to
+    if reply.reply_token is not None:
+        headers[HEADER_REPLY_TOKEN] = reply.reply_token
     return _reply_envelope(
         message_id=reply.message_id,
         saga_id=reply.saga_id,
@@ -261,12 +276,15 @@ def encode_answer(
     """Encode the reply to ``command`` for its ``reply_to`` (which must be set).
 
     The same envelope as ``encode_reply(ReplyMessage.answering(command, ...), reply_to)``,
-    without making the reply message first (a participant answers every command).
+    without making the reply message first (a participant answers every command). It echoes
+    the command's reply token, so a participant's own code never sees it.
     """
     if not command.reply_to:
         raise ValueError(f"command {command.message_id!r} has no reply_to to answer to")
     headers = _saga_headers(command.saga_type, command.step, command.attempt, command.kind)
     headers[HEADER_IN_REPLY_TO] = command.message_id
+    if command.reply_token is not None:
+        headers[HEADER_REPLY_TOKEN] = command.reply_token
     return _reply_envelope(
         message_id=ReplyMessage.id_answering(command.message_id),
         saga_id=command.saga_id,
@@ -304,6 +322,7 @@ def _reply_envelope(
             "headers": headers,
             "body": body,
             "timestamp": at,
+            "user_id": None,
         }
     )
 
@@ -372,6 +391,7 @@ def decode_reply(envelope: Envelope) -> ReplyMessage:
             "error": error,
             "in_reply_to": envelope.headers.get(HEADER_IN_REPLY_TO),
             "created_at": envelope.timestamp,
+            "reply_token": envelope.headers.get(HEADER_REPLY_TOKEN) or None,
         },
     )
 
@@ -390,6 +410,7 @@ def encode_event(event: SagaEvent) -> Envelope:
             # The model's own serializer writes the JSON in one pass (as model_dump + dumps).
             "body": event.__pydantic_serializer__.to_json(event),
             "timestamp": event.at,
+            "user_id": None,
         }
     )
 
@@ -409,6 +430,7 @@ def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
     """Encode a parked compensation: the command as it was, with its last error in headers."""
     command = encode_command(dead.command)
     headers = dict(command.headers)
+    headers.pop(HEADER_REPLY_TOKEN, None)  # a secret: the dead-letter queue has other readers
     headers[HEADER_REASON] = dead.reason
     headers[HEADER_ERROR_CODE] = dead.error.code
     headers[HEADER_ERROR_MESSAGE] = dead.error.message
@@ -424,8 +446,12 @@ def encode_dead_letter(dead: DeadLetterMessage) -> Envelope:
 
 
 def dead_lettered(envelope: Envelope, reason: str) -> Envelope:
-    """The same message, addressed to the dead-letter queue with ``reason`` in its headers."""
+    """The same message, addressed to the dead-letter queue with ``reason`` in its headers.
+
+    A reply token it carries is left out: the dead-letter queue has other readers.
+    """
     headers = dict(envelope.headers)
+    headers.pop(HEADER_REPLY_TOKEN, None)
     headers[HEADER_REASON] = reason
     return envelope.model_copy(
         update={"route": RouteKind.DEAD_LETTER, "key": DEAD_LETTER_KEY, "headers": headers}

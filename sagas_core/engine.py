@@ -10,6 +10,11 @@ Rules that hold for every status and input (the property tests check them):
   and never reused, so a duplicate of an applied input is always stale.
 * Terminal sagas (completed, compensated, resolved) never change and never send again. A
   ``failed`` saga waits for an operator.
+* A reply to a command that carried a reply token is applied only if it echoes that token
+  (compared in constant time); otherwise it is **rejected**: the saga does not change, the reply
+  is recorded in history as rejected (never with the token) and the decision names why, so the
+  shell dead-letters it. The token of a step's previous attempt does not count. A step whose
+  command carried no token (sent before tokens existed) takes a reply without one.
 * Compensation runs in reverse step order, at most once per step, for every step whose effect
   is or may be applied: succeeded, or still without an answer (in flight or timed out). A step
   whose participant replied ``failed`` applied nothing (docs/protocol.md) and is not compensated.
@@ -17,11 +22,13 @@ Rules that hold for every status and input (the property tests check them):
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from sagas_abstractions import (
@@ -66,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CANCELLED_CODE",
+    "DATA_TOO_LARGE_CODE",
     "INVALID_PAYLOAD_CODE",
     "INVALID_REPLY_CODE",
     "INVALID_TIMEOUT_CODE",
@@ -77,6 +85,7 @@ __all__ = [
     "due_input",
     "idempotency_key",
     "parked",
+    "rejected",
     "resolved_without_definition",
 ]
 
@@ -91,11 +100,14 @@ OPERATOR_CODE = "operator_compensate"
 """Error code recorded when an operator compensates a running saga."""
 CANCELLED_CODE = "cancelled_by_event"
 """Error code of a saga a bus event (``cancel_on``) sent into compensation."""
+DATA_TOO_LARGE_CODE = "saga_data_too_large"
+"""Error code recorded when a successful reply would grow the saga past its data size limit."""
 
 _MAY_BE_APPLIED = frozenset({StepStatus.SUCCEEDED, StepStatus.RUNNING, StepStatus.TIMED_OUT})
 # Tuples, not ``A | B``: a union in isinstance is built anew on every call (5x slower).
 _STEP_INPUTS = (StepSucceeded, StepFailed, Timeout, RetryDue)
 _OPERATOR_INPUTS = (Compensate, RetryCompensation, Resolve)
+_REPLIES = (StepSucceeded, StepFailed)
 _KIND_TEXT = {kind: kind.value for kind in StepKind}
 _NO_CIRCUITS: Mapping[str, datetime] = MappingProxyType({})
 # Members asked for on every step, as module constants: on Python 3.11 looking a member up on
@@ -127,7 +139,10 @@ class Decision:
         commands: Commands to send, after the change is committed.
         events: Saga events to publish.
         dead_letters: Compensations to park in the dead-letter queue.
-        history: Audit rows to append (one per input, applied or stale).
+        history: Audit rows to append (one per input, applied, stale or rejected).
+        rejected: Why a reply was rejected (it did not authenticate); the shell dead-letters it
+            and must not record its message id as processed, so the genuine reply with the
+            same (predictable) id still gets in. ``None`` for every other decision.
     """
 
     instance: SagaInstance
@@ -136,6 +151,7 @@ class Decision:
     events: tuple[SagaEvent, ...] = ()
     dead_letters: tuple[DeadLetterMessage, ...] = ()
     history: tuple[HistoryEntry, ...] = ()
+    rejected: str | None = None
 
 
 def _timeout_error(step: str, exc: Exception) -> ErrorInfo:
@@ -183,6 +199,8 @@ def decide(
     event: SagaInput,
     *,
     circuits: Mapping[str, datetime] | None = None,
+    reply_token: str | None = None,
+    max_data_bytes: int | None = None,
 ) -> Decision:
     """Apply one input to one saga and return the decision. Pure: no I/O, no clock, no random.
 
@@ -193,9 +211,17 @@ def decide(
         circuits: Destinations whose circuit is open, each with when a command may be sent
             again: a command for one of them is deferred to that moment (the saga waits with a
             retry deadline and no attempt is used) instead of being sent.
+        reply_token: The token the command this decision sends (a decision sends at most one)
+            asks its reply to echo, kept on the step: an unguessable value the caller makes
+            (``secrets.token_urlsafe``), a new one for every decision. ``None`` sends a command
+            that asks for none, whose reply is taken without authentication.
+        max_data_bytes: The most bytes the saga data, and the data of one reply kept as its
+            step's result, may take as JSON; ``None``: no limit. A successful reply that would
+            pass it fails its step (``saga_data_too_large``) and the saga compensates.
 
     Raises:
-        InvalidSagaData: ``Start`` data does not fit the data model.
+        InvalidSagaData: ``Start`` data does not fit the data model, or is over
+            ``max_data_bytes``.
         SagaNotFound: A non-start input for a saga that does not exist.
         UnknownSagaType: The instance belongs to another definition.
         InvalidOperation: An operator action the saga's status does not allow.
@@ -203,7 +229,7 @@ def decide(
     if isinstance(event, Start):
         if instance is not None:
             return _ignored(instance, event, "saga already started", outcome="duplicate")
-        return _start(definition, event, circuits or _NO_CIRCUITS)
+        return _start(definition, event, circuits or _NO_CIRCUITS, reply_token, max_data_bytes)
     if instance is None:
         raise SagaNotFound("no saga to apply the input to", saga_type=definition.name)
     if instance.saga_type != definition.name:
@@ -212,7 +238,14 @@ def decide(
             saga_id=instance.saga_id,
             saga_type=instance.saga_type,
         )
-    return _Transition(definition, instance, event, circuits=circuits or _NO_CIRCUITS).run()
+    return _Transition(
+        definition,
+        instance,
+        event,
+        circuits=circuits or _NO_CIRCUITS,
+        reply_token=reply_token,
+        max_data_bytes=max_data_bytes,
+    ).run()
 
 
 def parked(
@@ -248,6 +281,14 @@ def parked(
         event_kind=EventKind.FAILED,
         detail=reason,
     )
+
+
+def rejected(instance: SagaInstance, event: StepSucceeded | StepFailed, reason: str) -> Decision:
+    """Reject a reply the shell found unauthentic (a wrong publisher): recorded, never applied.
+
+    The same decision as ``decide`` makes for a reply without its command's token.
+    """
+    return _ignored(instance, event, reason, outcome="rejected")
 
 
 def resolved_without_definition(instance: SagaInstance, event: Resolve) -> Decision:
@@ -333,10 +374,25 @@ def _forced(
     return Decision(instance=changed, changed=True, events=(event,), history=(history,))
 
 
-def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, datetime]) -> Decision:
+def _start(
+    definition: SagaDefinition,
+    event: Start,
+    circuits: Mapping[str, datetime],
+    reply_token: str | None,
+    max_data_bytes: int | None,
+) -> Decision:
     data = definition.parse_data(event.data, saga_id=event.saga_id)
     saga_deadline = None if definition.saga_timeout is None else event.at + definition.saga_timeout
     dumped = data.model_dump(mode="json")
+    if max_data_bytes is not None:
+        size = len(pydantic_core.to_json(dumped))
+        if size > max_data_bytes:
+            raise InvalidSagaData(
+                f"the start data takes {size} bytes as JSON, over the saga data limit of "
+                f"{max_data_bytes} bytes (SAGAS_MAX_SAGA_DATA_BYTES)",
+                saga_id=event.saga_id,
+                saga_type=definition.name,
+            )
     # Every value comes from the validated input and the definition (its name is checked by
     # the builder against the same limits), so the instance is not validated again.
     seed = trusted(
@@ -362,7 +418,15 @@ def _start(definition: SagaDefinition, event: Start, circuits: Mapping[str, date
             "trace_context": dict(event.trace_context),
         },
     )
-    transition = _Transition(definition, seed, event, created=True, circuits=circuits)
+    transition = _Transition(
+        definition,
+        seed,
+        event,
+        created=True,
+        circuits=circuits,
+        reply_token=reply_token,
+        max_data_bytes=max_data_bytes,
+    )
     transition.seed_parsed(dumped, data)
     transition.emit(EventKind.STARTED)
     transition.begin_step(0)
@@ -388,6 +452,7 @@ def _pending_step(name: str) -> StepState:
             "started_at": None,
             "finished_at": None,
             "early_event": None,
+            "reply_token": None,
         },
     )
 
@@ -439,6 +504,7 @@ def _ignored(
     return Decision(
         instance=instance,
         changed=False,
+        rejected=reason if outcome == "rejected" else None,
         history=(
             _history(
                 instance,
@@ -481,8 +547,10 @@ class _Transition:
         "definition",
         "error",
         "event",
+        "max_data_bytes",
         "pending_events",
         "reason",
+        "reply_token",
         "status",
         "steps",
         "wait",
@@ -496,7 +564,11 @@ class _Transition:
         *,
         created: bool = False,
         circuits: Mapping[str, datetime] | None = None,
+        reply_token: str | None = None,
+        max_data_bytes: int | None = None,
     ) -> None:
+        self.reply_token = reply_token
+        self.max_data_bytes = max_data_bytes
         self.circuits: Mapping[str, datetime] = circuits or _NO_CIRCUITS
         self.definition = definition
         self.before = instance
@@ -550,6 +622,10 @@ class _Transition:
             return _ignored(
                 self.before, event, f"superseded attempt (current attempt is {self.attempt})"
             )
+        if isinstance(event, _REPLIES):
+            refused = self.unauthenticated(index, event)
+            if refused is not None:
+                return _ignored(self.before, event, refused, outcome="rejected")
         if isinstance(event, StepSucceeded):
             if self.wait is _RETRY and not self.last_attempt_timed_out(index):
                 return _ignored(self.before, event, "attempt already failed")
@@ -593,6 +669,19 @@ class _Transition:
     def deadline_passed(self) -> bool:
         return self.deadline_at is not None and self.at >= self.deadline_at
 
+    def unauthenticated(self, index: int, event: StepSucceeded | StepFailed) -> str | None:
+        """Why the reply ``event`` does not authenticate for step ``index``, or ``None``."""
+        expected = self.steps[index].reply_token
+        if expected is None:
+            return None  # the command asked for no token (docs/protocol.md, upgrading)
+        given = event.reply_token
+        if given is None:
+            return "reply rejected: it carries no reply token"
+        # Constant time: the comparison must not tell a forger how much of a guess was right.
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode()):
+            return "reply rejected: its reply token is not the current attempt's"
+        return None
+
     def last_attempt_timed_out(self, index: int) -> bool:
         error = self.steps[index].error
         return error is not None and error.code == TIMEOUT_CODE
@@ -617,7 +706,8 @@ class _Transition:
             self.update_step(
                 index,
                 status=StepStatus.SUCCEEDED,
-                result=dict(data),
+                # An oversized reply is not kept anywhere: holding it is what the limit prevents.
+                result=None if merged.code == DATA_TOO_LARGE_CODE else dict(data),
                 error=merged,
                 finished_at=self.at,
             )
@@ -693,8 +783,29 @@ class _Transition:
         except Exception as exc:  # noqa: BLE001 - a user merge function failed: fail the step
             return ErrorInfo(code=INVALID_REPLY_CODE, message=f"{type(exc).__name__}: {exc}")
         dumped = model.model_dump(mode="json")
+        if self.max_data_bytes is not None:
+            too_large = self.too_large(step_def.name, reply, dumped, self.max_data_bytes)
+            if too_large is not None:
+                return too_large
         self._parsed = (dumped, model)  # the caller stores exactly this dict as the data
         return dumped
+
+    def too_large(
+        self, step: str, reply: dict[str, Any], merged: dict[str, Any], limit: int
+    ) -> ErrorInfo | None:
+        """The error of a reply whose data, or the saga data it makes, is over ``limit`` bytes."""
+        for what, value in (("the reply's data", reply), ("the saga data", merged)):
+            size = len(pydantic_core.to_json(value))
+            if size > limit:
+                return ErrorInfo(
+                    code=DATA_TOO_LARGE_CODE,
+                    message=(
+                        f"saga {self.before.saga_id} ({self.definition.name}), step {step!r}: "
+                        f"{what} would take {size} bytes as JSON, over the saga data limit of "
+                        f"{limit} bytes (SAGAS_MAX_SAGA_DATA_BYTES)"
+                    ),
+                )
+        return None
 
     def timed_out(self, index: int) -> Decision:
         spec = self.spec(index, self.kind)
@@ -775,6 +886,9 @@ class _Transition:
             and event.attempt == self.attempt
             and self.last_attempt_timed_out(index)
         ):
+            refused = self.unauthenticated(index, event)
+            if refused is not None:
+                return _ignored(self.before, event, refused, outcome="rejected")
             self.status = SagaStatus.COMPENSATING
             self.error = None
             self.reason = "late reply to the last compensation attempt"
@@ -864,9 +978,15 @@ class _Transition:
                 status=_STEP_RUNNING,
                 attempts=attempt,
                 started_at=state.started_at or self.at,
+                reply_token=self.reply_token,
             )
         else:
-            self.update_step(index, status=StepStatus.COMPENSATING, compensation_attempts=attempt)
+            self.update_step(
+                index,
+                status=StepStatus.COMPENSATING,
+                compensation_attempts=attempt,
+                reply_token=self.reply_token,
+            )
         self.wait = _REPLY
         try:
             self.deadline_at = self.deadline(spec)
@@ -887,7 +1007,9 @@ class _Transition:
             )
             self.not_begun(index, kind, error)
             return
-        self.commands.append(self.command(step_def, spec, kind, attempt, payload))
+        self.commands.append(
+            self.command(step_def, spec, kind, attempt, payload, reply_token=self.reply_token)
+        )
 
     def deadline(self, spec: ActionSpec) -> datetime | None:
         """When the attempt beginning now times out (a per-saga timeout reads the data)."""
@@ -939,6 +1061,8 @@ class _Transition:
         kind: StepKind,
         attempt: int,
         payload: dict[str, Any],
+        *,
+        reply_token: str | None = None,
     ) -> CommandMessage:
         saga_id = self.before.saga_id
         return trusted(
@@ -957,6 +1081,7 @@ class _Transition:
                 "reply_to": None,
                 "created_at": self.at,
                 "headers": {},
+                "reply_token": reply_token,
             },
         )
 

@@ -301,6 +301,9 @@ class SagaHost:
             breaker=self._breaker(),
             telemetry=self.telemetry,
             status_events=self.settings.status_events,
+            max_message_bytes=self.settings.max_message_bytes,
+            max_data_bytes=self.settings.max_saga_data_bytes,
+            reply_users=self.settings.reply_users,
         )
         try:
             await runtime.start()

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import random
+import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
@@ -35,6 +36,7 @@ from sagas_abstractions import (
     InboxEntry,
     InvalidEvent,
     InvalidSagaData,
+    MessageTooLarge,
     ReplyMessage,
     ReplyStatus,
     Resolve,
@@ -56,10 +58,12 @@ from sagas_abstractions import (
 from sagas_abstractions.ports import OutboxHandoff
 from sagas_core._models import trusted
 from sagas_core.codec import (
+    dead_lettered,
     decode_reply,
     encode_command,
     encode_dead_letter,
     encode_event,
+    encode_reply,
 )
 from sagas_core.definition import EventRole, MissingSagaPolicy
 from sagas_core.engine import (
@@ -67,6 +71,7 @@ from sagas_core.engine import (
     decide,
     due_input,
     parked,
+    rejected,
     resolved_without_definition,
 )
 from sagas_core.events import EventOutcome, EventRoutes, event_inbox_id, parse_event
@@ -92,6 +97,11 @@ __all__ = [
 
 _log = logging.getLogger("sagas.orchestrator")
 
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest reply or event body the orchestrator parses, by default (1 MiB)."""
+DEFAULT_MAX_DATA_BYTES = 256 * 1024
+"""The most a saga's data (and one reply's data) may take as JSON, by default (256 KiB)."""
+
 DEFAULT_DEADLINE_LEASE = timedelta(seconds=5)
 """How long :meth:`Orchestrator.fire_due` holds the deadlines it claims, by default."""
 
@@ -113,6 +123,11 @@ def _uuid4_hex() -> str:
     value = (value & ~(0xC000 << 48)) | (0x8000 << 48)  # variant: RFC 4122
     value = (value & ~(0xF000 << 64)) | (4 << 76)  # version 4
     return f"{value:032x}"
+
+
+def _reply_token() -> str:
+    """A new reply token: 128 random bits, URL-safe text (an AMQP header value as it is)."""
+    return secrets.token_urlsafe(16)
 
 
 def reply_queue(group: str) -> str:
@@ -243,6 +258,19 @@ class Orchestrator:
             ``None``).
         status_events: Which status events go to the saga-events topic (all, the saga's own
             lifecycle only, or none); history and telemetry record everything regardless.
+        reply_tokens: Makes the reply token of each command (docs/protocol.md, section 5.1):
+            unguessable, so only the command's readers can answer it. Tests may make them
+            predictable; production must not.
+        max_message_bytes: The largest reply or event body it parses; a larger one is refused
+            unparsed (:class:`~sagas_abstractions.MessageTooLarge` for a reply, dead-lettered
+            by the runtime; a dead-letter outcome for an event). ``None``: no limit.
+        max_data_bytes: The most bytes a saga's data, and one reply's data, may take as JSON
+            (``decide``'s limit): a start over it is refused, a reply that would pass it fails
+            its step. ``None``: no limit.
+        reply_users: The broker user each destination's participant publishes as, by
+            destination (docs/protocol.md, section 5.2): a reply envelope for a step of such
+            a destination is rejected unless the broker validated that ``user_id`` on it.
+            Destinations not listed are not checked.
         instance_cache: How many active sagas it saved last the orchestrator keeps in memory
             (least recently saved out first), to decide their next input without loading them
             first; 0 loads every time. The version check of the save finds an entry that went
@@ -265,8 +293,16 @@ class Orchestrator:
         telemetry: Telemetry | None = None,
         instance_cache: int = 0,
         status_events: StatusEvents | str = StatusEvents.ALL,
+        reply_tokens: Callable[[], str] = _reply_token,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        max_data_bytes: int | None = DEFAULT_MAX_DATA_BYTES,
+        reply_users: Mapping[str, str] | None = None,
     ) -> None:
         self.store = store
+        self.reply_users = dict(reply_users or {})
+        self.reply_tokens = reply_tokens
+        self.max_message_bytes = max_message_bytes
+        self.max_data_bytes = max_data_bytes
         self.breaker = breaker
         self.telemetry = telemetry or Telemetry.default()
         self.messaging_system = "sagas"
@@ -376,7 +412,14 @@ class Orchestrator:
                 message_id=None if cause is None else cause[1],
             )
             try:
-                decision = decide(definition, None, event, circuits=self._circuits())
+                decision = decide(
+                    definition,
+                    None,
+                    event,
+                    circuits=self._circuits(),
+                    reply_token=self.reply_tokens(),
+                    max_data_bytes=self.max_data_bytes,
+                )
             except InvalidSagaData:
                 # Starting an existing id returns it whatever the data (or refuses another type).
                 existing = None if saga_id is None else await self.store.load(new_id)
@@ -416,28 +459,61 @@ class Orchestrator:
         """Handle a reply envelope from the bus (the reply queue's consumer).
 
         Raises:
+            MessageTooLarge: the body is over ``max_message_bytes``; it was not parsed (a
+                :class:`MessageDecodeError`: dead-lettered at once, with the error as the reason).
             MessageDecodeError: the envelope does not follow the protocol (the bus dead-letters
                 it at once, with the error as the reason: it cannot get better).
             StoreUnavailable: the store cannot be reached (the bus holds the reply, uncounted,
                 until it answers).
         """
+        self._check_size(envelope, "reply")
         telemetry = self.telemetry
         if telemetry.tracing_off():
-            await self.handle_reply(decode_reply(envelope))  # consume() would make no span
+            # consume() would make no span
+            await self.handle_reply(decode_reply(envelope), envelope=envelope)
             return
         with telemetry.consume(envelope, system=self.messaging_system) as span:
             reply = decode_reply(envelope)
             if span is not None:
                 telemetry.failed(span, reply.error)
-            await self.handle_reply(reply)
+            await self.handle_reply(reply, envelope=envelope)
 
-    async def handle_reply(self, reply: ReplyMessage) -> Decision | None:
+    def _check_size(self, envelope: Envelope, what: str) -> None:
+        """Refuse a body over the limit before anything parses it."""
+        limit, size = self.max_message_bytes, len(envelope.body)
+        if limit is None or size <= limit:
+            return
+        _log.warning(
+            "%s %s for saga %s is %d bytes, over the limit of %d: dead-lettered unparsed",
+            what,
+            envelope.message_id,
+            envelope.correlation_id,
+            size,
+            limit,
+        )
+        raise MessageTooLarge(
+            f"{what} {envelope.message_id!r} is {size} bytes, over the message limit of {limit} "
+            "bytes (SAGAS_MAX_MESSAGE_BYTES); not parsed",
+            size=size,
+            limit=limit,
+            saga_id=envelope.correlation_id,
+        )
+
+    async def handle_reply(
+        self, reply: ReplyMessage, *, envelope: Envelope | None = None
+    ) -> Decision | None:
         """Apply a participant's reply; returns the decision, or ``None`` when none was made.
 
         ``None`` covers a duplicate, an orphan (the saga does not exist, or is not of the type
         the reply names) and a saga this orchestrator cannot decide (a stored row that does
         not parse, an unregistered type, a changed definition): that saga is parked and the
         reply recorded, so it is acked, not redelivered.
+
+        A reply that does not echo its command's reply token is rejected
+        (:attr:`Decision.rejected`): recorded in the saga's history, and parked in the
+        dead-letter queue (``envelope`` as received, or the reply encoded again) in the same
+        transaction, never applied. Its message id is not recorded as processed, so the genuine
+        reply with the same id is still applied when it comes.
         """
         # No inbox pre-check: the save records the message id in the same transaction and
         # refuses a duplicate (DuplicateMessage), which saves a round trip on every reply.
@@ -454,25 +530,64 @@ class Orchestrator:
             }
             if reply.status is _SUCCEEDED:
                 values["data"] = reply.data
+                values["reply_token"] = reply.reply_token
                 return trusted(StepSucceeded, values)
             assert reply.error is not None  # noqa: S101 - the codec guarantees it
             values["error"] = reply.error
+            values["reply_token"] = reply.reply_token
             return trusted(StepFailed, values)
 
+        def reject(reason: str) -> Envelope:
+            received = envelope if envelope is not None else encode_reply(reply, self.reply_to)
+            _log.warning(
+                "reply %s for saga %s (%s, step %s, attempt %d) dead-lettered: %s",
+                reply.message_id,
+                reply.saga_id,
+                reply.saga_type,
+                reply.step,
+                reply.attempt,
+                reason,
+            )
+            return dead_lettered(
+                received,
+                f"{reason} (saga {reply.saga_id}, step {reply.step!r}, attempt {reply.attempt})",
+            )
+
         inbox = InboxEntry(self.consumer, reply.message_id)
+        refused = None
+        if self.reply_users and envelope is not None:
+            refused = self._wrong_user(reply, envelope.user_id)
         try:
             decision = await self._apply(
-                reply.saga_id, make, inbox=inbox, saga_type=reply.saga_type
+                reply.saga_id,
+                make,
+                inbox=inbox,
+                saga_type=reply.saga_type,
+                reject=reject,
+                refused=refused,
             )
         except SagaNotFound:
             await self._orphan(reply)
         except _UNDECIDABLE as problem:
             await self._park(reply.saga_id, problem, inbox=inbox, message_id=reply.message_id)
         else:
-            if decision is not None:  # not a duplicate: tell the breaker how the destination did
+            # Not a duplicate nor a forgery: tell the breaker how the destination did.
+            if decision is not None and decision.rejected is None:
                 self._observe_reply(reply)
             return decision
         return None
+
+    def _wrong_user(self, reply: ReplyMessage, user_id: str | None) -> str | None:
+        """Why the broker-validated publisher of ``reply`` is not its destination's, if so."""
+        destination = self._destination(reply.saga_type, reply.step, reply.kind)
+        expected = None if destination is None else self.reply_users.get(destination)
+        if expected is None or user_id == expected:
+            return None
+        publisher = "without a user id" if user_id is None else f"by AMQP user {user_id!r}"
+        return (
+            f"reply rejected: published {publisher}, not by {expected!r}, the user of "
+            f"destination {destination!r}"
+        )
 
     async def _orphan(self, reply: ReplyMessage) -> None:
         _log.warning(
@@ -516,6 +631,11 @@ class Orchestrator:
             event in the dead-letter queue (the runtime does).
         """
         outcome = EventOutcome()
+        try:
+            self._check_size(envelope, "event")
+        except MessageTooLarge as exc:
+            outcome.dead_letter.append(str(exc))
+            return outcome
         routes = self._event_routes().get(envelope.key)
         if not routes:
             _log.warning("event %s on topic %r: no saga listens", envelope.message_id, envelope.key)
@@ -944,8 +1064,13 @@ class Orchestrator:
         *,
         inbox: InboxEntry | None,
         saga_type: str | None = None,
+        reject: Callable[[str], Envelope] | None = None,
+        refused: str | None = None,
     ) -> Decision | None:
         """Load, decide and save one input, reloading and reapplying on a version conflict.
+
+        A rejected reply is recorded with ``reject(reason)`` (its dead letter) in the outbox,
+        without ``inbox``. ``refused`` rejects the reply for that reason without deciding.
 
         Raises:
             SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
@@ -973,7 +1098,24 @@ class Orchestrator:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
                 circuits = None if self.breaker is None else self._circuits()
-                decision = decide(definition, instance, event, circuits=circuits)
+                if refused is not None and isinstance(event, StepSucceeded | StepFailed):
+                    decision = rejected(instance, event, refused)
+                else:
+                    decision = decide(
+                        definition,
+                        instance,
+                        event,
+                        circuits=circuits,
+                        reply_token=self.reply_tokens(),
+                        max_data_bytes=self.max_data_bytes,
+                    )
+                if decision.rejected is not None:
+                    if kept is not None:
+                        # Judge a forgery on the stored saga, never on a kept copy.
+                        self._instances.pop(saga_id, None)
+                        continue
+                    await self._record_rejected(decision, reject)
+                    return decision
                 if not decision.changed and inbox is None:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
@@ -1003,6 +1145,21 @@ class Orchestrator:
             actual_version=None,
             saga_type=saga_type,
         )
+
+    async def _record_rejected(
+        self, decision: Decision, reject: Callable[[str], Envelope] | None
+    ) -> None:
+        """Write a rejected reply's history row and dead letter, and no inbox row."""
+        assert decision.rejected is not None  # noqa: S101 - only called for a rejection
+        change = SagaChange(
+            instance=decision.instance,
+            expected_version=decision.instance.version,
+            outbox=[] if reject is None else [reject(decision.rejected)],
+            history=decision.history,
+        )
+        handed = await self._save(change)
+        self._committed([decision.instance], claim=not handed)
+        self.telemetry.record_decision(decision)
 
     def _change(
         self,

@@ -25,7 +25,13 @@ from sagas_core.clock import SystemClock
 from sagas_core.codec import dead_lettered
 from sagas_core.di import Dependencies, Resolver, ScopedResolver
 from sagas_core.events import event_envelope
-from sagas_core.orchestrator import Orchestrator, OrphanReplyPolicy, StatusEvents
+from sagas_core.orchestrator import (
+    DEFAULT_MAX_DATA_BYTES,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Orchestrator,
+    OrphanReplyPolicy,
+    StatusEvents,
+)
 from sagas_core.participant import Participant
 from sagas_core.relay import OutboxRelay
 from sagas_core.telemetry import Telemetry, messaging_system
@@ -145,6 +151,13 @@ class SagaRuntime:
         instance_cache: How many active sagas the orchestrator keeps as it saved them last,
             so their next input is decided without a load (see :class:`Orchestrator`); memory
             stays bounded by it however many sagas are in flight. 0 turns it off.
+        status_events: Which status events go to the saga-events topic.
+        max_message_bytes: The largest reply or event body the orchestrator parses (a larger
+            one is dead-lettered unparsed); ``None``: no limit.
+        max_data_bytes: The most a saga's data, and one reply's data, may take as JSON (a
+            reply that would pass it fails its step); ``None``: no limit.
+        reply_users: The broker user of each destination's participant: replies for its steps
+            must carry that validated AMQP ``user_id`` (see :class:`Orchestrator`).
 
     Example:
         ```python
@@ -175,6 +188,9 @@ class SagaRuntime:
         telemetry_interval: float = 15.0,
         instance_cache: int = 2048,
         status_events: StatusEvents | str = StatusEvents.ALL,
+        max_message_bytes: int | None = DEFAULT_MAX_MESSAGE_BYTES,
+        max_data_bytes: int | None = DEFAULT_MAX_DATA_BYTES,
+        reply_users: Mapping[str, str] | None = None,
     ) -> None:
         self.definitions = tuple(sagas)
         self.participants = list(participants)
@@ -198,6 +214,9 @@ class SagaRuntime:
             telemetry=self.telemetry,
             instance_cache=instance_cache,
             status_events=status_events,
+            max_message_bytes=max_message_bytes,
+            max_data_bytes=max_data_bytes,
+            reply_users=reply_users,
         )
         self.orchestrator.messaging_system = messaging_system(self.bus)
         self.relay = OutboxRelay(

@@ -76,6 +76,13 @@ class SagasSettings(BaseSettings):
             change, per step too), ``lifecycle`` (the saga's own changes) or ``none``.
         tune_gc: ``sagas worker`` tunes the garbage collector for a long-running process
             (:func:`sagas_core.runtime.tune_gc`); ``false`` keeps Python's own settings.
+        max_message_bytes: The largest reply or event body the orchestrator parses; a larger
+            one is dead-lettered unparsed, with the reason.
+        max_saga_data_bytes: The most a saga's data (and one reply's data) may take as JSON: a
+            reply that would pass it fails its step, a start over it is refused.
+        reply_users: The broker user of each destination's participant, as a JSON object
+            (``{"shipping": "shipping-svc"}``): replies for that destination's steps must carry
+            that broker-validated AMQP ``user_id``. Destinations not listed are not checked.
     """
 
     model_config = SettingsConfigDict(
@@ -110,6 +117,9 @@ class SagasSettings(BaseSettings):
     circuit_open_seconds: float = Field(default=30.0, gt=0, le=86_400)
     status_events: Literal["all", "lifecycle", "none"] = "all"
     tune_gc: bool = True
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=512 * 1024 * 1024)
+    max_saga_data_bytes: int = Field(default=256 * 1024, ge=1024, le=512 * 1024 * 1024)
+    reply_users: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -221,4 +221,5 @@ def from_amqp(message: DeliveredMessage, route: RouteKind, key: str) -> Envelope
         headers=headers,
         body=message.body,
         timestamp=timestamp,
+        user_id=properties.user_id or None,
     )

@@ -101,6 +101,7 @@ def success(command: CommandMessage, **data: Any) -> ReplyMessage:
         data=data,
         in_reply_to=command.message_id,
         created_at=command.created_at,
+        reply_token=command.reply_token,  # echoed, as docs/protocol.md asks
     )
 
 

@@ -170,6 +170,7 @@ def answer(
         error=error,
         in_reply_to=command.message_id,
         created_at=command.created_at,
+        reply_token=command.reply_token,  # echoed, as docs/protocol.md asks
     )
 
 

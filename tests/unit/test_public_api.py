@@ -35,6 +35,7 @@ SAGAS_ABSTRACTIONS = [
     "MessageBus",
     "MessageDecodeError",
     "MessageHandler",
+    "MessageTooLarge",
     "OperatorInput",
     "OutboxHandoff",
     "OutboxRecord",

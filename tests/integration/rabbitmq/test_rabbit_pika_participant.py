@@ -4,7 +4,8 @@ from docs/protocol.md alone (none of our code), serves a saga our orchestrator r
 The flights participant below is what a service in any language would do: declare its command
 queue with the documented arguments, consume with manual acks, dedupe by ``message_id``, key
 its effects on ``x-idempotency-key``, refuse an execute after its step's compensation, and
-publish a confirmed, mandatory reply to the replies exchange with the command's reply_to.
+publish a confirmed, mandatory reply to the replies exchange with the command's reply_to,
+echoing the command's ``x-saga-*`` headers (its reply token among them).
 """
 
 from __future__ import annotations
@@ -113,7 +114,14 @@ class PikaFlights(threading.Thread):
                 reply = self._outcomes[key] = self._outcome(kind, properties.type, json.loads(body))
             reply_headers = {
                 name: headers[name]
-                for name in ("x-saga-type", "x-saga-step", "x-saga-attempt", "x-saga-kind")
+                for name in (
+                    "x-saga-type",
+                    "x-saga-step",
+                    "x-saga-attempt",
+                    "x-saga-kind",
+                    "x-saga-reply-token",  # the proof that this reply answers the command
+                )
+                if name in headers
             }
             reply_headers["x-in-reply-to"] = message_id
             self._replies[message_id] = (reply, reply_headers)

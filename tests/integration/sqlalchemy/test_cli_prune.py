@@ -68,3 +68,6 @@ def test_list_and_show_print_json_for_scripts(tmp_path: Path) -> None:
     assert document["saga"]["saga_id"] == sagas[0]["saga_id"]
     assert document["history"][0]["input"] == "Start"
     assert document["history"][-1]["to_status"] == "compensated"
+    # Reply tokens are secrets: kept with the steps, never printed.
+    assert all("reply_token" not in step for saga in sagas for step in saga["steps"])
+    assert all("reply_token" not in step for step in document["saga"]["steps"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from decimal import Decimal
@@ -13,7 +14,12 @@ from sagas_core import SagaRuntime
 from samples import demo_support
 from samples.order_processing.messages import OrderData, OrderLine
 from samples.order_processing.saga import order_saga
-from samples.order_processing.services import Ledger, build_participants
+from samples.order_processing.services import (
+    SLOW_LANE,
+    Ledger,
+    ShippingService,
+    build_participants,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -96,7 +102,7 @@ def scenarios() -> list[Scenario]:
         ),
         Scenario(
             "shipping too slow (timeout)",
-            _order("A-1008", [("PEN-4", 1, "1.20")], region="slow-lane"),
+            _order("A-1008", [("PEN-4", 1, "1.20")], region=SLOW_LANE),
             compensated,
         ),
     ]
@@ -120,7 +126,9 @@ async def run_demo(
         on_resume: Called with the number of resumed sagas before the new batch starts.
     """
     ledger = Ledger()
-    participants, *_ = build_participants(ledger)
+    # The slow carrier holds its bookings until its sagas gave up on it (bounded by
+    # settle_within): see _open_slow_lane.
+    participants, _, _, shipping = build_participants(ledger, slow_seconds=settle_within)
     batch = scenarios()
     by_order = {scenario.order.order_id: scenario for scenario in batch}
     # A short outbox lease: what a killed run had claimed but not published goes out soon.
@@ -170,5 +178,28 @@ async def run_demo(
                 resumed=resumed,
             )
 
-        results = await asyncio.gather(*(settle(saga_id) for saga_id in started))
+        slow = [saga_id for saga_id, (sc, _, _) in started.items() if sc.order.region == SLOW_LANE]
+        opener = asyncio.create_task(_open_slow_lane(runtime, slow, shipping, settle_within))
+        try:
+            results = await asyncio.gather(*(settle(saga_id) for saga_id in started))
+        finally:
+            opener.cancel()
+            shipping.open_slow_lane()
     return list(results), ledger
+
+
+async def _open_slow_lane(
+    runtime: SagaRuntime, saga_ids: list[str], shipping: ShippingService, within: float
+) -> None:
+    """Open the slow lane once each of its sagas stopped waiting for the carrier.
+
+    Its bookings then answer late, as the scenario means, however fast or slow the machine is:
+    the carrier never races the step timeout. (The compensation, ``CancelShipment``, waits for
+    the booking in flight of its step, so the lane must open before the saga can finish.)
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(within):
+            for saga_id in saga_ids:
+                while (await runtime.orchestrator.get(saga_id)).status is SagaStatus.RUNNING:  # noqa: ASYNC110 - polls the row; wait_for waits for an end only
+                    await asyncio.sleep(0.02)
+    shipping.open_slow_lane()

@@ -25,7 +25,7 @@ Timeouts are not part of the definition's fingerprint, so workers with different
 def host() -> SagaHost:
     """Build the sample host from the ``SAGAS_*`` settings."""
     settings = load_settings()
-    shipment_timeout = float(os.environ.get(SHIPMENT_TIMEOUT_ENV) or 0.3)
+    shipment_timeout = float(os.environ.get(SHIPMENT_TIMEOUT_ENV) or 1.0)
     saga = build_order_saga(shipment_timeout=shipment_timeout)
     builder = SagaHost.builder().use_settings(settings).add_saga(saga)
     if settings.amqp_url is None:

@@ -23,11 +23,12 @@ async def price_order(data: OrderData) -> dict[str, str]:
     return {"amount": str(total)}
 
 
-def build_order_saga(*, shipment_timeout: float = 0.3) -> SagaDefinition:
+def build_order_saga(*, shipment_timeout: float = 1.0) -> SagaDefinition:
     """The order saga.
 
-    ``shipment_timeout`` is the carrier's per-attempt time: 0.3 s in the demo (the slow-lane
-    carrier takes 1.5 s); tests with processes on a busy machine give it more.
+    ``shipment_timeout`` is the carrier's per-attempt time: 1 s in the demo, where the
+    slow-lane carrier answers only after the saga gave up on it; tests with processes on a
+    busy machine give it more.
     """
     return (
         SagaBuilder("order-processing", data=OrderData)

@@ -2,8 +2,9 @@
 
 * inventory: unknown SKU and out-of-stock are permanent failures.
 * payments: card ``tok_declined`` is declined; ``tok_flaky`` fails transiently once, then works.
-* shipping: region ``atlantis`` is not served; region ``slow-lane`` answers long after the step
-  timeout, so the orchestrator retries, gives up and compensates.
+* shipping: region ``atlantis`` is not served; region ``slow-lane`` answers only after its saga
+  gave up on it (the demo opens the lane once every saga settled; a carrier in a process of its
+  own waits ``slow_seconds``), so the orchestrator retries, gives up and compensates.
 
 Every service keeps a :class:`Ledger` of the effects it applied, so the sample can show that
 nothing was applied twice and everything undone was done.
@@ -28,6 +29,7 @@ Those read two environment variables:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -54,6 +56,10 @@ LEDGER_FILE_ENV = "SAMPLE_LEDGER_FILE"
 
 PAYMENT_LATENCY_ENV = "SAMPLE_PAYMENT_LATENCY"
 """Seconds the payment gateway takes to answer after capturing a charge."""
+
+
+SLOW_LANE = "slow-lane"
+"""The region whose carrier answers only after its saga gave up on it."""
 
 
 @dataclass(frozen=True)
@@ -226,18 +232,31 @@ class ShippingService:
     """Shipment bookings."""
 
     ledger: Ledger
-    slow_seconds: float = 1.5
+    slow_seconds: float = 5.0
+    """The longest a ``slow-lane`` booking waits for :meth:`open_slow_lane` (far beyond the
+    saga's attempts, so that even a carrier nobody opens the lane for answers too late)."""
     shipments: dict[str, str] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    _slow_lane: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def open_slow_lane(self) -> None:
+        """Let the ``slow-lane`` bookings waiting (and to come) go through at once."""
+        self._slow_lane.set()
 
     async def book(self, order_id: str, region: str, key: str = "") -> str:
-        """Book a shipment; ``atlantis`` is not served and ``slow-lane`` is very slow."""
+        """Book a shipment; ``atlantis`` is not served and ``slow-lane`` is very slow.
+
+        A ``slow-lane`` booking waits until the lane is opened, ``slow_seconds`` at most: the
+        demo opens it once its sagas settled, so the carrier answers after the orchestrator gave
+        up however fast or slow the machine is, never by a race between two clocks.
+        """
         if region == "atlantis":
             raise ParticipantError(
                 f"no carrier serves region {region!r}", code="region_unavailable"
             )
-        if region == "slow-lane":
-            await asyncio.sleep(self.slow_seconds)
+        if region == SLOW_LANE:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slow_lane.wait(), self.slow_seconds)
         shipment_id = f"SHP-{next(self._ids):04d}"
         self.shipments[order_id] = shipment_id
         self.ledger.record("shipping", "ship", order_id, key=key, ref=shipment_id)
@@ -312,7 +331,7 @@ def shipping_participant(service: ShippingService) -> Participant:
 
 
 def build_participants(
-    ledger: Ledger, *, slow_seconds: float = 1.5
+    ledger: Ledger, *, slow_seconds: float = 5.0
 ) -> tuple[list[Participant], StockService, PaymentGateway, ShippingService]:
     """The three participant services of the sample, wired to fresh in-memory backends."""
     stock = StockService(ledger)

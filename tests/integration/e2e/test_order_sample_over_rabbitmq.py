@@ -297,9 +297,9 @@ async def assert_nothing_left(amqp_url: str, prefix: str) -> None:
     assert await messages_left(amqp_url, prefix) == {}
 
 
-# The carrier gets 1 s per attempt instead of the demo's 0.3 s: with four processes on two
-# cores, starting a killed participant again takes a core for a second, and a normal shipment
-# must not time out behind it. The slow-lane carrier (1.5 s) still times out.
+# The carrier gets 1 s per attempt, as in the demo: with four processes on two cores, starting
+# a killed participant again takes a core for a second, and a normal shipment must not time out
+# behind it. The slow-lane carrier (5 s in a process of its own) still times out.
 E2E_SAGA = build_order_saga(shipment_timeout=1.0)
 
 # The slow-shipping order is compensated when its last attempt's timeout fires before the late

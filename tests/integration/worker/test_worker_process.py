@@ -106,7 +106,7 @@ def test_sigterm_mid_load_loses_no_saga_and_a_restarted_worker_finishes_them(
         SAGAS_TABLE_PREFIX=table_prefix,
         SAGAS_AUTO_MIGRATE="1",
         SAGAS_LOG_LEVEL="WARNING",
-        # The restarted worker resumes a burst of sagas at once: the demo's 0.3 s per shipment
+        # The restarted worker resumes a burst of sagas at once: the demo's 1 s per shipment
         # attempt would time happy orders out behind it.
         SAMPLE_SHIPMENT_TIMEOUT="3",
         # Each charge takes 0.2 s, so the load lasts well past the first completed saga however

@@ -26,9 +26,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import uuid
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aio_pika
 import aiormq
@@ -41,7 +44,7 @@ from pamqp.commands import Basic
 from sagas_abstractions import Envelope, PublishError, RouteKind, TransportError
 from sagas_rabbitmq.consumer import RabbitSubscription
 from sagas_rabbitmq.errors import BROKER_ERRORS, publish_error, transport_error
-from sagas_rabbitmq.settings import RabbitSettings
+from sagas_rabbitmq.settings import TLS_FILE_OPTIONS, RabbitSettings
 from sagas_rabbitmq.topology import Topology
 from sagas_rabbitmq.wire import content_header_frame, to_amqp
 
@@ -173,8 +176,19 @@ class RabbitBus:
         """Connect with ``settings`` and declare the topology.
 
         Raises:
-            TransportError: As for :meth:`connect`.
+            TransportError: As for :meth:`connect`; also when a TLS file the URL names
+                (``cafile=`` ...) cannot be read, or the broker's certificate is rejected.
         """
+        where = _safe_url(settings.url)
+        problem = _unreadable_tls_file(settings.url)
+        if problem is not None:
+            raise TransportError(f"RabbitMQ: connecting to {where} failed: {problem}")
+        if _tls_query(settings.url).get("no_verify_ssl", ["0"])[-1] != "0":
+            _log.warning(
+                "TLS certificate verification is off for %s (no_verify_ssl): anyone on the "
+                "path can pose as the broker",
+                where,
+            )
         try:
             connection = await aio_pika.connect_robust(
                 settings.url,
@@ -183,7 +197,7 @@ class RabbitBus:
                 client_properties={"connection_name": settings.client_name},
             )
         except BROKER_ERRORS as exc:
-            raise transport_error(f"connecting to {_safe_url(settings.url)}", exc) from exc
+            raise transport_error(f"connecting to {where}", exc) from exc
         bus = cls(settings, connection)
         try:
             async with asyncio.timeout(settings.connect_timeout):
@@ -788,10 +802,26 @@ def _forget_message_id(
 
 
 def _safe_url(url: str) -> str:
-    """The URL without its password, for messages."""
-    head, sep, tail = url.rpartition("@")
-    if not sep:
+    """The URL without its password, for messages (the TLS options stay: they name files)."""
+    parts = urlsplit(url)
+    if parts.password is None:
         return url
-    scheme, _, credentials = head.partition("://")
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{tail}"
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def _tls_query(url: str) -> dict[str, list[str]]:
+    parts = urlsplit(url)
+    return parse_qs(parts.query) if parts.scheme == "amqps" else {}
+
+
+def _unreadable_tls_file(url: str) -> str | None:
+    """Which TLS file of ``url`` cannot be read, and why (``ssl`` would not name it)."""
+    for option, values in _tls_query(url).items():
+        if option not in TLS_FILE_OPTIONS:
+            continue
+        path = values[-1]
+        if not os.access(path, os.R_OK):
+            reason = "is not readable" if Path(path).exists() else "does not exist"
+            return f"{option}={path} {reason} (the TLS options of the URL name local files)"
+    return None

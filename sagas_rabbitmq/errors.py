@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import aiormq.exceptions
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -15,7 +16,28 @@ BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, Timeou
 """What the client raises when the broker or the connection fails."""
 
 
+def _tls_failure(exc: BaseException) -> str | None:
+    """What went wrong in a TLS handshake that ``exc`` (or its cause) reports, if it did."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # aiormq wraps the ssl error once, aio-pika at most once more
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"TLS: the broker's certificate was rejected ({seen.verify_message}); check that "
+                "the URL's cafile= names the CA that signed it and that the URL's host name is "
+                "one the certificate is issued for"
+            )
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS failed: {seen.reason or seen}"
+        if seen is None:
+            return None
+        seen = seen.__cause__
+    return None
+
+
 def _describe(exc: BaseException) -> str:
+    tls = _tls_failure(exc)
+    if tls is not None:
+        return tls
     if isinstance(exc, aiormq.exceptions.PublishError):
         return f"unroutable (returned by the broker: {exc.args[0] if exc.args else exc})"
     if isinstance(exc, aiormq.exceptions.DeliveryError):

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["RabbitSettings"]
+__all__ = ["TLS_FILE_OPTIONS", "TLS_OPTIONS", "RabbitSettings"]
+
+TLS_FILE_OPTIONS = ("cafile", "capath", "certfile", "keyfile")
+"""Query parameters of an ``amqps://`` URL that name files or directories (aiormq reads them)."""
+
+TLS_OPTIONS = (*TLS_FILE_OPTIONS, "cadata", "no_verify_ssl")
+"""Every TLS query parameter aiormq takes from the URL."""
 
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -15,7 +22,12 @@ class RabbitSettings:
     """How :class:`~sagas_rabbitmq.RabbitBus` connects and names its topology.
 
     Attributes:
-        url: The AMQP URL, for example ``amqp://guest:guest@localhost:5672/``.
+        url: The AMQP URL, for example ``amqp://guest:guest@localhost:5672/``; ``amqps://``
+            for TLS (port 5671 by default), with the TLS options as query parameters:
+            ``cafile`` (the CA that signed the broker's certificate; default: the system's),
+            ``capath``, ``cadata``, ``certfile`` and ``keyfile`` (a client certificate), and
+            ``no_verify_ssl=1`` (skip verification: never in production). The certificate and
+            the host name are verified by default. See docs/operations.md, "TLS".
         prefix: Prefix of every exchange and queue name (``<prefix>.commands`` ...); give each
             environment, or each test run, its own.
         quorum: Declare quorum queues (the default); ``False`` falls back to classic queues,
@@ -71,6 +83,14 @@ class RabbitSettings:
     instance_id: str | None = None
 
     def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        given = sorted(set(parse_qs(parts.query)) & set(TLS_OPTIONS))
+        if given and parts.scheme != "amqps":
+            # aiormq would ignore them and connect in plain text: refuse instead.
+            raise ValueError(
+                f"url has TLS options ({', '.join(given)}) but its scheme is "
+                f"{parts.scheme!r}, which connects without TLS; use amqps://"
+            )
         if not self.prefix or any(c.isspace() for c in self.prefix):
             raise ValueError(f"prefix must be a non-empty word, got {self.prefix!r}")
         if self.delivery_limit < 0:

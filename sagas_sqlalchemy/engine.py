@@ -11,6 +11,11 @@ terminated backend sends its farewell and closes the socket); the pool replaces 
 terminated at the very moment its connection is taken can still fail that one statement, as it
 could right after a ping. Other drivers keep ``pool_pre_ping`` (a round trip per checkout).
 
+TLS is asked for in the URL with libpq's parameters (``sslmode``, ``sslrootcert``, ``sslcert``,
+``sslkey`` ...), whatever the driver. psycopg hands them to libpq; asyncpg takes them only from a
+DSN (SQLAlchemy would pass them as keyword arguments it does not have), so for asyncpg they move
+from the URL into a ``dsn`` connect argument, where asyncpg applies libpq's rules itself.
+
 SQLite goes through aiosqlite with WAL journaling (readers never block the writer), a busy
 timeout (writers wait for each other instead of failing) and foreign keys on. Python's sqlite3
 module would open transactions lazily and only before DML; we switch that off and emit ``BEGIN``
@@ -23,6 +28,7 @@ from __future__ import annotations
 import json
 import select
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlencode
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Engine, make_url
@@ -37,6 +43,7 @@ __all__ = [
     "BEGIN_MODE",
     "UnparseableJSON",
     "async_url",
+    "asyncpg_tls_dsn",
     "create_engine",
     "has_pending_input",
     "is_sqlite",
@@ -51,6 +58,19 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 _ASYNC_DRIVERS = {"postgresql": "psycopg", "sqlite": "aiosqlite"}
 _SYNC_DRIVERS = {"asyncpg": "psycopg", "aiosqlite": "pysqlite", "psycopg_async": "psycopg"}
+_LIBPQ_TLS_PARAMETERS = frozenset(
+    {
+        "sslmode",
+        "sslrootcert",
+        "sslcert",
+        "sslkey",
+        "sslpassword",
+        "sslcrl",
+        "sslnegotiation",
+        "ssl_min_protocol_version",
+        "ssl_max_protocol_version",
+    }
+)
 
 
 def async_url(url: str | URL) -> URL:
@@ -72,6 +92,12 @@ def sync_url(url: str | URL) -> URL:
     backend, _, driver = parsed.drivername.partition("+")
     if driver in _SYNC_DRIVERS:
         parsed = parsed.set(drivername=f"{backend}+{_SYNC_DRIVERS[driver]}")
+    if driver == "asyncpg" and "ssl" in parsed.query:
+        # asyncpg's ``ssl=<mode>`` is libpq's ``sslmode`` (same values); libpq rejects ``ssl``.
+        mode = parsed.query["ssl"]
+        parsed = parsed.difference_update_query(["ssl"])
+        if "sslmode" not in parsed.query:
+            parsed = parsed.update_query_dict({"sslmode": mode})
     return parsed
 
 
@@ -105,12 +131,30 @@ def create_engine(url: str | URL, **kwargs: Any) -> AsyncEngine:
         # (InvalidSagaData naming the saga) instead of the whole query.
         options["json_deserializer"] = lenient_json_loads
     options.update(kwargs)
+    if parsed.get_driver_name() == "asyncpg":
+        parsed, dsn = asyncpg_tls_dsn(parsed)
+        if dsn is not None:
+            options["connect_args"] = {"dsn": dsn, **options.get("connect_args", {})}
     engine = create_async_engine(parsed, **options)
     if parsed.get_backend_name() == "sqlite":
         install_sqlite_hooks(engine.sync_engine)
     if psycopg and not options["pool_pre_ping"]:
         install_psycopg_liveness_check(engine.sync_engine)
     return engine
+
+
+def asyncpg_tls_dsn(url: URL) -> tuple[URL, str | None]:
+    """Move libpq's TLS parameters out of an asyncpg ``url`` into a DSN asyncpg reads them from.
+
+    Returns:
+        The URL without them, and a ``postgresql://?...`` DSN carrying them (``None`` when there
+        were none). asyncpg takes host, user and database from its keyword arguments first, so
+        the DSN contributes the TLS settings only.
+    """
+    tls = {key: value for key, value in url.query.items() if key in _LIBPQ_TLS_PARAMETERS}
+    if not tls:
+        return url, None
+    return url.difference_update_query(tls), "postgresql://?" + urlencode(tls, doseq=True)
 
 
 def has_pending_input(fd: int) -> bool:

@@ -103,4 +103,22 @@ def success_for(instance: SagaInstance) -> ReplyMessage:
         },
         in_reply_to=command_id,
         created_at=instance.updated_at,
+        reply_token=instance.steps[instance.current_step].reply_token,  # echoed, as participants do
     )
+
+
+def tokenless(*instances: SagaInstance | None) -> list[SagaInstance | None]:
+    """The instances without their steps' reply tokens (random per command, so two runs of the
+    same inputs differ in them and in nothing else)."""
+    return [
+        None
+        if instance is None
+        else instance.model_copy(
+            update={
+                "steps": tuple(
+                    step.model_copy(update={"reply_token": None}) for step in instance.steps
+                )
+            }
+        )
+        for instance in instances
+    ]

@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     longest = 0.0
     with _cpu_load(args.load, deadline):
         for index in range(1, args.runs + 1):
-            # A run that cannot finish in time is not started: killed, it would read as a failure.
-            if time.monotonic() + longest >= deadline:
+            # A run unlikely to finish in time is not started: killed, it would read as a failure.
+            if time.monotonic() + 1.25 * longest >= deadline:
                 print(f"time limit reached after {done} runs", flush=True)
                 break
             began = time.monotonic()

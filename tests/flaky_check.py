@@ -58,24 +58,28 @@ def _run_once(index: int, pytest_args: list[str], deadline: float, log_dir: Path
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args]
     started = time.monotonic()
     with log.open("w") as out:
+        # A session of its own: stopping the run also stops what its tests started (worker and
+        # participant processes), which a killed pytest never gets to clean up.
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            result = subprocess.run(
-                command,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                timeout=max(1.0, deadline - started),
-                check=False,
-            )
+            returncode = process.wait(timeout=max(1.0, deadline - started))
         except subprocess.TimeoutExpired:
             print(f"run {index}: killed at the time limit ({log})", flush=True)
             return ["<run killed at the time limit>"]
+        finally:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     text = log.read_text(errors="replace")
     failed = _FAILED.findall(text)
     summary = _SUMMARY.findall(text)
-    if result.returncode != 0 and not failed:
-        failed = [f"<pytest exit {result.returncode}>"]
+    if returncode != 0 and not failed:
+        failed = [f"<pytest exit {returncode}>"]
     elapsed = time.monotonic() - started
-    line = summary[-1] if summary else f"exit {result.returncode}"
+    line = summary[-1] if summary else f"exit {returncode}"
     print(f"run {index}: {line} in {elapsed:.0f} s ({log})", flush=True)
     for test in failed:
         print(f"    {test}", flush=True)

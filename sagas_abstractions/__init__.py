@@ -14,6 +14,7 @@ from sagas_abstractions.enums import (
     WaitKind,
 )
 from sagas_abstractions.errors import (
+    BusUnavailable,
     ConcurrencyConflict,
     DefinitionChanged,
     DuplicateMessage,
@@ -32,6 +33,7 @@ from sagas_abstractions.errors import (
     StoreError,
     StoreUnavailable,
     TransportError,
+    Unavailable,
     UnknownSagaType,
 )
 from sagas_abstractions.inputs import (
@@ -76,6 +78,7 @@ from sagas_abstractions.ports import (
 )
 
 __all__ = [
+    "BusUnavailable",
     "Cancel",
     "Clock",
     "CommandMessage",
@@ -137,6 +140,7 @@ __all__ = [
     "Subscription",
     "Timeout",
     "TransportError",
+    "Unavailable",
     "UnknownSagaType",
     "WaitKind",
 ]

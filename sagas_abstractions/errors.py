@@ -14,10 +14,13 @@ alone tells an operator which saga to look at and what to do next::
     ├── InvalidOperation         an operator action that the saga's status does not allow
     ├── ConcurrencyConflict      an optimistic version check failed (reload and reapply)
     ├── DuplicateMessage         the inbox already holds that message id for that consumer
+    ├── Unavailable              a store or broker cannot be reached: the worker's fault, not
+    │                            the message's (buses hold the delivery, uncounted)
     ├── StoreError               the state store failed (adapters translate their driver errors)
-    │   └── StoreUnavailable     it cannot be reached: the worker's fault, not the message's
+    │   └── StoreUnavailable     it cannot be reached (also an Unavailable)
     ├── TransportError           the message bus failed
     │   └── PublishError         a publish was not confirmed (unroutable, nacked, timed out)
+    │       └── BusUnavailable   ... because the connection is down or recovering (an Unavailable)
     ├── MessageDecodeError       a message on the wire does not follow the protocol
     │   ├── InvalidEvent         a bus event does not fit the event model a saga declared
     │   └── MessageTooLarge      a message body is over the size limit (never parsed)
@@ -30,6 +33,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "BusUnavailable",
     "ConcurrencyConflict",
     "DefinitionChanged",
     "DuplicateMessage",
@@ -48,6 +52,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "TransportError",
+    "Unavailable",
     "UnknownSagaType",
 ]
 
@@ -259,13 +264,22 @@ class StoreError(SagaError):
     """The saga store failed; the adapter's driver error is chained as ``__cause__``."""
 
 
-class StoreUnavailable(StoreError):  # noqa: N818 - reads as a state: the store is unavailable
-    """The store cannot be reached: it refuses connections, dropped them, or has none to spare.
+class Unavailable(SagaError):  # noqa: N818 - reads as a state
+    """Something the handler needs (the store, the broker) cannot be reached right now.
 
     The failure is the worker's own, not the message's: a bus whose handler raises it does not
     count the delivery against the message's delivery limit. It holds the message, pauses the
-    subscription's other deliveries and tries again, with backoff, until the store answers
-    (see :meth:`MessageBus.subscribe <sagas_abstractions.MessageBus.subscribe>`).
+    subscription's other deliveries and tries again, with backoff, until the handler gets
+    through (see :meth:`MessageBus.subscribe <sagas_abstractions.MessageBus.subscribe>`).
+    Handing it back instead would spend the message's delivery budget in a tight loop for as
+    long as the outage lasts, and dead-letter a genuine message.
+    """
+
+
+class StoreUnavailable(StoreError, Unavailable):  # noqa: N818 - reads as a state
+    """The store cannot be reached: it refuses connections, dropped them, or has none to spare.
+
+    An :class:`Unavailable`: buses hold the delivery, uncounted, until the store answers.
     """
 
 
@@ -278,6 +292,15 @@ class PublishError(TransportError):
 
     The message may or may not have reached the broker: the outbox publishes it again under the
     same message id, and receivers deduplicate it.
+    """
+
+
+class BusUnavailable(PublishError, Unavailable):  # noqa: N818 - reads as a state
+    """A publish failed because the broker connection or channel is down or recovering.
+
+    Nothing about the message is wrong: an :class:`Unavailable`, so a handler that raises it
+    (a participant whose reply could not go out) has its delivery held, uncounted, and tried
+    again once the bus is back; the receivers deduplicate the reply if it went out after all.
     """
 
 

@@ -1,12 +1,14 @@
-"""Hold a subscription's deliveries while the store its handler needs cannot be reached.
+"""Hold a subscription's deliveries while the store or broker its handler needs is unreachable.
 
-A handler that raises :class:`~sagas_abstractions.StoreUnavailable` failed for a reason of the
-worker's, not of the message's: handing the message back would spend its delivery limit (a
-quorum queue counts every return) and a short outage would dead-letter genuine messages. So a
+A handler that raises :class:`~sagas_abstractions.Unavailable` (the store cannot be reached, or
+its reply could not be published because the broker connection is down or recovering) failed
+for a reason of the worker's, not of the message's: handing the message back would spend its
+delivery limit (a quorum queue counts every return) and a short outage would dead-letter genuine
+messages, in a tight loop when the consuming channel is back before the publishing one. So a
 bus keeps the delivery (unacked: the broker sends no more than the prefetch meanwhile) and
-tries it again once the store answers. One delivery at a time probes the store, with backoff;
-the others wait for it instead of hammering a database that is down, and take their turn
-again once it succeeds. The outage is logged when it starts and when it ends, not per message.
+tries it again once the handler gets through. One delivery at a time probes, with backoff; the
+others wait for it instead of hammering what is down, and take their turn again once it
+succeeds. The outage is logged when it starts and when it ends, not per message.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING
 
-from sagas_abstractions import StoreUnavailable
+from sagas_abstractions import StoreUnavailable, Unavailable
 from sagas_core.retry import ExponentialBackoff
 
 if TYPE_CHECKING:
@@ -37,7 +39,7 @@ class Outage:
 
     Args:
         name: What is consumed, for the log lines.
-        backoff: The wait before each probe of the store while it is down.
+        backoff: The wait before each probe while what the handler needs is down.
 
     Attributes:
         outages: Outages seen so far.
@@ -57,23 +59,23 @@ class Outage:
 
     @property
     def down(self) -> bool:
-        """Whether the store was unavailable at the last try (deliveries are being held)."""
+        """Whether the last try found the store or broker unavailable (deliveries are held)."""
         return not self._up.is_set()
 
     async def handle(self, handler: MessageHandler, envelope: Envelope) -> None:
-        """Run ``handler(envelope)``, held while the store is unavailable (see :meth:`run`)."""
+        """Run ``handler(envelope)``, held while what it needs is unavailable (see :meth:`run`)."""
         if self.down:
             await self.run(partial(handler, envelope))
             return
         try:
             await handler(envelope)
-        except StoreUnavailable as exc:
+        except Unavailable as exc:
             await self.run(partial(handler, envelope), failed=exc)
 
     async def run(
-        self, attempt: Callable[[], Awaitable[None]], *, failed: StoreUnavailable | None = None
+        self, attempt: Callable[[], Awaitable[None]], *, failed: Unavailable | None = None
     ) -> None:
-        """Run ``attempt`` (one delivery's handler) until it does not find the store unavailable.
+        """Run ``attempt`` (one delivery's handler) until it stops raising ``Unavailable``.
 
         Any other exception (the handler's own failure) is raised at once, as is a
         cancellation (the subscription is closing: the delivery goes back to its queue).
@@ -88,7 +90,7 @@ class Outage:
                 await self._up.wait()
             try:
                 await attempt()
-            except StoreUnavailable as exc:
+            except Unavailable as exc:
                 probing = await self._unavailable(exc, probing=probing)
             except asyncio.CancelledError:
                 if probing:
@@ -97,14 +99,14 @@ class Outage:
                 raise
             except BaseException:
                 if probing:
-                    self._recovered(probing=probing)  # the store answered; the handler failed
+                    self._recovered(probing=probing)  # it got through; the handler itself failed
                 raise
             else:
                 if probing or self.down:
                     self._recovered(probing=probing)
                 return
 
-    async def _unavailable(self, exc: StoreUnavailable, *, probing: bool) -> bool:
+    async def _unavailable(self, exc: Unavailable, *, probing: bool) -> bool:
         """Note the failure; wait before probing again (``True``) or wait for the prober."""
         if not self.down:
             self.outages += 1
@@ -112,9 +114,10 @@ class Outage:
             self._since = time.monotonic()
             self._up.clear()
             _log.warning(
-                "%s: the store is unavailable (%s); holding its deliveries, uncounted, and "
+                "%s: the %s is unavailable (%s); holding its deliveries, uncounted, and "
                 "trying again until it answers",
                 self.name,
+                "store" if isinstance(exc, StoreUnavailable) else "broker",
                 exc,
             )
         if not probing:
@@ -124,7 +127,7 @@ class Outage:
             self._probing = True
         self._probes += 1
         delay = self._backoff.delay(self._probes, self.name).total_seconds()
-        _log.debug("%s: store still unavailable, probing again in %.2fs", self.name, delay)
+        _log.debug("%s: still unavailable, probing again in %.2fs", self.name, delay)
         try:
             await asyncio.sleep(delay)
         except asyncio.CancelledError:
@@ -139,7 +142,7 @@ class Outage:
         if self.down:
             self._up.set()
             _log.warning(
-                "%s: the store answers again after %.1fs; %d held deliveries resume",
+                "%s: back after %.1fs; %d held deliveries resume",
                 self.name,
                 time.monotonic() - self._since,
                 self.held,

@@ -16,8 +16,9 @@ consumes again, retrying until it can, as aio-pika does for the consumers it kno
 A handler failure that belongs to the message is treated by what it says: a
 ``MessageDecodeError`` (the message breaks the protocol, and will every time) dead-letters a copy
 at once, with the error in ``x-dead-letter-reason``, and acks the original; any other failure
-hands it back to be counted against the delivery limit. A ``StoreUnavailable`` is the worker's
-failure, not the message's: the delivery is held, uncounted, until the store answers (see
+hands it back to be counted against the delivery limit. An ``Unavailable`` (the store cannot be
+reached, or a reply could not be published while the connection recovers) is the worker's
+failure, not the message's: the delivery is held, uncounted, until the handler gets through (see
 :class:`~sagas_core.outage.Outage`).
 
 Acks of the handlers that finish together (a group commit acks its whole batch) go to the

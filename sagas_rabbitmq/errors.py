@@ -6,11 +6,11 @@ import asyncio
 import ssl
 
 import aiormq.exceptions
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, ChannelInvalidStateError
 
-from sagas_abstractions import Envelope, PublishError, TransportError
+from sagas_abstractions import BusUnavailable, Envelope, PublishError, TransportError
 
-__all__ = ["BROKER_ERRORS", "publish_error", "transport_error"]
+__all__ = ["BROKER_ERRORS", "broker_unavailable", "publish_error", "transport_error"]
 
 BROKER_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_EXCEPTIONS, TimeoutError)
 """What the client raises when the broker or the connection fails."""
@@ -47,9 +47,36 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def broker_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the connection or channel is down or recovering.
+
+    Not that a message is wrong: the publish goes through once the connection is back (a TLS
+    failure does not).
+    """
+    if _tls_failure(exc) is not None:
+        return False
+    if isinstance(exc, aiormq.exceptions.ChannelClosed):
+        # Its subclasses are the broker closing the channel over a command it refused
+        # (404, 403, 406): a topology or permission problem that waiting does not fix.
+        return type(exc) is aiormq.exceptions.ChannelClosed
+    return isinstance(
+        exc,
+        ChannelInvalidStateError
+        | aiormq.exceptions.AMQPConnectionError
+        | ConnectionError
+        | TimeoutError
+        | asyncio.TimeoutError,
+    )
+
+
 def publish_error(envelope: Envelope, exc: BaseException) -> PublishError:
-    """A :class:`PublishError` naming the envelope and what went wrong."""
-    return PublishError(
+    """A :class:`PublishError` naming the envelope and what went wrong.
+
+    A :class:`BusUnavailable` when the connection is down or recovering: a handler that raises
+    it has its delivery held, uncounted, instead of handed back (see ``sagas_core.outage``).
+    """
+    kind = BusUnavailable if broker_unavailable(exc) else PublishError
+    return kind(
         f"message {envelope.message_id!r} to {envelope.route.value}/{envelope.key} was not "
         f"accepted: {_describe(exc)}; publishing it again is safe (receivers dedupe)",
         saga_id=envelope.correlation_id,

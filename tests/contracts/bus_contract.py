@@ -29,12 +29,14 @@ from datetime import UTC, datetime
 import pytest
 
 from sagas_abstractions import (
+    BusUnavailable,
     Envelope,
     MessageBus,
     MessageDecodeError,
     RouteKind,
     StoreUnavailable,
     TransportError,
+    Unavailable,
 )
 
 __all__ = ["MessageBusContract", "Recorder", "make_message", "unique"]
@@ -324,8 +326,18 @@ class MessageBusContract:
         assert dead_letter.body == message.body
         assert dead_letter.headers.items() >= message.headers.items()
 
-    async def test_messages_whose_handler_finds_the_store_unavailable_wait_for_it_uncounted(
-        self, bus: MessageBus
+    @pytest.mark.parametrize(
+        "outage",
+        [
+            StoreUnavailable("the database refuses connections"),
+            # A participant whose reply could not go out: the channel it publishes on is
+            # recovering while the one it consumes on is back already.
+            BusUnavailable("message 'm-1:reply' was not accepted: ChannelInvalidStateError"),
+        ],
+        ids=["store", "broker"],
+    )
+    async def test_messages_whose_handler_finds_the_store_or_broker_unavailable_wait_uncounted(
+        self, bus: MessageBus, outage: Unavailable
     ) -> None:
         key = unique("replies")
         store_down = True
@@ -337,7 +349,7 @@ class MessageBusContract:
         async def needs_the_store(envelope: Envelope) -> None:
             if store_down:
                 refused.append(envelope.message_id)
-                raise StoreUnavailable("the database refuses connections")
+                raise outage
             await handled(envelope)
 
         await bus.subscribe(RouteKind.REPLY, key, needs_the_store, concurrency=3)

@@ -12,6 +12,7 @@ from types import ModuleType
 import pytest
 
 SAGAS_ABSTRACTIONS = [
+    "BusUnavailable",
     "Cancel",
     "Clock",
     "CommandMessage",
@@ -73,6 +74,7 @@ SAGAS_ABSTRACTIONS = [
     "Subscription",
     "Timeout",
     "TransportError",
+    "Unavailable",
     "UnknownSagaType",
     "WaitKind",
 ]

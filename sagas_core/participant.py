@@ -200,6 +200,10 @@ class InMemoryIdempotencyStore:
         self.capacity = capacity
         self._outcomes: OrderedDict[str, CachedOutcome] = OrderedDict()
 
+    def __len__(self) -> int:
+        """Outcomes kept now (at most ``capacity``)."""
+        return len(self._outcomes)
+
     async def get(self, key: str) -> CachedOutcome | None:
         """The outcome recorded for ``key``, if any."""
         outcome = self._outcomes.get(key)
@@ -266,7 +270,7 @@ class Participant:
         self.warn_in_memory = warn_in_memory
         self.telemetry = telemetry or Telemetry.default()
         self.dependencies = dependencies if dependencies is not None else Dependencies()
-        self.idempotency = idempotency or InMemoryIdempotencyStore()
+        self.idempotency = idempotency if idempotency is not None else InMemoryIdempotencyStore()
         self.clock = clock or SystemClock()
         self.retryable_exceptions = retryable_exceptions
         self.handled = 0

@@ -32,7 +32,7 @@ from sagas_core.orchestrator import (
     OrphanReplyPolicy,
     StatusEvents,
 )
-from sagas_core.participant import Participant
+from sagas_core.participant import InMemoryIdempotencyStore, Participant
 from sagas_core.relay import OutboxRelay
 from sagas_core.telemetry import Telemetry, messaging_system
 from sagas_core.testing.bus import InMemoryBus
@@ -113,6 +113,16 @@ def tune_gc(young: int = 10_000) -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(young, middle, old)
+
+
+LOCAL_STEP_OUTCOMES = 10_000
+"""Local-step outcomes a worker remembers to answer a redelivered local command at once.
+
+About 0.5 KB each: a worker that kept the participant default (100,000) grew by that much per
+saga until some 100,000 sagas had run, which a soak reads as a leak. A duplicate comes while
+its step is in flight, within seconds; one that comes after its outcome was forgotten runs the
+step again, which local steps tolerate already (at-least-once, docs/concepts/steps.md).
+"""
 
 
 class SagaRuntime:
@@ -257,6 +267,7 @@ class SagaRuntime:
             participant = Participant(
                 local_destination(definition.name),
                 dependencies=self.dependencies,
+                idempotency=InMemoryIdempotencyStore(capacity=LOCAL_STEP_OUTCOMES),
                 clock=self.clock,
                 telemetry=self.telemetry,
                 warn_in_memory=False,

@@ -37,8 +37,11 @@ from sagas_core import (
     SagasSettings,
     fixed,
 )
+from sagas_core import runtime as runtime_module
+from sagas_core.builder import local_destination
 from sagas_core.codec import HEADER_KIND, HEADER_REASON, decode_command, encode_reply
 from sagas_core.definition import SagaDefinition
+from sagas_core.participant import InMemoryIdempotencyStore
 from sagas_core.runtime import tune_gc
 from sagas_core.testing import InMemoryBus, InMemorySagaStore
 from sagas_core.worker import run_worker
@@ -296,6 +299,36 @@ async def test_a_participant_slower_than_the_step_timeout_is_retried_then_compen
     # The release waited for the execution in flight, and the retry reused its outcome.
     assert order == ["reserve attempt 1", "release"]
     assert done.steps[0].status.value == "compensated"
+
+
+async def test_a_worker_remembers_a_bounded_number_of_local_step_outcomes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The local step's outcome cache once kept 100,000 outcomes: a worker grew by about 0.5 KB
+    # per saga until then. Duplicates (every command delivered twice here) are still answered
+    # from it while the step is in flight.
+    monkeypatch.setattr(runtime_module, "LOCAL_STEP_OUTCOMES", 3)
+    runs: Counter[str] = Counter()
+
+    async def price(order: OrderData) -> dict[str, str]:
+        runs[order.order_id] += 1
+        return {"total": str(Decimal("9.95") * order.qty)}
+
+    saga = SagaBuilder("priced", data=OrderData).step("price").run(price).build()
+    bus = InMemoryBus(duplicate_deliveries=True)
+    async with running(sagas=[saga], bus=bus) as runtime:
+        started = [
+            await runtime.start_saga(saga, data(f"o-{n}"), saga_id=f"saga-{n}") for n in range(8)
+        ]
+        finished = [await runtime.wait_for(s.saga_id, timeout=WAIT) for s in started]
+        await bus.wait_idle(timeout=WAIT)
+        [local] = [p for p in runtime.participants if p.destination == local_destination("priced")]
+        kept = local.idempotency
+
+    assert {s.status for s in finished} == {SagaStatus.COMPLETED}
+    assert runs == Counter({f"o-{n}": 1 for n in range(8)})
+    assert isinstance(kept, InMemoryIdempotencyStore)
+    assert len(kept) == 3
 
 
 # ---------------------------------------------------------------------- delivery faults

@@ -23,13 +23,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/memory.py` as well as `python -m bench.memory`
     sys.path.insert(0, str(ROOT))
 
-from samples.order_processing.messages import OrderData  # noqa: E402
 from tests.conftest import LOCAL_AMQP_URL, LOCAL_POSTGRES_URL  # noqa: E402
+
+if TYPE_CHECKING:
+    from samples.order_processing.messages import OrderData
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -72,7 +72,7 @@ if TYPE_CHECKING:
     from sagas_core.definition import ActionSpec, SagaDefinition, StepDefinition
 
 __all__ = [
-    "CANCELLED_CODE",
+    "CANCELLED_BY_EVENT_CODE",
     "DATA_TOO_LARGE_CODE",
     "INVALID_PAYLOAD_CODE",
     "INVALID_REPLY_CODE",
@@ -98,7 +98,7 @@ INVALID_TIMEOUT_CODE = "invalid_timeout"
 """Error code recorded when a command could not be built from the saga data."""
 OPERATOR_CODE = "operator_compensate"
 """Error code recorded when an operator compensates a running saga."""
-CANCELLED_CODE = "cancelled_by_event"
+CANCELLED_BY_EVENT_CODE = "cancelled_by_event"
 """Error code of a saga a bus event (``cancel_on``) sent into compensation."""
 DATA_TOO_LARGE_CODE = "saga_data_too_large"
 """Error code recorded when a successful reply would grow the saga past its data size limit."""
@@ -758,7 +758,7 @@ class _Transition:
         if self.status is not SagaStatus.RUNNING:
             return _ignored(self.before, event, f"saga is {self.status.value}")
         self.error = ErrorInfo(
-            code=CANCELLED_CODE,
+            code=CANCELLED_BY_EVENT_CODE,
             message=f"cancelled by {event.event}" + (f": {event.reason}" if event.reason else ""),
         )
         self.reason = self.error.message
@@ -818,7 +818,7 @@ class _Transition:
         if spec.kind is ActionKind.WAIT:
             message = f"{spec.command_type} did not arrive {within}"
         error = ErrorInfo(code=TIMEOUT_CODE, message=message, retryable=True)
-        if self.kind is StepKind.EXECUTE:
+        if self.kind is _EXECUTE:
             self.update_step(index, status=StepStatus.TIMED_OUT, error=error)
         else:
             self.update_step(index, error=error)
@@ -833,9 +833,9 @@ class _Transition:
         # participant may reply ``failed`` with code "timeout" (a downstream call timed out),
         # and that reply still means nothing was applied, so the step must not be compensated.
         timed_out = isinstance(self.event, Timeout)
-        if self.kind is StepKind.EXECUTE and not timed_out:
+        if self.kind is _EXECUTE and not timed_out:
             self.update_step(index, status=StepStatus.FAILED, error=error)
-        elif self.kind is StepKind.COMPENSATE:
+        elif self.kind is _COMPENSATE:
             self.update_step(index, error=error)
         if spec.retry.is_retryable(error) and used < spec.retry.attempts:
             delay = spec.retry.backoff.delay(used, f"{self.before.saga_id}:{step_name}")
@@ -844,7 +844,7 @@ class _Transition:
             self.emit(EventKind.STEP_RETRY_SCHEDULED, step=step_name, error=error)
             return self.finish()
         self.emit(EventKind.STEP_FAILED, step=step_name, error=error)
-        if self.kind is StepKind.EXECUTE:
+        if self.kind is _EXECUTE:
             if timed_out:
                 self.update_step(index, finished_at=self.at)
             else:
@@ -881,7 +881,7 @@ class _Transition:
         # good news: take it and carry on compensating instead of waiting for a human.
         if (
             isinstance(event, StepSucceeded)
-            and event.kind is StepKind.COMPENSATE
+            and event.kind is _COMPENSATE
             and index == self.current
             and event.attempt == self.attempt
             and self.last_attempt_timed_out(index)
@@ -918,7 +918,7 @@ class _Transition:
             self.emit(EventKind.OPERATOR_ACTION, detail=f"retry compensation by {event.actor}")
             if self.steps[self.current].status in _COMPENSATION_STARTED:
                 self.update_step(self.current, status=StepStatus.COMPENSATING, finished_at=None)
-                self.send(self.current, StepKind.COMPENSATE, new_round=True)
+                self.send(self.current, _COMPENSATE, new_round=True)
             else:
                 # Parked while going forward (its state could not be decided then): compensate
                 # from the current step down, skipping what has nothing to undo.
@@ -1023,7 +1023,7 @@ class _Transition:
         self.reason = error.message
         self.wait = None
         self.deadline_at = None
-        if kind is StepKind.EXECUTE:
+        if kind is _EXECUTE:
             # Nothing was sent, so nothing can have been applied.
             self.update_step(index, status=StepStatus.FAILED, error=error, finished_at=self.at)
             self.emit(EventKind.STEP_FAILED, step=step_def.name, error=error)
@@ -1036,7 +1036,7 @@ class _Transition:
     def wait_for_event(self, index: int, attempt: int) -> None:
         """Begin a step that waits for a bus event (no command); complete it if it came early."""
         state = self.steps[index]
-        spec = self.spec(index, StepKind.EXECUTE)
+        spec = self.spec(index, _EXECUTE)
         self.attempt = attempt
         self.update_step(
             index,
@@ -1114,7 +1114,7 @@ class _Transition:
                 self.update_step(index, status=StepStatus.SKIPPED)
                 continue
             self.current = index
-            self.send(index, StepKind.COMPENSATE, new_round=True)
+            self.send(index, _COMPENSATE, new_round=True)
             return
         self.status = SagaStatus.COMPENSATED
         self.wait = None
@@ -1124,7 +1124,7 @@ class _Transition:
     def park(self, index: int, error: ErrorInfo) -> None:
         """Compensation ran out of attempts: park the saga and dead-letter the command."""
         step_def = self.definition.steps[index]
-        spec = self.spec(index, StepKind.COMPENSATE)
+        spec = self.spec(index, _COMPENSATE)
         self.update_step(
             index, status=StepStatus.COMPENSATION_FAILED, error=error, finished_at=self.at
         )
@@ -1135,7 +1135,7 @@ class _Transition:
             payload = spec.build_payload(self.parsed_data())
         except Exception:  # noqa: BLE001 - the dead letter still names what could not be built
             payload = {}
-        command = self.command(step_def, spec, StepKind.COMPENSATE, self.attempt, payload)
+        command = self.command(step_def, spec, _COMPENSATE, self.attempt, payload)
         self.dead_letters.append(
             DeadLetterMessage(
                 message_id=f"{command.message_id}:dead",

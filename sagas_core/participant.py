@@ -77,7 +77,7 @@ if TYPE_CHECKING:
     from sagas_abstractions import Clock, MessageBus, Subscription
 
 __all__ = [
-    "CANCELLED_CODE",
+    "ALREADY_COMPENSATED_CODE",
     "INVALID_COMMAND_CODE",
     "UNKNOWN_COMMAND_CODE",
     "CachedOutcome",
@@ -99,7 +99,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 INVALID_COMMAND_CODE = "invalid_command"
 UNKNOWN_COMMAND_CODE = "unknown_command"
-CANCELLED_CODE = "cancelled"
+ALREADY_COMPENSATED_CODE = "cancelled"
+"""Error code of a late execute command whose step was compensated already (it does not run)."""
 HANDLER_ERROR_CODE = "handler_error"
 
 
@@ -529,7 +530,7 @@ class Participant:
                     ReplyStatus.FAILED,
                     {},
                     ErrorInfo(
-                        code=CANCELLED_CODE,
+                        code=ALREADY_COMPENSATED_CODE,
                         message="the step was compensated before this command arrived",
                     ),
                 )

@@ -25,7 +25,7 @@ from sagas_abstractions import (
 )
 from sagas_core import Orchestrator, SagaBuilder, StepBuilder, event_envelope
 from sagas_core.codec import HEADER_REASON
-from sagas_core.engine import CANCELLED_CODE, decide
+from sagas_core.engine import CANCELLED_BY_EVENT_CODE, decide
 from sagas_core.events import EventRoutes, event_inbox_id
 from sagas_core.testing import FakeClock, InMemorySagaStore, SagaTestHarness
 
@@ -370,7 +370,7 @@ async def test_a_cancelling_event_compensates_a_running_saga() -> None:
     saga = await harness.saga("c1:1")
     assert saga.status is SagaStatus.COMPENSATED
     assert saga.error is not None
-    assert saga.error.code == CANCELLED_CODE
+    assert saga.error.code == CANCELLED_BY_EVENT_CODE
     assert "ItemRemoved" in saga.error.message
     assert harness.commands("c1:1", kind=StepKind.COMPENSATE) == ["ReleaseStock"]
     history = await harness.store.history("c1:1")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
@@ -38,6 +38,7 @@ from sagas_abstractions import (
     TransportError,
     Unavailable,
 )
+from tests.waiting import eventually
 
 __all__ = ["MessageBusContract", "Recorder", "make_message", "unique"]
 
@@ -91,15 +92,8 @@ class Recorder:
 
     async def wait_for(self, count: int, timeout: float = WAIT_SECONDS) -> list[Envelope]:
         """Wait until at least ``count`` messages arrived."""
-        await wait_until(lambda: len(self.received) >= count, timeout)
+        await eventually(lambda: len(self.received) >= count, timeout=timeout)
         return self.received
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = WAIT_SECONDS) -> None:
-    """Poll ``condition`` until it holds; ``TimeoutError`` after ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.005)
 
 
 class MessageBusContract:
@@ -199,7 +193,7 @@ class MessageBusContract:
 
         await bus.publish(messages)
 
-        await wait_until(lambda: len(first.received) + len(second.received) >= len(messages))
+        await eventually(lambda: len(first.received) + len(second.received) >= len(messages))
         await self.settle()
         handled = first.ids + second.ids
         assert sorted(handled) == sorted(message.message_id for message in messages)
@@ -227,7 +221,7 @@ class MessageBusContract:
         await bus.publish(list(events.values()))
 
         ours = {event.message_id for event in events.values()}
-        await wait_until(lambda: ours <= set(everything.ids))
+        await eventually(lambda: ours <= set(everything.ids))
         await orders.wait_for(2)
         await started.wait_for(1)
         await self.settle()
@@ -294,7 +288,7 @@ class MessageBusContract:
 
         await bus.publish([message])
 
-        await wait_until(lambda: message.message_id in dead.ids)
+        await eventually(lambda: message.message_id in dead.ids)
         await self.settle()
         assert len(attempts) >= 2
         [dead_letter] = [d for d in dead.received if d.message_id == message.message_id]
@@ -318,7 +312,7 @@ class MessageBusContract:
 
         await bus.publish([message])
 
-        await wait_until(lambda: message.message_id in dead.ids)
+        await eventually(lambda: message.message_id in dead.ids)
         await self.settle()
         assert attempts == [message.message_id]
         [dead_letter] = [d for d in dead.received if d.message_id == message.message_id]
@@ -357,7 +351,7 @@ class MessageBusContract:
 
         await bus.publish(messages)
         # One message refused more often than a delivery limit of 3 allows, then the store is back.
-        await wait_until(lambda: max(Counter(refused).values(), default=0) > 3)
+        await eventually(lambda: max(Counter(refused).values(), default=0) > 3)
         store_down = False
 
         await handled.wait_for(len(messages))
@@ -374,7 +368,7 @@ class MessageBusContract:
 
         await bus.publish([parked])
 
-        await wait_until(lambda: parked.message_id in dead.ids)
+        await eventually(lambda: parked.message_id in dead.ids)
 
     # ------------------------------------------------------------------ concurrency
 

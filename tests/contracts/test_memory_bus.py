@@ -9,7 +9,8 @@ import pytest
 
 from sagas_abstractions import Envelope, MessageBus, PublishError, RouteKind
 from sagas_core.testing import InMemoryBus, topic_matches
-from tests.contracts.bus_contract import MessageBusContract, Recorder, make_message, wait_until
+from tests.contracts.bus_contract import MessageBusContract, Recorder, make_message
+from tests.waiting import eventually
 
 MAX_DELIVERIES = 3
 
@@ -44,7 +45,7 @@ async def test_a_failing_message_is_delivered_exactly_max_deliveries_times_then_
 
     await memory_bus.publish([message])
 
-    await wait_until(lambda: bool(memory_bus.dead_letters()))
+    await eventually(lambda: bool(memory_bus.dead_letters()))
     assert attempts == MAX_DELIVERIES
     [dead] = memory_bus.dead_letters()
     assert dead.message_id == message.message_id

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -162,12 +162,6 @@ async def running(**kwargs: Any) -> AsyncIterator[SagaRuntime]:
             await runtime.stop(grace=WAIT)
 
 
-async def wait_until(condition: Callable[[], Any]) -> None:
-    async with asyncio.timeout(WAIT):
-        while not await condition():
-            await asyncio.sleep(0.01)
-
-
 # ---------------------------------------------------------------------- outcomes
 
 
@@ -283,7 +277,7 @@ async def test_a_participant_slower_than_the_step_timeout_is_retried_then_compen
             saga = await runtime.orchestrator.get(saga_id)
             return saga.status is SagaStatus.COMPENSATING
 
-        await wait_until(compensating)
+        await eventually(compensating)
         gate.set()
         done = await runtime.wait_for(saga_id, timeout=WAIT)
         history = await runtime.orchestrator.history(saga_id)
@@ -409,7 +403,7 @@ async def test_a_reply_for_an_unknown_saga_is_dead_lettered_under_that_policy() 
         async def parked() -> bool:
             return bool(bus.dead_letters())
 
-        await wait_until(parked)
+        await eventually(parked)
 
     [dead] = bus.dead_letters()
     assert dead.message_id == orphan.message_id

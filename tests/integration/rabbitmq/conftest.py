@@ -16,6 +16,8 @@ from sagas_rabbitmq.testing import (
     sweep,
     unique_prefix,
 )
+from sagas_sqlalchemy import SqlSagaStore
+from tests.integration.rabbitmq.hardening import store_of_this_test
 
 DELIVERY_LIMIT = 2
 """Redeliveries before dead-lettering in these tests: three deliveries in all."""
@@ -83,3 +85,10 @@ def needs_rabbitmqctl() -> None:
     """Skip when rabbitmqctl is not on PATH (a remote broker, say)."""
     if not rabbitmqctl_available():
         pytest.skip("rabbitmqctl is not on PATH")
+
+
+@pytest.fixture
+async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
+    """A PostgreSQL saga store on tables of this test's own, dropped after it."""
+    async with store_of_this_test(postgres_url) as store:
+        yield store

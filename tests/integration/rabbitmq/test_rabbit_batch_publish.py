@@ -18,7 +18,8 @@ import pytest
 from sagas_abstractions import Envelope, PublishError, RouteKind
 from sagas_rabbitmq import RabbitBus
 from sagas_rabbitmq import bus as bus_module
-from tests.integration.rabbitmq.test_rabbit_bus import envelope, until
+from tests.integration.rabbitmq.test_rabbit_bus import envelope
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -62,7 +63,7 @@ async def test_the_installed_aiormq_takes_the_batch_path_not_basic_publish(
     await bus.publish(batch)
 
     assert bus.batch_publishing
-    await until(lambda: len(received) == 3)
+    await eventually(lambda: len(received) == 3)
     assert [m.message_id for m in received] == [m.message_id for m in batch]
 
 
@@ -76,7 +77,7 @@ async def test_without_the_aiormq_internals_it_publishes_one_message_at_a_time(
     await bus.publish(batch)
 
     assert not bus_module._supports_batch_publish(object())
-    await until(lambda: len(received) == 3)
+    await eventually(lambda: len(received) == 3)
     assert sorted(m.message_id for m in received) == sorted(m.message_id for m in batch)
 
 
@@ -103,11 +104,11 @@ async def test_unroutable_messages_in_a_batch_are_named_and_the_others_arrive(
 
     assert lost[0].message_id in str(raised.value)
     assert raised.value.__notes__ == ["1 more of the 5 envelopes failed"]
-    await until(lambda: len(received) == 3)
+    await eventually(lambda: len(received) == 3)
     assert [m.message_id for m in received] == [m.message_id for m in good]
     # The channel is still usable and its bookkeeping is clean.
     await bus.publish(_commands(2))
-    await until(lambda: len(received) == 5)
+    await eventually(lambda: len(received) == 5)
     underlay = await _underlay(bus)
     assert underlay.message_id_delivery_tag == {}
 
@@ -161,7 +162,7 @@ async def test_losing_the_channel_mid_batch_raises_and_a_retry_delivers_everythi
     received = await _collect(consumer_bus, "inventory")
     bus = await connect()
     await bus.publish(_commands(1, "inventory"))  # declares the queue and warms the channel
-    await until(lambda: len(received) == 1)
+    await eventually(lambda: len(received) == 1)
     batch = _commands(200)
 
     error = await _publish_losing_the_channel_after_the_write(bus, batch, monkeypatch, lose)
@@ -175,7 +176,7 @@ async def test_losing_the_channel_mid_batch_raises_and_a_retry_delivers_everythi
             except PublishError:
                 await asyncio.sleep(0.1)
     wanted = {m.message_id for m in batch}
-    await until(lambda: wanted <= {m.message_id for m in received}, timeout=10)
+    await eventually(lambda: wanted <= {m.message_id for m in received}, timeout=10)
 
 
 async def test_confirms_that_do_not_come_in_time_raise_publish_error(
@@ -216,7 +217,7 @@ async def test_a_body_larger_than_a_frame_is_split_and_arrives_whole(bus: Rabbit
 
     await bus.publish(batch)
 
-    await until(lambda: len(received) == 4)
+    await eventually(lambda: len(received) == 4)
     assert [m.message_id for m in received] == [m.message_id for m in batch]
     assert [m.body for m in received] == [m.body for m in batch]
 
@@ -226,7 +227,7 @@ async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_fail
 ) -> None:
     received = await _collect(bus, "inventory")
     await bus.publish(_commands(1))  # declares the queue, so the publishers below start together
-    await until(lambda: len(received) == 1)
+    await eventually(lambda: len(received) == 1)
     writes: list[int] = []
     original = bus_module._write_batch
 
@@ -252,7 +253,7 @@ async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_fail
     assert results[10] is failures[0]
     assert sum(writes) == 21
     assert len(writes) < 21
-    await until(lambda: len(received) == 21)
+    await eventually(lambda: len(received) == 21)
     assert {m.message_id for m in received[1:]} == {m.message_id for m in good}
 
 

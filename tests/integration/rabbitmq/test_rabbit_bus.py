@@ -13,6 +13,7 @@ import pytest
 from sagas_abstractions import Envelope, PublishError, RouteKind, TransportError
 from sagas_rabbitmq import DEAD_LETTER_REASON_HEADER, RabbitBus
 from sagas_rabbitmq.testing import list_consumers, list_queues
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -40,12 +41,6 @@ def envelope(route: RouteKind, key: str, **changes: object) -> Envelope:
         timestamp=datetime(2030, 1, 1, 12, 0, tzinfo=UTC),
     )
     return message.model_copy(update=changes)
-
-
-async def until(condition: Callable[[], bool], timeout: float = WAIT) -> None:
-    async with asyncio.timeout(timeout):
-        while not condition():
-            await asyncio.sleep(0.01)
 
 
 # ---------------------------------------------------------------------- publishing
@@ -78,7 +73,7 @@ async def test_a_batch_with_one_unroutable_message_fails_and_the_routable_ones_a
     with pytest.raises(PublishError):
         await bus.publish([good[0], lost, *good[1:]])
 
-    await until(lambda: len(received) == 3)
+    await eventually(lambda: len(received) == 3)
     assert received == [message.message_id for message in good]
 
 
@@ -99,7 +94,7 @@ async def test_a_command_published_before_its_participant_exists_is_kept(
 
     await participant_bus.subscribe(RouteKind.COMMAND, "late-participant", record)
 
-    await until(lambda: len(received) == 1)
+    await eventually(lambda: len(received) == 1)
     assert received[0].message_id == command.message_id
 
 
@@ -214,7 +209,7 @@ async def test_a_message_whose_handler_keeps_failing_is_dead_lettered_after_the_
 
     await bus.publish([command])
 
-    await until(lambda: len(dead) == 1)
+    await eventually(lambda: len(dead) == 1)
     await asyncio.sleep(0.2)
     assert deliveries == [command.message_id] * (DELIVERY_LIMIT + 1)
     [parked] = dead
@@ -247,7 +242,7 @@ async def test_prefetch_and_concurrency_bound_the_messages_a_subscription_holds(
 
     subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", slow, concurrency=2)
     await bus.publish([envelope(RouteKind.COMMAND, "inventory") for _ in range(6)])
-    await until(lambda: active == 2)
+    await eventually(lambda: active == 2)
     await asyncio.sleep(0.3)
 
     ready = await _ready_messages(amqp_url, bus.topology.command_queue("inventory"))
@@ -255,7 +250,7 @@ async def test_prefetch_and_concurrency_bound_the_messages_a_subscription_holds(
     assert ready == 4  # the broker holds back what the prefetch does not allow
 
     release.set()
-    await until(lambda: done == 6)
+    await eventually(lambda: done == 6)
     assert peak == 2
 
 
@@ -330,7 +325,7 @@ async def test_an_event_subscription_opened_again_consumes_the_queue_it_had(bus:
     again = await bus.subscribe(RouteKind.EVENT, "order.completed", record)
 
     assert again.queue_name == first.queue_name
-    await until(lambda: len(received) == 1)
+    await eventually(lambda: len(received) == 1)
     assert received[0].message_id == meanwhile.message_id
 
 

@@ -14,7 +14,8 @@ import pytest
 from sagas_abstractions import Envelope, PublishError, RouteKind
 from sagas_rabbitmq import RabbitBus, RabbitSubscription
 from sagas_rabbitmq import consumer as consumer_module
-from tests.integration.rabbitmq.test_rabbit_bus import WAIT, _ready_messages, envelope, until
+from tests.integration.rabbitmq.test_rabbit_bus import WAIT, _ready_messages, envelope
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -42,7 +43,7 @@ async def test_the_acks_of_a_burst_go_out_together_and_every_message_is_acked(
 
     subscription = await bus.subscribe(RouteKind.COMMAND, "inventory", record, concurrency=16)
 
-    await until(lambda: subscription.handled == 40)
+    await eventually(lambda: subscription.handled == 40)
     await bus.close()
     assert sorted(handled) == sorted(m.message_id for m in batch)
     assert sum(writes) == 40
@@ -66,9 +67,9 @@ async def test_an_ack_on_a_channel_that_closed_is_dropped_and_the_message_redeli
 
     await bus.publish([command])
 
-    await until(lambda: len(seen) == 2)
+    await eventually(lambda: len(seen) == 2)
     assert seen == [command.message_id, command.message_id]
-    await until(lambda: subscription.handled == 1)
+    await eventually(lambda: subscription.handled == 1)
     await bus.close()
     assert await _ready_messages(amqp_url, subscription.queue_name) == 0
 
@@ -90,7 +91,7 @@ async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: Rabb
     assert subscription._consumer_tag == tag
     command = envelope(RouteKind.COMMAND, "inventory")
     await bus.publish([command])
-    await until(lambda: received == [command.message_id])
+    await eventually(lambda: received == [command.message_id])
 
 
 async def test_a_consumer_the_broker_cancels_comes_back_when_its_queue_is_deleted(
@@ -111,7 +112,7 @@ async def test_a_consumer_the_broker_cancels_comes_back_when_its_queue_is_delete
     for _ in range(2):  # the first may be returned: the bus thinks the queue is still there
         with contextlib.suppress(PublishError):
             await bus.publish([command])
-    await until(lambda: command.message_id in received)
+    await eventually(lambda: command.message_id in received)
 
 
 async def _recording(bus: RabbitBus) -> tuple[RabbitSubscription, list[str]]:
@@ -140,7 +141,7 @@ async def test_without_the_aiormq_internals_each_message_is_acked_on_its_own(
 
     await bus.publish(batch)
 
-    await until(lambda: subscription.handled == 5)
+    await eventually(lambda: subscription.handled == 5)
     await bus.close()
     assert sorted(received) == sorted(m.message_id for m in batch)
     assert not consumer_module._supports_ack_writer(object())

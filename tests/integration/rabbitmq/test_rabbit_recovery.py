@@ -29,6 +29,7 @@ from tests.integration.rabbitmq.rabbit_travel import (
     participants,
     trip_saga,
 )
+from tests.waiting import eventually
 
 pytestmark = [
     pytest.mark.integration,
@@ -38,12 +39,6 @@ pytestmark = [
 
 BusFactory = Callable[..., Awaitable[RabbitBus]]
 TRIPS = 30
-
-
-async def until(condition: Callable[[], Awaitable[bool]], timeout: float) -> None:
-    async with asyncio.timeout(timeout):
-        while not await condition():
-            await asyncio.sleep(0.1)
 
 
 async def _run_with_fault(
@@ -83,8 +78,8 @@ async def _run_with_fault(
         assert ledger.applied_twice() == []
 
         # The consumers are back: every queue we consume has its consumer again.
-        await until(orchestrator_bus.is_ready, timeout=10)
-        await until(participant_bus.is_ready, timeout=10)
+        await eventually(orchestrator_bus.is_ready, timeout=10)
+        await eventually(participant_bus.is_ready, timeout=10)
         consumers = await asyncio.to_thread(list_consumers, f"{prefix}.")
         reply_to = runtime.orchestrator.reply_to
         expected = {

@@ -18,7 +18,8 @@ import pytest
 from sagas_abstractions import Envelope, RouteKind
 from sagas_rabbitmq import RabbitBus, RabbitSettings
 from sagas_rabbitmq.testing import rabbitmqctl
-from tests.integration.rabbitmq.test_rabbit_bus import envelope, until
+from tests.integration.rabbitmq.test_rabbit_bus import envelope
+from tests.waiting import eventually
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -60,7 +61,7 @@ async def test_a_command_asks_for_its_reply_at_the_process_that_published_it(
     sent = envelope(RouteKind.COMMAND, "inventory")
     await worker.publish([sent])
 
-    await until(lambda: len(replies) == 1)
+    await eventually(lambda: len(replies) == 1)
     assert commands[0].reply_to == f"{GROUP}@{worker.instance}"
     assert sent.reply_to == GROUP  # the envelope (and so the outbox row) keeps the group's
     assert replies[0].key == GROUP  # handled as a reply to the address asked for
@@ -76,7 +77,7 @@ async def test_replies_go_back_to_the_worker_that_sent_the_command(connect: BusF
     from_second = [envelope(RouteKind.COMMAND, "inventory") for _ in range(20)]
     await asyncio.gather(first.publish(from_first), second.publish(from_second))
 
-    await until(lambda: len(to_first) + len(to_second) == 40)
+    await eventually(lambda: len(to_first) + len(to_second) == 40)
     assert sorted(str(r.correlation_id) for r in to_first) == sorted(
         m.message_id for m in from_first
     )
@@ -99,7 +100,7 @@ async def test_replies_for_a_worker_that_stopped_move_to_the_group_after_the_ttl
     await gone.close()  # the worker dies with its commands in flight
     await _responder(participant)  # the participant answers them after that
 
-    await until(lambda: len(survivor_replies) == 10, timeout=15)
+    await eventually(lambda: len(survivor_replies) == 10, timeout=15)
     assert gone_replies == []
     assert sorted(str(r.correlation_id) for r in survivor_replies) == sorted(
         m.message_id for m in commands
@@ -113,7 +114,7 @@ async def test_without_affinity_commands_keep_the_group_address(connect: BusFact
 
     await worker.publish([envelope(RouteKind.COMMAND, "inventory")])
 
-    await until(lambda: len(replies) == 1)
+    await eventually(lambda: len(replies) == 1)
     assert commands[0].reply_to == GROUP
     assert not any(".own." in name for name in worker.declared_queues)
 
@@ -125,7 +126,7 @@ async def test_a_command_for_another_reply_address_is_left_alone(connect: BusFac
 
     await worker.publish([envelope(RouteKind.COMMAND, "inventory", reply_to="billing.replies")])
 
-    await until(lambda: len(commands) == 1)
+    await eventually(lambda: len(commands) == 1)
     assert commands[0].reply_to == "billing.replies"
 
 
@@ -166,7 +167,7 @@ async def test_a_restarted_worker_with_an_instance_id_takes_up_its_own_reply_que
 
     second = await connect(instance_id=instance_id)
     replies = await _replies(second)
-    await until(lambda: len(replies) == 1)  # from its own queue, or the group's after the TTL
+    await eventually(lambda: len(replies) == 1)  # from its own queue, or the group's after the TTL
 
     assert replies[0].message_id == waiting.message_id
     own = _own_reply_queues(prefix)
@@ -189,5 +190,7 @@ async def test_two_live_workers_with_one_instance_id_share_the_queue_and_warn(
     sent = [envelope(RouteKind.COMMAND, "inventory") for _ in range(10)]
     await first.publish(sent)
 
-    await until(lambda: len(to_first) + len(to_second) == 10)  # nothing lost, either takes them
+    await eventually(
+        lambda: len(to_first) + len(to_second) == 10
+    )  # nothing lost, either takes them
     assert "instance_id 'worker-0' is not unique" in caplog.text

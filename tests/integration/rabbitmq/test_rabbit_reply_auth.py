@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -31,7 +31,6 @@ from tests.integration.rabbitmq.hardening import (
     Reserve,
     inventory,
     publish_reply,
-    store_of_this_test,
 )
 from tests.waiting import eventually, saga_reaches
 
@@ -57,12 +56,6 @@ order_saga = (
     .send(CreateShipment, to="shipping")
     .build()
 )
-
-
-@pytest.fixture
-async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
-    async with store_of_this_test(postgres_url) as store:
-        yield store
 
 
 def shipping(shipped: list[str]) -> Participant:

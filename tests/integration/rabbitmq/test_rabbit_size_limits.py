@@ -7,8 +7,6 @@ saga compensates.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 from pydantic import BaseModel
 
@@ -23,7 +21,6 @@ from tests.integration.rabbitmq.hardening import (
     Reserve,
     inventory,
     publish_reply,
-    store_of_this_test,
 )
 from tests.waiting import eventually, saga_reaches
 
@@ -52,12 +49,6 @@ order_saga = (
     .send(PrintLabel, to="labels")
     .build()
 )
-
-
-@pytest.fixture
-async def store(postgres_url: str) -> AsyncIterator[SqlSagaStore]:
-    async with store_of_this_test(postgres_url) as store:
-        yield store
 
 
 def labels() -> Participant:

@@ -28,8 +28,8 @@ _set_dict = _SLOTS["__dict__"].__set__
 _set_fields_set = _SLOTS["__pydantic_fields_set__"].__set__
 _set_extra = _SLOTS["__pydantic_extra__"].__set__
 _set_private = _SLOTS["__pydantic_private__"].__set__
-# ``object.__new__`` itself: ``cls.__new__`` goes through the model metaclass's __getattr__ hook
-# (70 ns more). Only for classes whose __new__ it is (checked once per class).
+# ``object.__new__`` itself: ``cls.__new__`` goes through the model metaclass's __getattr__
+# hook. Only for classes whose __new__ it is (checked once per class).
 _new = object.__new__
 
 

@@ -89,7 +89,8 @@ _KIND_TEXT = {kind: kind.value for kind in StepKind}
 _EVENT_KIND_TEXT = {kind: kind.value for kind in EventKind}
 _REPLY_STATUSES = {status.value: status for status in ReplyStatus}
 # Members as module constants for the per-message encoders: on Python 3.11 looking a member up
-# on its class (``RouteKind.COMMAND``) takes EnumType.__getattr__'s slow path, ~90 ns a time.
+# on its class (``RouteKind.COMMAND``) takes EnumType.__getattr__'s slow path (figures:
+# docs/performance.md, "Figures behind the code").
 _COMMAND_ROUTE = RouteKind.COMMAND
 _REPLY_ROUTE = RouteKind.REPLY
 _EVENT_ROUTE = RouteKind.EVENT

@@ -104,8 +104,8 @@ def tune_gc(young: int = 10_000) -> None:
     made since; and the youngest generation is collected every ``young`` allocations net
     instead of every 700, so a message's short-lived objects are mostly freed by reference
     counting before a collection walks them. It changes when cycles are collected, not
-    whether: memory held by cyclic garbage grows by at most ``young`` objects. Measured on
-    ``bench/inmemory_overhead.py`` (docs/performance.md): 10-15% less time per step.
+    whether: memory held by cyclic garbage grows by at most ``young`` objects. What it saves
+    per step: docs/performance.md, "Figures behind the code".
     """
     if young < 1:
         raise ValueError(f"young must be >= 1, got {young}")
@@ -118,10 +118,10 @@ def tune_gc(young: int = 10_000) -> None:
 LOCAL_STEP_OUTCOMES = 10_000
 """Local-step outcomes a worker remembers to answer a redelivered local command at once.
 
-About 0.5 KB each: a worker that kept the participant default (100,000) grew by that much per
-saga until some 100,000 sagas had run, which a soak reads as a leak. A duplicate comes while
-its step is in flight, within seconds; one that comes after its outcome was forgotten runs the
-step again, which local steps tolerate already (at-least-once, docs/concepts/steps.md).
+Bounded well below the participant default so that a worker's memory stays flat however many
+sagas it runs (docs/performance.md, "Memory soak"). A duplicate comes while its step is in
+flight, within seconds; one that comes after its outcome was forgotten runs the step again,
+which local steps tolerate already (at-least-once, docs/concepts/steps.md).
 """
 
 

@@ -160,8 +160,8 @@ class PgStatements:
         # Records the relay published meanwhile go with the next save's statement (see
         # GroupCommit.mark_sent); with no ids this matches nothing. A published record is
         # deleted, not updated: an update writes a whole new row version and an entry in each
-        # index, a delete neither (measured with bench/store_cost.py: about a quarter less WAL
-        # per transition, and less than half the database CPU at one saga in flight).
+        # index, a delete neither (bench/store_cost.py; figures in docs/performance.md,
+        # "Figures behind the code").
         # Rows another transaction has locked (a relay's claim re-leasing records it holds)
         # are skipped, not waited for: waiting could close a lock cycle with that claim (a
         # deadlock, found only after deadlock_timeout). What was skipped is reported as
@@ -171,7 +171,7 @@ class PgStatements:
         # while the outbox looked small (a fresh table, a new connection's first plans) scans
         # one of them whole. The plan is kept, and such a scan grows with the dead entries
         # every deleted record leaves in the index until a vacuum: the statement's cost grew
-        # by the minute (bench: 55-105 buffers per save in one process, 282 in another). A
+        # by the minute (docs/performance.md, "Figures behind the code"). A
         # lateral lookup of one id is cheapest through the key's index, where ``id`` leads;
         # the delete then takes the rows it locked by ``ctid``.
         mark = (
@@ -599,15 +599,14 @@ class PgLane:
             # whole: it holds few live rows (published ones are deleted) and a fresh table has
             # no statistics, so a sequential scan looks cheapest, and the generic plan keeps
             # it. But between vacuums the outbox is mostly dead rows, and every save checked
-            # each of them, three times (bench: 8,626 outbox scans in a 1,500-saga run).
+            # each of them, three times (docs/performance.md, "Figures behind the code").
             await conn.execute("SET enable_seqscan = off")
             # One plan per statement and connection, made once. Left to choose, PostgreSQL
             # plans a prepared statement anew at every execution while those custom plans
             # look cheaper than the generic one, and for the saves that depends on the
-            # tables' statistics when a connection first ran them: in the bench, 1,000 sagas
-            # at 8 in flight, the first process's connections ran 41-75% of their saves on
-            # the generic plan, a second worker's almost none (nearly every bind planned
-            # anew, 0.6-0.9 ms), and the planning time per step doubled with two workers.
+            # tables' statistics when a connection first ran them: a second worker planned
+            # nearly every bind anew, and the planning time per step doubled with two workers
+            # (docs/performance.md, "Figures behind the code").
             # The statements find every row through a key or the saga's index whatever the
             # values (see PgStatements), so the generic plan is as good as a custom one.
             await conn.execute("SET plan_cache_mode = force_generic_plan")
@@ -826,11 +825,9 @@ class GroupCommit:
 
     One stream by default: while its statement runs, the next batch gathers, and a batch costs
     the database far less per change than a statement of its own. Two streams wrote smaller
-    batches side by side, which cost more than they overlapped (throughput bench, alternating
-    pairs on 2 cores, 1 / 2 streams: 231-254 / 216-220 sagas/s and 367-417 / 533-617 µs of
-    database CPU per step at 8 in flight; 486-488 / 409-446 and 212 / 286-322 at 64; 554-557 /
-    462-507 at 256; no difference at 1). One statement of up to ``max_batch`` changes every
-    round trip is more than a worker process can feed.
+    batches side by side, which cost more than they overlapped (docs/performance.md, "Figures
+    behind the code"). One statement of up to ``max_batch`` changes every round trip is more
+    than a worker process can feed.
 
     Args:
         lane: Where the statements run.

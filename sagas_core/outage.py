@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from sagas_abstractions import Envelope, MessageHandler
 
-__all__ = ["Outage"]
+__all__ = ["LoopFailures", "Outage"]
 
 _log = logging.getLogger("sagas.outage")
 
@@ -148,3 +148,56 @@ class Outage:
                 self.held,
             )
             self.held = 0
+
+
+class LoopFailures:
+    """How a background loop (the outbox relay, the timeout service) reports failed rounds.
+
+    An :class:`~sagas_abstractions.Unavailable` (the store or the broker cannot be reached) is
+    an outage, not a bug: one warning when it starts, naming what is unavailable and why, then
+    the rounds that fail the same way at debug level, and one warning when a round succeeds
+    again. A traceback per poll would bury the one line an operator needs. Anything else is
+    logged with its traceback every time.
+
+    Args:
+        name: The loop, for the log lines.
+        log: Its logger.
+
+    Attributes:
+        count: Rounds failed in a row (for the loop's backoff).
+    """
+
+    def __init__(self, name: str, log: logging.Logger) -> None:
+        self.name = name
+        self.count = 0
+        self._log = log
+        self._outage_since: float | None = None
+
+    def failed(self, exc: Exception) -> None:
+        """A round raised ``exc``."""
+        self.count += 1
+        if not isinstance(exc, Unavailable):
+            self._log.error("%s round failed", self.name, exc_info=exc)
+            return
+        if self._outage_since is not None:
+            self._log.debug("%s: still unavailable (%s)", self.name, exc)
+            return
+        self._outage_since = time.monotonic()
+        self._log.warning(
+            "%s: the %s is unavailable (%s); trying again with backoff until it answers",
+            self.name,
+            "store" if isinstance(exc, StoreUnavailable) else "broker",
+            exc,
+        )
+
+    def succeeded(self) -> None:
+        """A round went through."""
+        if self._outage_since is not None:
+            self._log.warning(
+                "%s: back after %.1fs and %d failed rounds",
+                self.name,
+                time.monotonic() - self._outage_since,
+                self.count,
+            )
+            self._outage_since = None
+        self.count = 0

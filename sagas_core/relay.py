@@ -23,7 +23,8 @@ import uuid
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
-from sagas_abstractions import OutboxRecord, SagaError
+from sagas_abstractions import OutboxRecord, SagaError, Unavailable
+from sagas_core.outage import LoopFailures
 from sagas_core.retry import ExponentialBackoff
 from sagas_core.telemetry import Telemetry, messaging_system
 
@@ -164,6 +165,10 @@ class OutboxRelay:
             ) as envelopes:
                 await self.bus.publish(envelopes)
         except SagaError as exc:
+            if isinstance(exc, Unavailable):
+                # The broker is away: one by one, every record would fail alike.
+                self._queue[:0] = records
+                raise
             await self._fall_back(records, exc)
             return 0
         except BaseException:
@@ -288,7 +293,7 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Publish until :meth:`stop` is called (errors are logged, then retried)."""
-        failures = 0
+        failures = LoopFailures("outbox relay", _log)
         try:
             while not self._stopping:
                 # Clear before the round, not after: a hand-off or kick during this round must
@@ -296,12 +301,12 @@ class OutboxRelay:
                 self._wake.clear()
                 try:
                     await self._round(claim=self._claim)
-                    failures = 0
-                except Exception:  # noqa: BLE001 - the loop must survive and retry
-                    failures += 1
-                    _log.exception("outbox relay round failed")
-                    await asyncio.sleep(self.backoff.delay(failures, self.owner).total_seconds())
+                except Exception as exc:  # noqa: BLE001 - the loop must survive and retry
+                    failures.failed(exc)
+                    delay = self.backoff.delay(failures.count, self.owner).total_seconds()
+                    await asyncio.sleep(delay)
                     continue
+                failures.succeeded()
                 self._mark_soon()
                 if self._queue or self._claim:
                     continue  # more is in hand, or likely waiting

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from sagas_core.clock import SystemClock
+from sagas_core.outage import LoopFailures
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -115,6 +116,7 @@ class TimeoutService:
     async def run(self) -> None:
         """Poll until :meth:`stop` is called (errors are logged, then retried)."""
         loop = asyncio.get_running_loop()
+        failures = LoopFailures("timeout service", _log)
         while not self._stopping:
             self._wake.clear()  # before the round, so a stop() during it is not lost
             began = loop.time()
@@ -122,10 +124,12 @@ class TimeoutService:
             sequence = next(self._sequence)
             try:
                 fired = await self.run_once()
-            except Exception:  # noqa: BLE001 - the loop must survive and retry
-                _log.exception("timeout service round failed")
+            except Exception as exc:  # noqa: BLE001 - the loop must survive and retry
+                failures.failed(exc)
                 fired = 0
                 sequence = -1  # nothing is known to be done: keep every followed deadline
+            else:
+                failures.succeeded()
             if fired >= self.batch_size:
                 continue
             if not self.tracking:

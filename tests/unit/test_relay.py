@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
 
-from sagas_abstractions import Envelope, OutboxRecord, PublishError, RouteKind
+from sagas_abstractions import BusUnavailable, Envelope, OutboxRecord, PublishError, RouteKind
 from sagas_core import OutboxRelay
+from sagas_core.retry import ExponentialBackoff
 from sagas_core.testing import FakeClock, InMemoryBus, InMemorySagaStore
 from tests.contracts.store_contract import insert, make_envelope, make_instance
+from tests.waiting import eventually
 
 WAIT = 5.0
 
@@ -251,3 +254,71 @@ async def test_records_in_hand_survive_an_unexpected_publish_error_and_go_out_ne
     assert await outbox.run_once() == 2
     assert [envelope.message_id for envelope in bus.published] == ["m-1", "m-2"]
     assert await store.pending_count() == 0
+
+
+class AwayBus(InMemoryBus):
+    """The broker is away for the first ``away`` publishes (BusUnavailable), or fails otherwise."""
+
+    def __init__(self, away: int, error: Exception | None = None) -> None:
+        super().__init__()
+        self.away = away
+        self.error = error or BusUnavailable("RabbitMQ connection is recovering")
+        self.calls: list[list[str]] = []
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.calls.append([envelope.message_id for envelope in envelopes])
+        if self.away > 0:
+            self.away -= 1
+            raise self.error
+        await super().publish(envelopes)
+
+
+async def _run_until_published(outbox: OutboxRelay, bus: AwayBus, count: int) -> None:
+    task = asyncio.create_task(outbox.run())
+    try:
+        await eventually(lambda: len(bus.published) >= count, timeout=WAIT)
+    finally:
+        outbox.stop()
+        await asyncio.wait_for(task, WAIT)
+
+
+async def test_a_broker_outage_is_logged_once_and_the_records_in_hand_go_out_in_order_after(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, bus = CountingStore(), AwayBus(away=6)
+    outbox = relay(store, bus, backoff=ExponentialBackoff(initial=0.001, maximum=0.005))
+    outbox.hand_off(await commit(store, outbox, "saga-1", "m-1", "m-2"))
+
+    with caplog.at_level(logging.DEBUG, logger="sagas.relay"):
+        await _run_until_published(outbox, bus, 2)
+
+    assert [envelope.message_id for envelope in bus.published] == ["m-1", "m-2"]
+    # The whole batch each time: one by one, every record would have failed alike.
+    assert bus.calls == [["m-1", "m-2"]] * 7
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2
+    assert (
+        warnings[0]
+        .getMessage()
+        .startswith("outbox relay: the broker is unavailable (RabbitMQ connection is recovering)")
+    )
+    assert warnings[1].getMessage().startswith("outbox relay: back after")
+    assert warnings[1].getMessage().endswith("and 6 failed rounds")
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+async def test_a_round_that_fails_for_another_reason_is_logged_with_its_traceback_every_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = CountingStore()
+    bus = AwayBus(away=2, error=RuntimeError("the bus fell over"))
+    outbox = relay(store, bus, backoff=ExponentialBackoff(initial=0.001, maximum=0.005))
+    outbox.hand_off(await commit(store, outbox, "saga-1", "m-1"))
+
+    with caplog.at_level(logging.WARNING, logger="sagas.relay"):
+        await _run_until_published(outbox, bus, 1)
+
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2
+    assert all(r.exc_info is not None for r in errors)
+    assert "the bus fell over" in caplog.text

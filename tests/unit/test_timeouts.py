@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
+from sagas_abstractions import StoreUnavailable
 from sagas_core import Orchestrator, SagaBuilder
 from sagas_core.clock import SystemClock
 from sagas_core.testing import FakeClock, InMemorySagaStore
@@ -169,3 +171,36 @@ async def test_a_failed_poll_forgets_no_followed_deadline() -> None:
 
     assert failures == 3
     assert "Timeout" in [entry.input for entry in await store.history("q-f")]
+
+
+class DownStore(InMemorySagaStore):
+    """Its deadline queries find the database away for the first ``down`` polls."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__()
+        self.down = down
+
+    async def claim_due(self, *args: Any, **kwargs: Any) -> Any:
+        if self.down > 0:
+            self.down -= 1
+            raise StoreUnavailable("connection refused")
+        return await super().claim_due(*args, **kwargs)
+
+
+async def test_a_database_outage_is_logged_once_not_with_a_traceback_per_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = DownStore(down=5)
+    orchestrator = Orchestrator(store=store, definitions=[QUICK], clock=SystemClock())
+    service = TimeoutService(orchestrator, interval=0.01)
+    await orchestrator.start("quick", {}, saga_id="q-1")
+
+    with caplog.at_level(logging.DEBUG, logger="sagas.timeouts"):
+        await _run_until_fired(service)
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 2, warnings
+    assert warnings[0].startswith("timeout service: the store is unavailable (connection refused)")
+    assert warnings[1].startswith("timeout service: back after")
+    assert all(r.exc_info is None for r in caplog.records)
+    assert [entry.input for entry in await store.history("q-1")][:2] == ["Start", "Timeout"]

@@ -1,7 +1,7 @@
 """The ports: small protocols the core depends on and adapters implement.
 
-Each port has one job, a real in-memory implementation in ``sagas_core.testing``, and a
-contract test suite in ``tests/contracts`` that every backend passes.
+Each port has one job, a real in-memory implementation in ``sagas_core.memory`` (re-exported by
+``sagas_core.testing``), and a contract test suite in ``tests/contracts`` that every backend passes.
 """
 
 from __future__ import annotations

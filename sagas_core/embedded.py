@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sagas_core.testing.store import InMemorySagaStore
+from sagas_core.memory.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository

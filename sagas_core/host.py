@@ -32,10 +32,10 @@ from sagas_abstractions import SagaError
 from sagas_core import embedded
 from sagas_core.circuit import CircuitBreaker
 from sagas_core.di import Dependencies, DependencyScope, Factory, Resolver, ScopedResolver
+from sagas_core.memory.bus import InMemoryBus
+from sagas_core.memory.store import InMemorySagaStore
 from sagas_core.runtime import SagaRuntime
 from sagas_core.settings import SagasSettings, load_settings, redact_url
-from sagas_core.testing.bus import InMemoryBus
-from sagas_core.testing.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     import builtins

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sagas_abstractions import SagaError, SagaStatus
-from sagas_core import __version__
+from sagas_core import __version__, plugins
 from sagas_core.clock import SystemClock
 from sagas_core.embedded import close_store
 from sagas_core.host import SagaHost, load_host, open_settings_store
@@ -149,6 +149,9 @@ def worker(
 def participant(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="Participants as module:attribute."),
+    transport: str = typer.Option(
+        "rabbitmq", help="The transport plugin, by name (entry-point group sagas.transports)."
+    ),
 ) -> None:
     """Run participants (module:attribute) as their own process over RabbitMQ.
 
@@ -157,10 +160,10 @@ def participant(
     Defaults from SAGAS_AMQP_URL and SAGAS_RABBITMQ_PREFIX. Prints "ready"; SIGTERM drains.
     """
     try:
-        host = importlib.import_module("sagas_rabbitmq.host")
+        plugin = plugins.transport_named(transport)
     except ImportError as exc:
         raise _fail(str(exc)) from exc
-    raise typer.Exit(host.main([target, *ctx.args]))
+    raise typer.Exit(plugin.run_participants([target, *ctx.args]))
 
 
 @app.command()
@@ -171,10 +174,10 @@ def migrate(
 ) -> None:
     """Migrate the sagas tables (PostgreSQL or SQLite) to REVISION."""
     try:
-        from sagas_sqlalchemy.migrate import upgrade  # noqa: PLC0415 - optional extra
-    except ImportError as exc:
+        store = plugins.store_for(url)
+    except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    upgrade(url, revision, table_prefix=table_prefix)
+    store.upgrade(url, revision, table_prefix=table_prefix)
     typer.echo(f"sagas tables migrated to {revision}")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import importlib
 import json
 import re
 from datetime import timedelta
@@ -402,18 +401,6 @@ def prune(
 
     inbox, outbox = _run(_with_store(settings, apply))
     console.print(f"pruned {inbox} inbox and {outbox} outbox row(s) older than {older_than}")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def demo(ctx: typer.Context) -> None:
-    """Run the order-processing sample (--db PATH or --memory; needs a source checkout)."""
-    try:
-        module = importlib.import_module("samples.order_processing.__main__")
-    except ModuleNotFoundError as exc:
-        raise _fail(
-            f"the samples live in the source checkout: run this from its root ({exc})"
-        ) from exc
-    raise typer.Exit(module.main(list(ctx.args)))
 
 
 def main() -> None:

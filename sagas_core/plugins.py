@@ -48,11 +48,11 @@ if TYPE_CHECKING:
     from sagas_abstractions import MessageBus, SagaRepository
     from sagas_core.settings import SagasSettings
 
-__all__ = [
-    "STORES_GROUP",
-    "TRANSPORTS_GROUP",
+__all__ = [  # noqa: RUF022 - plain sorted(), as tests/unit/test_public_api.py pins it
     "PluginNotFound",
+    "STORES_GROUP",
     "StorePlugin",
+    "TRANSPORTS_GROUP",
     "TransportPlugin",
     "register_store",
     "register_transport",

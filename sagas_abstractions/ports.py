@@ -1,7 +1,7 @@
 """The ports: small protocols the core depends on and adapters implement.
 
-Each port has one job, a real in-memory implementation in ``sagas_core.testing``, and a
-contract test suite in ``tests/contracts`` that every backend passes.
+Each port has one job, a real in-memory implementation in ``sagas_core.memory`` (re-exported by
+``sagas_core.testing``), and a contract test suite in ``tests/contracts`` that every backend passes.
 """
 
 from __future__ import annotations
@@ -11,15 +11,20 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
+    import contextlib
+    from collections.abc import Mapping
     from datetime import datetime, timedelta
+    from typing import Any
 
-    from sagas_abstractions.enums import RouteKind, SagaStatus
+    from sagas_abstractions.enums import ReplyStatus, RouteKind, SagaStatus
     from sagas_abstractions.messages import Envelope, OutboxRecord
-    from sagas_abstractions.models import HistoryEntry, SagaInstance
+    from sagas_abstractions.models import ErrorInfo, HistoryEntry, SagaInstance
 
 __all__ = [
+    "CachedOutcome",
     "Clock",
     "DeadlineStore",
+    "IdempotencyStore",
     "InboxEntry",
     "MessageBus",
     "MessageHandler",
@@ -30,6 +35,8 @@ __all__ = [
     "SagaRepository",
     "SagaStore",
     "Subscription",
+    "TransactionalIdempotencyStore",
+    "UnitOfWork",
 ]
 
 
@@ -291,4 +298,68 @@ class Clock(Protocol):
 
     def now(self) -> datetime:
         """Return the current time, timezone-aware, in UTC."""
+        ...
+
+
+# ---------------------------------------------------------------- participant side
+
+
+@dataclass(frozen=True, slots=True)
+class CachedOutcome:
+    """The final outcome of a command, kept to answer its duplicates and retries."""
+
+    status: ReplyStatus
+    data: dict[str, Any]
+    error: ErrorInfo | None = None
+
+
+@runtime_checkable
+class IdempotencyStore(Protocol):
+    """Remembers final outcomes by idempotency key, and which steps were compensated."""
+
+    async def get(self, key: str) -> CachedOutcome | None:
+        """The outcome recorded for ``key``, if any."""
+        ...
+
+    async def put(self, key: str, outcome: CachedOutcome) -> None:
+        """Record the final outcome for ``key``."""
+        ...
+
+
+@runtime_checkable
+class UnitOfWork(Protocol):
+    """One transaction of a :class:`TransactionalIdempotencyStore`, around one command.
+
+    The handler's own writes (through :attr:`resources`) and the outcome commit together, or
+    not at all: a participant that crashes mid-handler applied nothing and recorded nothing, and
+    the redelivered command runs again.
+    """
+
+    resources: Mapping[type, object]
+    """What handlers may ask for by annotation (for SQL: the transaction's connection)."""
+
+    async def lock(self, key: str) -> None:
+        """Serialize with every other unit of work on ``key`` (across processes), until the end."""
+        ...
+
+    async def get(self, key: str) -> CachedOutcome | None:
+        """The outcome recorded for ``key``, read inside this transaction."""
+        ...
+
+    async def put(self, key: str, outcome: CachedOutcome) -> None:
+        """Record ``outcome`` for ``key`` in this transaction."""
+        ...
+
+
+@runtime_checkable
+class TransactionalIdempotencyStore(IdempotencyStore, Protocol):
+    """An idempotency store that can run a handler and record its outcome in one transaction."""
+
+    @property
+    def resource_types(self) -> frozenset[type]:
+        """The types its units of work hand to handlers (the keys of ``resources``)."""
+        ...
+
+    def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[UnitOfWork]:
+        """Begin a transaction: it commits when the block ends normally, else rolls back."""
         ...

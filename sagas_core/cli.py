@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import getpass
-import importlib
 import json
 import re
 from datetime import timedelta
@@ -16,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from sagas_abstractions import SagaError, SagaStatus
-from sagas_core import __version__
+from sagas_core import __version__, plugins
 from sagas_core.clock import SystemClock
 from sagas_core.embedded import close_store
 from sagas_core.host import SagaHost, load_host, open_settings_store
@@ -149,6 +148,9 @@ def worker(
 def participant(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="Participants as module:attribute."),
+    transport: str = typer.Option(
+        "rabbitmq", help="The transport plugin, by name (entry-point group sagas.transports)."
+    ),
 ) -> None:
     """Run participants (module:attribute) as their own process over RabbitMQ.
 
@@ -157,10 +159,10 @@ def participant(
     Defaults from SAGAS_AMQP_URL and SAGAS_RABBITMQ_PREFIX. Prints "ready"; SIGTERM drains.
     """
     try:
-        host = importlib.import_module("sagas_rabbitmq.host")
+        plugin = plugins.transport_named(transport)
     except ImportError as exc:
         raise _fail(str(exc)) from exc
-    raise typer.Exit(host.main([target, *ctx.args]))
+    raise typer.Exit(plugin.run_participants([target, *ctx.args]))
 
 
 @app.command()
@@ -171,10 +173,10 @@ def migrate(
 ) -> None:
     """Migrate the sagas tables (PostgreSQL or SQLite) to REVISION."""
     try:
-        from sagas_sqlalchemy.migrate import upgrade  # noqa: PLC0415 - optional extra
-    except ImportError as exc:
+        store = plugins.store_for(url)
+    except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from exc
-    upgrade(url, revision, table_prefix=table_prefix)
+    store.upgrade(url, revision, table_prefix=table_prefix)
     typer.echo(f"sagas tables migrated to {revision}")
 
 
@@ -399,18 +401,6 @@ def prune(
 
     inbox, outbox = _run(_with_store(settings, apply))
     console.print(f"pruned {inbox} inbox and {outbox} outbox row(s) older than {older_than}")
-
-
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def demo(ctx: typer.Context) -> None:
-    """Run the order-processing sample (--db PATH or --memory; needs a source checkout)."""
-    try:
-        module = importlib.import_module("samples.order_processing.__main__")
-    except ModuleNotFoundError as exc:
-        raise _fail(
-            f"the samples live in the source checkout: run this from its root ({exc})"
-        ) from exc
-    raise typer.Exit(module.main(list(ctx.args)))
 
 
 def main() -> None:

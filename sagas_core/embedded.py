@@ -3,19 +3,20 @@
 ``await open_store()`` gives a store over ``./.sagas/sagas.sqlite3`` (or ``SAGAS_SQLITE_PATH``),
 created and migrated on first use; ``await open_store(url)`` one over any database the SQL store
 supports (a server database is migrated only with ``migrate=True``: run ``sagas migrate`` in
-deploys). The SQL store is imported here, when a store is opened, never when ``sagas_core`` is
-imported: the core stays free of SQLAlchemy.
+deploys). The store is found by the URL's scheme among the store plugins
+(:mod:`sagas_core.plugins`: the ``sagas.stores`` entry points, ``sagas_sqlalchemy`` for SQL), when
+a store is opened: the core never imports SQLAlchemy.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sagas_core.testing.store import InMemorySagaStore
+from sagas_core import plugins
+from sagas_core.memory.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     from sagas_abstractions import SagaRepository
@@ -73,11 +74,12 @@ async def open_store(
         migrate: Migrate to the latest schema now; ``None`` migrates SQLite only.
         allow_memory: When the SQL store is not installed, log a warning and return an
             in-memory store (nothing survives the process) instead of raising.
-        **options: Passed to ``sagas_sqlalchemy.create_store`` (``table_prefix``, engine
-            options).
+        **options: Passed to the store plugin; for SQL, to ``sagas_sqlalchemy.create_store``
+            (``table_prefix``, engine options).
 
     Raises:
-        ImportError: The SQL store is not installed (the message says what to install).
+        ImportError: The SQL store is not installed (the message says what to install), or
+            no installed store serves the URL's scheme (``PluginNotFound``).
         StoreError: The database cannot be opened or migrated.
 
     Example:
@@ -90,9 +92,15 @@ async def open_store(
             await close_store(store)
         ```
     """
+    path: Path | None = None
+    if url is None:
+        path = Path(sqlite_path) if sqlite_path is not None else default_sqlite_path()
+        url = f"sqlite+aiosqlite:///{path}"
     try:
-        sql = importlib.import_module("sagas_sqlalchemy")
-    except ImportError as missing:
+        plugin = plugins.store_for(url)
+    except plugins.PluginNotFound as missing:
+        if not missing.not_installed:
+            raise  # stores are installed, but none serves this URL: say so, not "install"
         if not allow_memory:
             raise ImportError(INSTALL_SQL_STORE) from missing
         _log.warning(
@@ -100,18 +108,9 @@ async def open_store(
             "saga state is kept in memory and lost when the process exits"
         )
         return InMemorySagaStore()
-    if url is None:
-        path = Path(sqlite_path) if sqlite_path is not None else default_sqlite_path()
+    if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        url = f"sqlite+aiosqlite:///{path}"
-    created: Any = sql.create_store(url, migrate=migrate, **options)
-    try:
-        await created.initialize()  # ready now: a bad URL or path fails here, not mid-saga
-    except BaseException:
-        await created.close()
-        raise
-    store: SagaRepository = created
-    return store
+    return await plugin.open_store(url, migrate=migrate, **options)
 
 
 async def close_store(store: SagaRepository) -> None:

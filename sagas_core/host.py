@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from sagas_abstractions import SagaError
-from sagas_core import embedded
+from sagas_core import embedded, plugins
 from sagas_core.circuit import CircuitBreaker
 from sagas_core.di import Dependencies, DependencyScope, Factory, Resolver, ScopedResolver
+from sagas_core.memory.bus import InMemoryBus
+from sagas_core.memory.store import InMemorySagaStore
 from sagas_core.runtime import SagaRuntime
 from sagas_core.settings import SagasSettings, load_settings, redact_url
-from sagas_core.testing.bus import InMemoryBus
-from sagas_core.testing.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     import builtins
@@ -385,24 +385,15 @@ class SagaHost:
             self._closers.append(bus.close)
             return bus
         try:
-            rabbit = importlib.import_module("sagas_rabbitmq")
+            transport = plugins.transport_for(self.settings.amqp_url)
         except ImportError as exc:
             raise ImportError(
                 "SAGAS_AMQP_URL is set but the RabbitMQ transport is missing: "
                 "pip install 'sagas[rabbitmq]'"
             ) from exc
-        rabbit_bus: MessageBus = await rabbit.RabbitBus.connect(
-            self.settings.amqp_url,
-            prefix=self.settings.rabbitmq_prefix,
-            quorum=self.settings.rabbitmq_quorum,
-            delivery_limit=self.settings.delivery_limit,
-            prefetch=self.settings.prefetch,
-            group=self.settings.group,
-            reply_affinity=self.settings.rabbitmq_reply_affinity,
-            instance_id=self.settings.instance_id,
-        )
-        self._closers.append(rabbit_bus.close)
-        return rabbit_bus
+        connected = await transport.connect(self.settings.amqp_url, self.settings)
+        self._closers.append(connected.close)
+        return connected
 
     def _breaker(self) -> CircuitBreaker | None:
         if self.settings.circuit_failures is None:

@@ -38,7 +38,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import pydantic_core
 from pydantic import BaseModel, ValidationError
@@ -52,6 +52,12 @@ from sagas_abstractions import (
     ReplyStatus,
     RouteKind,
     StepKind,
+)
+from sagas_abstractions.ports import (
+    CachedOutcome,
+    IdempotencyStore,
+    TransactionalIdempotencyStore,
+    UnitOfWork,
 )
 from sagas_core.clock import SystemClock
 from sagas_core.codec import (
@@ -127,67 +133,6 @@ class CommandContext:
     idempotency_key: str
     message_id: str
     headers: Mapping[str, str]
-
-
-@dataclass(frozen=True, slots=True)
-class CachedOutcome:
-    """The final outcome of a command, kept to answer its duplicates and retries."""
-
-    status: ReplyStatus
-    data: dict[str, Any]
-    error: ErrorInfo | None = None
-
-
-@runtime_checkable
-class IdempotencyStore(Protocol):
-    """Remembers final outcomes by idempotency key, and which steps were compensated."""
-
-    async def get(self, key: str) -> CachedOutcome | None:
-        """The outcome recorded for ``key``, if any."""
-        ...
-
-    async def put(self, key: str, outcome: CachedOutcome) -> None:
-        """Record the final outcome for ``key``."""
-        ...
-
-
-@runtime_checkable
-class UnitOfWork(Protocol):
-    """One transaction of a :class:`TransactionalIdempotencyStore`, around one command.
-
-    The handler's own writes (through :attr:`resources`) and the outcome commit together, or
-    not at all: a participant that crashes mid-handler applied nothing and recorded nothing, and
-    the redelivered command runs again.
-    """
-
-    resources: Mapping[type, object]
-    """What handlers may ask for by annotation (for SQL: the transaction's connection)."""
-
-    async def lock(self, key: str) -> None:
-        """Serialize with every other unit of work on ``key`` (across processes), until the end."""
-        ...
-
-    async def get(self, key: str) -> CachedOutcome | None:
-        """The outcome recorded for ``key``, read inside this transaction."""
-        ...
-
-    async def put(self, key: str, outcome: CachedOutcome) -> None:
-        """Record ``outcome`` for ``key`` in this transaction."""
-        ...
-
-
-@runtime_checkable
-class TransactionalIdempotencyStore(IdempotencyStore, Protocol):
-    """An idempotency store that can run a handler and record its outcome in one transaction."""
-
-    @property
-    def resource_types(self) -> frozenset[type]:
-        """The types its units of work hand to handlers (the keys of ``resources``)."""
-        ...
-
-    def unit_of_work(self) -> contextlib.AbstractAsyncContextManager[UnitOfWork]:
-        """Begin a transaction: it commits when the block ends normally, else rolls back."""
-        ...
 
 
 class InMemoryIdempotencyStore:

@@ -25,6 +25,8 @@ from sagas_core.clock import SystemClock
 from sagas_core.codec import dead_lettered
 from sagas_core.di import Dependencies, Resolver, ScopedResolver
 from sagas_core.events import event_envelope
+from sagas_core.memory.bus import InMemoryBus
+from sagas_core.memory.store import InMemorySagaStore
 from sagas_core.orchestrator import (
     DEFAULT_MAX_DATA_BYTES,
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -35,8 +37,6 @@ from sagas_core.orchestrator import (
 from sagas_core.participant import InMemoryIdempotencyStore, Participant
 from sagas_core.relay import OutboxRelay
 from sagas_core.telemetry import Telemetry, messaging_system
-from sagas_core.testing.bus import InMemoryBus
-from sagas_core.testing.store import InMemorySagaStore
 from sagas_core.timeouts import TimeoutService
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from sagas_abstractions import ErrorInfo, ReplyStatus
-from sagas_core.participant import CachedOutcome
+from sagas_abstractions.ports import CachedOutcome
 from sagas_sqlalchemy._errors import store_error
 from sagas_sqlalchemy.engine import BEGIN_MODE, create_engine
 from sagas_sqlalchemy.tables import JSONType, UTCDateTime
@@ -80,7 +80,7 @@ class _SqlUnitOfWork:
 
 
 class SqlIdempotencyStore:
-    """A :class:`~sagas_core.participant.TransactionalIdempotencyStore` on PostgreSQL or SQLite.
+    """A :class:`~sagas_abstractions.ports.TransactionalIdempotencyStore` on PostgreSQL or SQLite.
 
     Args:
         engine: The participant's engine (the one its handlers write their effects with).

@@ -50,10 +50,10 @@ from sagas_core.builder import local_destination
 from sagas_core.codec import dead_lettered, decode_command, decode_event, encode_reply
 from sagas_core.di import Dependencies
 from sagas_core.events import EventOutcome, event_envelope
+from sagas_core.memory.store import InMemorySagaStore
 from sagas_core.orchestrator import Orchestrator
 from sagas_core.participant import Participant
 from sagas_core.testing.clock import FakeClock
-from sagas_core.testing.store import InMemorySagaStore
 
 if TYPE_CHECKING:
     from datetime import datetime

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
-from typer.testing import CliRunner
 
 from sagas_core import SagaBuilder, SagaHost, SettingsError, load_settings
-from sagas_core.cli import app
 
 
 class Data(BaseModel):
@@ -65,12 +63,6 @@ def test_settings_never_show_a_password(monkeypatch: pytest.MonkeyPatch) -> None
 def test_a_host_without_sagas_or_participants_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one saga"):
         SagaHost.builder().use_memory().build()
-
-
-def test_sagas_demo_runs_the_order_sample_with_its_options() -> None:
-    result = CliRunner().invoke(app, ["demo", "--memory"])
-    assert result.exit_code == 0, result.output
-    assert "ended as expected" in result.output
 
 
 def test_cli_errors_keep_the_bracketed_saga_context_rich_would_take_for_markup() -> None:

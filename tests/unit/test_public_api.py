@@ -146,9 +146,28 @@ SAGAS_CORE_TESTING = [
     "topic_matches",
 ]
 
+SAGAS_CORE_MEMORY = ["InMemoryBus", "InMemorySagaStore", "topic_matches"]
+
+SAGAS_CORE_PLUGINS = [
+    "PluginNotFound",
+    "STORES_GROUP",
+    "StorePlugin",
+    "TRANSPORTS_GROUP",
+    "TransportPlugin",
+    "register_store",
+    "register_transport",
+    "store_for",
+    "transport_for",
+    "transport_named",
+    "unregister_store",
+    "unregister_transport",
+]
+
 PINNED = {
     "sagas_abstractions": SAGAS_ABSTRACTIONS,
     "sagas_core": SAGAS_CORE,
+    "sagas_core.memory": SAGAS_CORE_MEMORY,
+    "sagas_core.plugins": SAGAS_CORE_PLUGINS,
     "sagas_core.testing": SAGAS_CORE_TESTING,
 }
 

@@ -41,7 +41,7 @@ SQLITE_PATH_ENV = "SAGAS_SQLITE_PATH"
 INSTALL_SQL_STORE = """
 Durable saga state needs the SQL store; install the SQLAlchemy extra:
 
-    pip install 'sagas[sqlalchemy]'
+    pip install 'sagas-orchestrator[sqlalchemy]'
 
 (or keep state in memory, lost on exit: open_store(allow_memory=True))
 """
@@ -104,7 +104,7 @@ async def open_store(
         if not allow_memory:
             raise ImportError(INSTALL_SQL_STORE) from missing
         _log.warning(
-            "the SQL store is not installed (pip install 'sagas[sqlalchemy]'): "
+            "the SQL store is not installed (pip install 'sagas-orchestrator[sqlalchemy]'): "
             "saga state is kept in memory and lost when the process exits"
         )
         return InMemorySagaStore()

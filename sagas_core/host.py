@@ -389,7 +389,7 @@ class SagaHost:
         except ImportError as exc:
             raise ImportError(
                 "SAGAS_AMQP_URL is set but the RabbitMQ transport is missing: "
-                "pip install 'sagas[rabbitmq]'"
+                "pip install 'sagas-orchestrator[rabbitmq]'"
             ) from exc
         connected = await transport.connect(self.settings.amqp_url, self.settings)
         self._closers.append(connected.close)

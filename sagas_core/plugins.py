@@ -267,10 +267,13 @@ class _Kind(Generic[P]):
 
 
 _TRANSPORTS: _Kind[TransportPlugin] = _Kind(
-    TRANSPORTS_GROUP, TransportPlugin, "transport", "for RabbitMQ: pip install 'sagas[rabbitmq]'"
+    TRANSPORTS_GROUP,
+    TransportPlugin,
+    "transport",
+    "for RabbitMQ: pip install 'sagas-orchestrator[rabbitmq]'",
 )
 _STORES: _Kind[StorePlugin] = _Kind(
-    STORES_GROUP, StorePlugin, "store", "for SQL: pip install 'sagas[sqlalchemy]'"
+    STORES_GROUP, StorePlugin, "store", "for SQL: pip install 'sagas-orchestrator[sqlalchemy]'"
 )
 
 

@@ -83,9 +83,9 @@ T = TypeVar("T")
 def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` to the end like :func:`asyncio.run`, on uvloop when it is installed.
 
-    uvloop (``pip install 'sagas[fast]'``) runs the same asyncio code with a faster event loop;
-    the event loop is a good part of a worker's CPU per message. Without it, asyncio's own
-    loop is used. ``sagas worker`` runs on this.
+    uvloop (``pip install 'sagas-orchestrator[fast]'``) runs the same asyncio code with a
+    faster event loop; the event loop is a good part of a worker's CPU per message. Without
+    it, asyncio's own loop is used. ``sagas worker`` runs on this.
     """
     try:
         import uvloop  # noqa: PLC0415 - optional: the fast extra

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing and metrics: one trace per saga across processes, and saga metrics.
 
-Optional and free when unused: this module needs ``opentelemetry-api`` only (``pip install
-'sagas[otel]'``), imports it lazily, and while no SDK provider is configured (or the API is not
-installed) every hook returns at once without creating a span or recording a value.
+Optional and free when unused: this module needs ``opentelemetry-api`` only
+(``pip install 'sagas-orchestrator[otel]'``), imports it lazily, and while no SDK provider is
+configured (or the API is not installed) every hook returns at once without creating a span or
+recording a value.
 
 The orchestrator, the outbox relay and participants call a :class:`Telemetry` through small
 hooks; by default they share :meth:`Telemetry.default`, which follows the global tracer and
@@ -72,7 +73,7 @@ _log = logging.getLogger("sagas.telemetry")
 
 INSTRUMENTATION_NAME = "sagas"
 MESSAGING_SPANS_ENV = "SAGAS_OTEL_MESSAGING_SPANS"
-_INSTALL_HINT = "pip install 'sagas[otel]'"
+_INSTALL_HINT = "pip install 'sagas-orchestrator[otel]'"
 _RECHECK_SECONDS = 1.0
 
 _NOOP: contextlib.nullcontext[None] = contextlib.nullcontext()
@@ -787,7 +788,7 @@ def _exporter(signal: str, name: str) -> Any:
     except ImportError:
         _log.warning(
             "OTLP export asked for but opentelemetry-exporter-otlp-proto-http is missing: "
-            "pip install 'sagas[otel]'"
+            "pip install 'sagas-orchestrator[otel]'"
         )
         return None
     return getattr(exporter_module, cls)()

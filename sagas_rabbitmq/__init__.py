@@ -1,6 +1,6 @@
 """RabbitMQ transport for sagas (aio-pika): topology, confirmed publishing, consumers.
 
-Install with ``pip install 'sagas[rabbitmq]'``. :class:`RabbitBus` implements the
+Install with ``pip install 'sagas-orchestrator[rabbitmq]'``. :class:`RabbitBus` implements the
 :class:`~sagas_abstractions.MessageBus` port; the wire contract it speaks, which participants in
 any language can follow, is ``docs/protocol.md``.
 
@@ -16,7 +16,7 @@ try:
     import aio_pika  # noqa: F401 - imported to fail early with an install hint
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError(
-        "sagas_rabbitmq needs aio-pika: install it with  pip install 'sagas[rabbitmq]'"
+        "sagas_rabbitmq needs aio-pika: install it with  pip install 'sagas-orchestrator[rabbitmq]'"
     ) from exc
 
 from sagas_rabbitmq.bus import RabbitBus

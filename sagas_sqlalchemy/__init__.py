@@ -14,9 +14,9 @@ default)::
 INSTALL_SAGAS_SQLALCHEMY = """
 To use the SQL store, install the SQLAlchemy extra:
 
-    pip install 'sagas[sqlalchemy]'
+    pip install 'sagas-orchestrator[sqlalchemy]'
 
-(or 'sagas[postgres]' for PostgreSQL with psycopg 3)
+(or 'sagas-orchestrator[postgres]' for PostgreSQL with psycopg 3)
 """
 
 try:

@@ -2,7 +2,7 @@
 
 APP-scoped providers are singletons; each handled command gets its own REQUEST scope, so a
 REQUEST-scoped provider is created once per command and finalized when the command is done
-(even when the handler raised). ``pip install 'sagas[dishka]'``.
+(even when the handler raised). ``pip install 'sagas-orchestrator[dishka]'``.
 
 Example:
     ```python
@@ -41,7 +41,7 @@ __all__ = ["INSTALL_DISHKA", "DishkaResolver"]
 
 T = TypeVar("T")
 
-INSTALL_DISHKA = "the dishka adapter needs dishka: pip install 'sagas[dishka]'"
+INSTALL_DISHKA = "the dishka adapter needs dishka: pip install 'sagas-orchestrator[dishka]'"
 
 
 def _dishka(module: str = "dishka") -> ModuleType:

@@ -290,6 +290,6 @@ def test_the_adapter_says_how_to_install_dishka_when_it_is_missing(
     for name in [m for m in sys.modules if m == "dishka" or m.startswith("dishka.")]:
         monkeypatch.setitem(sys.modules, name, None)
 
-    with pytest.raises(ImportError, match=r"pip install 'sagas\[dishka\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'sagas-orchestrator\[dishka\]'"):
         DishkaResolver(container)
-    assert "sagas[dishka]" in INSTALL_DISHKA
+    assert "sagas-orchestrator[dishka]" in INSTALL_DISHKA

@@ -146,7 +146,9 @@ async def test_without_the_transport_the_host_says_what_to_install(
     assert missing.value.load_errors
 
     host = SagaHost.builder().use_memory().configure(amqp_url="amqp://broker/").add_saga(saga)
-    with pytest.raises(ImportError, match=r"transport is missing: pip install 'sagas\[rabbitmq\]'"):
+    with pytest.raises(
+        ImportError, match=r"transport is missing: pip install 'sagas-orchestrator\[rabbitmq\]'"
+    ):
         await host.build().start()
 
 
@@ -217,8 +219,11 @@ def test_sagas_migrate_upgrades_through_the_store_for_the_url(store: FakeStore) 
 @pytest.mark.parametrize(
     ("argv", "hint"),
     [
-        (["migrate", "--url", "sqlite+aiosqlite:///x.db"], "pip install 'sagas[sqlalchemy]'"),
-        (["participant", "shop:inventory"], "pip install 'sagas[rabbitmq]'"),
+        (
+            ["migrate", "--url", "sqlite+aiosqlite:///x.db"],
+            "pip install 'sagas-orchestrator[sqlalchemy]'",
+        ),
+        (["participant", "shop:inventory"], "pip install 'sagas-orchestrator[rabbitmq]'"),
     ],
     ids=["migrate", "participant"],
 )

@@ -37,7 +37,7 @@ def test_a_missing_sqlalchemy_raises_an_import_error_with_the_install_hint() -> 
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="."
     )
-    assert "pip install 'sagas[sqlalchemy]'" in result.stdout
+    assert "pip install 'sagas-orchestrator[sqlalchemy]'" in result.stdout
 
 
 @pytest.mark.parametrize(

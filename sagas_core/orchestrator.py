@@ -12,10 +12,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import random
 import secrets
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -55,7 +52,6 @@ from sagas_abstractions import (
     StepSucceeded,
     UnknownSagaType,
 )
-from sagas_abstractions.ports import OutboxHandoff
 from sagas_core._models import trusted
 from sagas_core.codec import (
     dead_lettered,
@@ -76,9 +72,11 @@ from sagas_core.engine import (
 )
 from sagas_core.events import EventOutcome, EventRoutes, event_inbox_id, parse_event
 from sagas_core.telemetry import Telemetry
+from sagas_core.unit_of_work import Again, CommitListener, UnitOfWork
 
 if TYPE_CHECKING:
     import builtins
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from datetime import datetime
 
     from sagas_abstractions import Clock
@@ -110,7 +108,6 @@ _UNDECIDABLE = (InvalidSagaData, UnknownSagaType, DefinitionChanged)
 
 _TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
 
-CommitListener = Callable[[Sequence[SagaInstance]], None]
 """Called (synchronously) with the sagas of every committed unit of work."""
 
 
@@ -316,39 +313,42 @@ class Orchestrator:
         self.group = group
         self.reply_to = reply_queue(group)
         self.consumer = f"orchestrator.{group}"
-        self.max_conflict_retries = max_conflict_retries
         self.orphan_replies = orphan_replies
         self.id_factory = id_factory
-        self.conflicts = 0
-        self.stale_cache = 0
-        """Saves refused because a kept instance had gone stale (reloaded, not conflicts)."""
-        self.instance_cache = max(0, instance_cache)
         self.status_events = StatusEvents(status_events)
-        self._instances: OrderedDict[str, SagaInstance] = OrderedDict()
-        self._relay: OutboxRelay | None = None
-        self._handoff: OutboxHandoff | None = None
-        self._listeners: list[CommitListener] = []
+        self.unit_of_work = UnitOfWork(
+            store,
+            clock=clock,
+            max_conflict_retries=max_conflict_retries,
+            instance_cache=instance_cache,
+        )
+        """Loads, saves and retries sagas; keeps the active ones it saved."""
         # Futures of wait_for callers, by saga id: a commit that settles a saga (no longer
         # active) wakes the waiters of that saga only.
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self.unit_of_work.add_listener(self._wake_waiters)
         self._routes: tuple[int, EventRoutes] | None = None
 
+    @property
+    def conflicts(self) -> int:
+        """Version conflicts met so far (each reloaded and reapplied)."""
+        return self.unit_of_work.conflicts
+
+    @property
+    def stale_cache(self) -> int:
+        """Saves refused because a kept instance had gone stale (reloaded, not conflicts)."""
+        return self.unit_of_work.stale_cache
+
     def add_listener(self, listener: CommitListener) -> None:
-        """Call ``listener`` after every commit (used to wake waiters)."""
-        self._listeners.append(listener)
+        """Call ``listener`` after every commit."""
+        self.unit_of_work.add_listener(listener)
 
     def use_relay(self, relay: OutboxRelay) -> None:
         """Hand what each commit wrote to the outbox to ``relay``, this process's relay.
 
-        When the store offers :class:`~sagas_abstractions.ports.OutboxHandoff`, the records are
-        written already leased to the relay and handed to it in memory, so it publishes them
-        without a claim query (the claim stays the recovery path, should this process die
-        before publishing). Otherwise, and for records it could not lease, the relay is kicked
-        to claim them.
+        See :meth:`UnitOfWork.use_relay <sagas_core.unit_of_work.UnitOfWork.use_relay>`.
         """
-        self._relay = relay
-        # Checked once here: a runtime-checkable protocol is slow to check on every save.
-        self._handoff = self.store if isinstance(self.store, OutboxHandoff) else None
+        self.unit_of_work.use_relay(relay)
 
     # ------------------------------------------------------------------ starting
 
@@ -427,7 +427,9 @@ class Orchestrator:
                     raise
                 return self._existing(existing, definition), False
             try:
-                handed = await self._save(self._change(decision, expected_version=None, inbox=None))
+                handed = await self.unit_of_work.save(
+                    self._change(decision, expected_version=None, inbox=None)
+                )
             except ConcurrencyConflict:
                 # The id exists (started before, or by a racing start): that saga stands.
                 existing = await self.store.load(new_id)
@@ -438,7 +440,7 @@ class Orchestrator:
                 return self._existing(existing, definition), False
             if span is not None:
                 self.telemetry.decided(span, decision)
-            self._committed([decision.instance], claim=not handed)
+            self.unit_of_work.committed([decision.instance], claim=not handed)
             self._observe_decision(decision)
         if _log.isEnabledFor(logging.INFO):  # spares the extra dict on every start
             _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
@@ -855,8 +857,10 @@ class Orchestrator:
             1 if the saga was parked now, else 0 (already parked or finished, gone, or parked
             by another worker first).
         """
-        for attempt in range(self.max_conflict_retries + 1):
-            instance, readable = await self._view(saga_id)
+        uow = self.unit_of_work
+
+        async def attempt() -> int | Again:
+            instance, readable = await uow.view(saga_id)
             if instance is None:
                 _log.warning("saga %s to park is gone: %s", saga_id, problem)
                 return 0
@@ -865,35 +869,28 @@ class Orchestrator:
                     instance, problem, readable=readable, inbox=inbox, message_id=message_id
                 )
                 return 0
-            reason = f"parked: {problem}"
             decision = parked(
                 instance,
                 error=ErrorInfo(code=problem.park_code, message=str(problem)),
                 at=self.clock.now(),
-                reason=reason,
+                reason=f"parked: {problem}",
                 message_id=message_id,
             )
+            change = self._change(
+                decision, expected_version=instance.version, inbox=inbox, status_only=True
+            )
             try:
-                await self.store.save(
-                    [
-                        self._change(
-                            decision,
-                            expected_version=instance.version,
-                            inbox=inbox,
-                            status_only=True,
-                        )
-                    ]
-                )
+                await uow.save(change)
             except ConcurrencyConflict:
-                await self._conflicted(attempt)
-                continue
+                return Again.CONFLICT
             except DuplicateMessage:
                 return 0
             _log.error("saga %s parked as failed (%s): %s", saga_id, problem.park_code, problem)
             self.telemetry.record_decision(decision)
-            self._committed([decision.instance])
+            uow.committed([decision.instance])
             return 1
-        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
+
+        return await uow.run(attempt, saga_id=saga_id)
 
     async def _record_unmoved(
         self,
@@ -940,36 +937,25 @@ class Orchestrator:
             )
 
     async def _resolve_without_definition(self, saga_id: str, event: Resolve) -> Decision:
-        for attempt in range(self.max_conflict_retries + 1):
-            instance, _ = await self._view(saga_id)
+        uow = self.unit_of_work
+
+        async def attempt() -> Decision | Again:
+            instance, _ = await uow.view(saga_id)
             if instance is None:
                 raise SagaNotFound("no saga with this id", saga_id=saga_id)
             decision = resolved_without_definition(instance, event)
+            change = self._change(
+                decision, expected_version=instance.version, inbox=None, status_only=True
+            )
             try:
-                await self.store.save(
-                    [
-                        self._change(
-                            decision,
-                            expected_version=instance.version,
-                            inbox=None,
-                            status_only=True,
-                        )
-                    ]
-                )
+                await uow.save(change)
             except ConcurrencyConflict:
-                await self._conflicted(attempt)
-                continue
-            self._committed([decision.instance])
+                return Again.CONFLICT
+            uow.committed([decision.instance])
             self._observe_decision(decision)
             return decision
-        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
 
-    async def _view(self, saga_id: str) -> tuple[SagaInstance | None, bool]:
-        """The saga as loaded, or as readers show it when its stored state does not parse."""
-        try:
-            return await self.store.load(saga_id), True
-        except InvalidSagaData:
-            return await self.store.get(saga_id), False
+        return await uow.run(attempt, saga_id=saga_id)
 
     # ------------------------------------------------------------------ status API
 
@@ -1079,10 +1065,10 @@ class Orchestrator:
             DefinitionChanged: The saga started under another definition.
             ConcurrencyConflict: The conflicts outlasted the retries.
         """
-        attempt = 0
-        while attempt <= self.max_conflict_retries:
-            kept = self._instances.get(saga_id)
-            instance = kept if kept is not None else await self.store.load(saga_id)
+        uow = self.unit_of_work
+
+        async def attempt() -> Decision | Again | None:
+            instance, kept = await uow.load(saga_id)
             if instance is None or (saga_type is not None and instance.saga_type != saga_type):
                 raise SagaNotFound("no saga with this id", saga_id=saga_id, saga_type=saga_type)
             definition = self.registry.get(instance.saga_type, saga_id=saga_id)
@@ -1097,7 +1083,6 @@ class Orchestrator:
             if event is None:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
-                circuits = None if self.breaker is None else self._circuits()
                 if refused is not None and isinstance(event, StepSucceeded | StepFailed):
                     decision = rejected(instance, event, refused)
                 else:
@@ -1105,46 +1090,37 @@ class Orchestrator:
                         definition,
                         instance,
                         event,
-                        circuits=circuits,
+                        circuits=None if self.breaker is None else self._circuits(),
                         reply_token=self.reply_tokens(),
                         max_data_bytes=self.max_data_bytes,
                     )
                 if decision.rejected is not None:
-                    if kept is not None:
+                    if kept:
                         # Judge a forgery on the stored saga, never on a kept copy.
-                        self._instances.pop(saga_id, None)
-                        continue
+                        uow.forget(saga_id)
+                        return Again.RELOAD
                     await self._record_rejected(decision, reject)
                     return decision
                 if not decision.changed and inbox is None:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
                 try:
-                    handed = await self._save(
+                    handed = await uow.save(
                         self._change(decision, expected_version=instance.version, inbox=inbox)
                     )
                 except ConcurrencyConflict:
-                    # A fresh load on the next loop: retrying on stale state can never succeed.
-                    if kept is not None:
-                        self.stale_cache += 1  # a kept instance went stale: no contention
-                        continue
-                    await self._conflicted(attempt)
-                    attempt += 1
-                    continue
+                    # A fresh load next time: retrying on stale state can never succeed.
+                    return uow.conflict(kept=kept)
                 except DuplicateMessage:
                     _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
                     return None
                 if span is not None:
                     self.telemetry.decided(span, decision)
-                self._committed([decision.instance], claim=not handed)
+                uow.committed([decision.instance], claim=not handed)
                 self._observe_decision(decision)
                 return decision
-        raise ConcurrencyConflict(
-            saga_id=saga_id,
-            expected_version=None,
-            actual_version=None,
-            saga_type=saga_type,
-        )
+
+        return await uow.run(attempt, saga_id=saga_id, saga_type=saga_type)
 
     async def _record_rejected(
         self, decision: Decision, reject: Callable[[str], Envelope] | None
@@ -1157,8 +1133,8 @@ class Orchestrator:
             outbox=[] if reject is None else [reject(decision.rejected)],
             history=decision.history,
         )
-        handed = await self._save(change)
-        self._committed([decision.instance], claim=not handed)
+        handed = await self.unit_of_work.save(change)
+        self.unit_of_work.committed([decision.instance], claim=not handed)
         self.telemetry.record_decision(decision)
 
     def _change(
@@ -1169,9 +1145,6 @@ class Orchestrator:
         inbox: InboxEntry | None,
         status_only: bool = False,
     ) -> SagaChange:
-        if status_only:
-            # Written from a partial view of the row: never kept, and what is kept is stale.
-            self._instances.pop(decision.instance.saga_id, None)
         return SagaChange(
             instance=decision.instance,
             expected_version=expected_version,
@@ -1180,11 +1153,6 @@ class Orchestrator:
             inbox=inbox,
             status_only=status_only,
         )
-
-    async def _conflicted(self, attempt: int) -> None:
-        """Count a version conflict and wait a little (more each attempt) before reloading."""
-        self.conflicts += 1
-        await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
 
     def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
         # Lists, not generators, and none for what a decision does not have: it makes a
@@ -1244,53 +1212,11 @@ class Orchestrator:
                 if destination is not None:
                     self.breaker.record_failure(destination, self.clock.now())
 
-    async def _save(self, change: SagaChange) -> bool:
-        """Save one change of the orchestrator's own deciding, and keep its saga in memory.
-
-        Returns:
-            Whether the relay got every outbox record of the change in hand (nothing to claim).
-        """
-        saga_id = change.instance.saga_id
-        relay, handoff = self._relay, self._handoff
-        try:
-            if relay is None or handoff is None or not change.outbox or not relay.accepts_hand_off:
-                await self.store.save([change])
-                handed = not change.outbox
-            else:
-                until = self.clock.now() + relay.lease
-                leased = await handoff.save_leased([change], owner=relay.owner, until=until)
-                relay.hand_off(leased)
-                handed = len(leased) == len(change.outbox)
-        except DuplicateMessage:
-            raise  # nothing was written, and the version matched: what is kept still holds
-        except BaseException:
-            self._instances.pop(saga_id, None)
-            raise
-        self._keep(change.instance)
-        return handed
-
-    def _keep(self, instance: SagaInstance) -> None:
-        saga_id = instance.saga_id
-        if not self.instance_cache or instance.status not in _ACTIVE:
-            self._instances.pop(saga_id, None)  # a finished saga seldom hears again
-            return
-        self._instances[saga_id] = instance
-        self._instances.move_to_end(saga_id)
-        if len(self._instances) > self.instance_cache:
-            self._instances.popitem(last=False)
-
-    def _committed(self, instances: Sequence[SagaInstance], *, claim: bool = True) -> None:
-        """After a commit: wake the relay (to claim, unless it got the records in hand)."""
-        if claim and self._relay is not None:
-            self._relay.kick()
+    def _wake_waiters(self, instances: Sequence[SagaInstance]) -> None:
+        """Commit listener: wake the ``wait_for`` callers of each saga that settled."""
         if self._waiters:
             for instance in instances:
                 # wait_for waits for a saga to settle: an active saga's waiters stay asleep.
                 if instance.status not in _ACTIVE:
                     for waiter in self._waiters.pop(instance.saga_id, ()):
                         _wake(waiter)
-        for listener in self._listeners:
-            try:
-                listener(instances)
-            except Exception:  # noqa: BLE001 - a listener must not undo a committed change
-                _log.exception("commit listener failed")

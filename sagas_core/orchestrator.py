@@ -61,7 +61,7 @@ from sagas_core.unit_of_work import Again, CommitListener, UnitOfWork
 
 if TYPE_CHECKING:
     import builtins
-    from collections.abc import Callable, Iterable, Mapping
+    from collections.abc import Callable, Coroutine, Iterable, Mapping
     from datetime import datetime
 
     from sagas_abstractions import Clock, HistoryEntry
@@ -688,7 +688,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ the unit of work
 
-    async def _apply(
+    def _apply(
         self,
         saga_id: str,
         make: Callable[[SagaInstance], SagaInput | None],
@@ -697,11 +697,14 @@ class Orchestrator:
         saga_type: str | None = None,
         reject: Callable[[str], Envelope] | None = None,
         refused: str | None = None,
-    ) -> Decision | None:
+    ) -> Coroutine[Any, Any, Decision | None]:
         """Load, decide and save one input, reloading and reapplying on a version conflict.
 
         A rejected reply is recorded with ``reject(reason)`` (its dead letter) in the outbox,
         without ``inbox``. ``refused`` rejects the reply for that reason without deciding.
+
+        Not a coroutine function: it returns the unit of work's run for the caller to await,
+        which spares every input a coroutine that would only await another.
 
         Raises:
             SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
@@ -713,7 +716,10 @@ class Orchestrator:
         uow = self.unit_of_work
 
         async def attempt() -> Decision | Again | None:
-            instance, kept = await uow.load(saga_id)
+            instance = uow.kept_copy(saga_id)
+            kept = instance is not None
+            if instance is None:
+                instance = await uow.load(saga_id)
             if instance is None or (saga_type is not None and instance.saga_type != saga_type):
                 raise SagaNotFound("no saga with this id", saga_id=saga_id, saga_type=saga_type)
             definition = self.registry.get(instance.saga_type, saga_id=saga_id)
@@ -767,7 +773,7 @@ class Orchestrator:
                 self._observe_decision(decision)
                 return decision
 
-        return await uow.run(attempt, saga_id=saga_id, saga_type=saga_type)
+        return uow.run(attempt, saga_id=saga_id, saga_type=saga_type)
 
     async def _record_rejected(
         self, decision: Decision, reject: Callable[[str], Envelope] | None

@@ -1,8 +1,9 @@
 """One saga's unit of work: load it, let the caller decide, save with a version check, retry.
 
 The orchestrator translates each input (start, reply, event, deadline, operator action, park)
-into one :meth:`UnitOfWork.run`: an *attempt* loads the saga (:meth:`UnitOfWork.load`, from the
-instance cache when it holds the saga), decides, and saves (:meth:`UnitOfWork.save`). A save
+into one :meth:`UnitOfWork.run`: an *attempt* takes the saga (:meth:`UnitOfWork.kept_copy` when
+the instance cache holds it, else :meth:`UnitOfWork.load`), decides, and saves
+(:meth:`UnitOfWork.save`). A save
 refused by the version check makes the attempt return :meth:`UnitOfWork.conflict`'s verdict,
 and :meth:`run` runs it again on a fresh load, with a short random wait, a bounded number of
 times. Only this module keeps instances in memory, decides when a kept instance has gone
@@ -53,6 +54,10 @@ class Again(Enum):
     """The save met a version conflict: counted, waited for, then loaded afresh."""
     RELOAD = "reload"
     """What was kept in memory cannot be trusted (it went stale): loaded afresh, not counted."""
+
+
+# Asked after every attempt: a module constant instead of the class lookup of the enum member.
+_RELOAD = Again.RELOAD
 
 
 class UnitOfWork:
@@ -129,15 +134,14 @@ class UnitOfWork:
         reloads = 0
         while conflicts <= self.max_conflict_retries and reloads <= self.max_conflict_retries:
             outcome = await attempt()
-            if outcome is Again.RELOAD:
+            if not isinstance(outcome, Again):
+                return outcome
+            if outcome is _RELOAD:
                 reloads += 1
                 continue
-            if outcome is Again.CONFLICT:
-                self.conflicts += 1
-                await asyncio.sleep(random.uniform(0, 0.002 * (conflicts + 1)))  # noqa: S311
-                conflicts += 1
-                continue
-            return outcome
+            self.conflicts += 1
+            await asyncio.sleep(random.uniform(0, 0.002 * (conflicts + 1)))  # noqa: S311
+            conflicts += 1
         raise ConcurrencyConflict(
             saga_id=saga_id, expected_version=None, actual_version=None, saga_type=saga_type
         )
@@ -154,12 +158,16 @@ class UnitOfWork:
 
     # ------------------------------------------------------------------ loading
 
-    async def load(self, saga_id: str) -> tuple[SagaInstance | None, bool]:
-        """The saga (kept in memory, else from the store) and whether it was the kept copy."""
-        kept = self._instances.get(saga_id)
-        if kept is not None:
-            return kept, True
-        return await self.store.load(saga_id), False
+    def kept_copy(self, saga_id: str) -> SagaInstance | None:
+        """The instance of ``saga_id`` kept in memory, if any (else :meth:`load` it).
+
+        Not a coroutine: a kept copy is most inputs' instance, and it needs no waiting.
+        """
+        return self._instances.get(saga_id)
+
+    async def load(self, saga_id: str) -> SagaInstance | None:
+        """The saga from the store (``None``: no such saga)."""
+        return await self.store.load(saga_id)
 
     async def view(self, saga_id: str) -> tuple[SagaInstance | None, bool]:
         """The saga from the store, or as readers show it when its state does not parse.

@@ -190,7 +190,7 @@ async def test_a_saga_that_could_not_be_saved_is_not_kept() -> None:
 
     assert decision is not None
     assert store.loads == loads + 1
-    assert await orch.unit_of_work.load("saga-1") == (decision.instance, True)
+    assert orch.unit_of_work.kept_copy("saga-1") == decision.instance
 
 
 # ---------------------------------------------------------------------- outbox hand-off

@@ -1,40 +1,34 @@
 """The orchestrator: the imperative shell around the pure engine.
 
-Every input is one short unit of work: load the saga, ``decide``, then write the new state, the
-outgoing messages (to the outbox), the history row and the inbox row in one ``save``. A version
-conflict reloads and reapplies (bounded, with jitter); a duplicate message is dropped. The
-orchestrator never talks to the broker: the outbox relay publishes what it committed.
+Every input (a start, a reply, a deadline, a bus event, an operator action) is one short unit of
+work (:class:`~sagas_core.unit_of_work.UnitOfWork`): load the saga, ``decide``, then write the
+new state, the outgoing messages (to the outbox), the history row and the inbox row in one
+``save``. A version conflict reloads and reapplies (bounded, with jitter); a duplicate message is
+dropped. The orchestrator translates inputs into those units of work; its collaborators route
+bus events (:mod:`~sagas_core.event_routing`), park the sagas it cannot decide
+(:mod:`~sagas_core.parking`), build each commit's change (:mod:`~sagas_core.changes`) and read
+sagas (:mod:`~sagas_core.queries`). It never talks to the broker: the outbox relay publishes
+what it committed.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import os
-import random
 import secrets
-from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from sagas_abstractions import (
-    Cancel,
     Compensate,
     ConcurrencyConflict,
     DefinitionChanged,
     DuplicateMessage,
     Envelope,
-    ErrorInfo,
-    EventKind,
-    EventReceived,
-    HistoryEntry,
     InboxEntry,
-    InvalidEvent,
     InvalidSagaData,
     MessageTooLarge,
     ReplyMessage,
@@ -43,7 +37,6 @@ from sagas_abstractions import (
     RetryCompensation,
     SagaAlreadyExists,
     SagaChange,
-    SagaError,
     SagaInput,
     SagaInstance,
     SagaNotFound,
@@ -53,37 +46,27 @@ from sagas_abstractions import (
     StepFailed,
     StepKind,
     StepSucceeded,
-    UnknownSagaType,
 )
-from sagas_abstractions.ports import OutboxHandoff
 from sagas_core._models import trusted
-from sagas_core.codec import (
-    dead_lettered,
-    decode_reply,
-    encode_command,
-    encode_dead_letter,
-    encode_event,
-    encode_reply,
-)
-from sagas_core.definition import EventRole, MissingSagaPolicy
-from sagas_core.engine import (
-    Decision,
-    decide,
-    due_input,
-    parked,
-    rejected,
-    resolved_without_definition,
-)
-from sagas_core.events import EventOutcome, EventRoutes, event_inbox_id, parse_event
+from sagas_core.changes import ChangeBuilder, StatusEvents
+from sagas_core.codec import dead_lettered, decode_reply, encode_reply
+from sagas_core.engine import Decision, decide, due_input, rejected
+from sagas_core.event_routing import EventRouter
+from sagas_core.events import EventOutcome
+from sagas_core.parking import UNDECIDABLE, Parking
+from sagas_core.queries import SagaQueries
+from sagas_core.registry import SagaRegistry
 from sagas_core.telemetry import Telemetry
+from sagas_core.unit_of_work import Again, CommitListener, UnitOfWork
 
 if TYPE_CHECKING:
     import builtins
+    from collections.abc import Callable, Coroutine, Iterable, Mapping
     from datetime import datetime
 
-    from sagas_abstractions import Clock
+    from sagas_abstractions import Clock, HistoryEntry
     from sagas_core.circuit import CircuitBreaker
-    from sagas_core.definition import EventTrigger, SagaDefinition
+    from sagas_core.definition import SagaDefinition
     from sagas_core.relay import OutboxRelay
 
 __all__ = [
@@ -105,13 +88,8 @@ DEFAULT_MAX_DATA_BYTES = 256 * 1024
 DEFAULT_DEADLINE_LEASE = timedelta(seconds=5)
 """How long :meth:`Orchestrator.fire_due` holds the deadlines it claims, by default."""
 
-_UNDECIDABLE = (InvalidSagaData, UnknownSagaType, DefinitionChanged)
-"""What keeps the orchestrator from deciding a stored saga: it parks that saga instead."""
-
-_TRACE_HEADERS = frozenset({"traceparent", "tracestate"})
-
-CommitListener = Callable[[Sequence[SagaInstance]], None]
-"""Called (synchronously) with the sagas of every committed unit of work."""
+# Asked on every reply: a module constant instead of the class lookup of the enum member.
+_SUCCEEDED = ReplyStatus.SUCCEEDED
 
 
 def _uuid4_hex() -> str:
@@ -135,41 +113,6 @@ def reply_queue(group: str) -> str:
     return f"sagas.replies.{group}"
 
 
-class StatusEvents(StrEnum):
-    """Which status events the orchestrator publishes to the saga-events topic."""
-
-    ALL = "all"
-    """Every status change, per step too (the default): what dashboards follow."""
-    LIFECYCLE = "lifecycle"
-    """The saga's own changes (started, compensating, completed, compensated, failed, resolved,
-    operator action), not each step's: a third of the messages of a 3-step saga."""
-    NONE = "none"
-    """None: nobody follows sagas on the bus (history and telemetry still record everything)."""
-
-
-_STEP_EVENTS = frozenset(
-    {
-        EventKind.STEP_COMPLETED,
-        EventKind.STEP_FAILED,
-        EventKind.STEP_RETRY_SCHEDULED,
-        EventKind.STEP_DEFERRED,
-        EventKind.STEP_COMPENSATED,
-    }
-)
-
-
-# Asked on every commit and reply: set membership and module constants instead of the
-# ``is_active`` property's call and the class lookups of enum members (~70 ns each, Python 3.11).
-_ACTIVE = frozenset(status for status in SagaStatus if status.is_active)
-_SUCCEEDED = ReplyStatus.SUCCEEDED
-_ALL_EVENTS, _LIFECYCLE_EVENTS = StatusEvents.ALL, StatusEvents.LIFECYCLE
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class OrphanReplyPolicy(StrEnum):
     """What to do with a reply whose saga does not exist (a finished saga records it as stale)."""
 
@@ -177,69 +120,6 @@ class OrphanReplyPolicy(StrEnum):
     """Log a warning with the message id and drop it."""
     DEAD_LETTER = "dead-letter"
     """Log a warning and park the reply in the dead-letter queue."""
-
-
-class SagaRegistry:
-    """The saga definitions an orchestrator knows, by saga type."""
-
-    def __init__(self, definitions: Iterable[SagaDefinition] = ()) -> None:
-        self._definitions: dict[str, SagaDefinition] = {}
-        for definition in definitions:
-            self.register(definition)
-
-    def register(self, definition: SagaDefinition) -> None:
-        """Add a definition; a second one with the same name is an error."""
-        existing = self._definitions.get(definition.name)
-        if existing is not None and existing is not definition:
-            raise SagaAlreadyExists(
-                "a saga definition with this name is registered already",
-                saga_type=definition.name,
-            )
-        self._definitions[definition.name] = definition
-
-    def find(self, saga_type: str) -> SagaDefinition | None:
-        """The definition for ``saga_type``, or ``None``."""
-        return self._definitions.get(saga_type)
-
-    def get(self, saga_type: str, *, saga_id: str | None = None) -> SagaDefinition:
-        """The definition for ``saga_type``.
-
-        Raises:
-            UnknownSagaType: naming the type and the registered ones.
-        """
-        definition = self._definitions.get(saga_type)
-        if definition is None:
-            known = ", ".join(sorted(self._definitions)) or "none"
-            raise UnknownSagaType(
-                f"no saga definition registered under this type (registered: {known})",
-                saga_id=saga_id,
-                saga_type=saga_type,
-            )
-        return definition
-
-    def __iter__(self) -> Iterator[SagaDefinition]:
-        return iter(self._definitions.values())
-
-    def __len__(self) -> int:
-        return len(self._definitions)
-
-
-class _EventDelivery(NamedTuple):
-    """One delivered event as one trigger of one definition sees it."""
-
-    envelope: Envelope
-    definition: SagaDefinition
-    trigger: EventTrigger
-    event: BaseModel
-    outcome: EventOutcome
-
-
-def _kept_early(decision: Decision, definition: SagaDefinition, trigger: EventTrigger) -> bool:
-    """Whether an applied event was kept for a wait step the saga has not reached yet."""
-    step = None if trigger.step is None else definition.step(trigger.step)
-    if step is None:
-        return False
-    return decision.instance.steps[step.index].early_event is not None
 
 
 class Orchestrator:
@@ -316,39 +196,72 @@ class Orchestrator:
         self.group = group
         self.reply_to = reply_queue(group)
         self.consumer = f"orchestrator.{group}"
-        self.max_conflict_retries = max_conflict_retries
         self.orphan_replies = orphan_replies
         self.id_factory = id_factory
-        self.conflicts = 0
-        self.stale_cache = 0
+        self.unit_of_work = UnitOfWork(
+            store,
+            clock=clock,
+            max_conflict_retries=max_conflict_retries,
+            instance_cache=instance_cache,
+        )
+        """Loads, saves and retries sagas; keeps the active ones it saved."""
+        self.changes = ChangeBuilder(
+            reply_to=self.reply_to,
+            status_events=StatusEvents(status_events),
+            telemetry=self.telemetry,
+        )
+        """Makes the change each decision commits."""
+        self.parking = Parking(
+            self.unit_of_work,
+            self.changes,
+            clock=clock,
+            telemetry=self.telemetry,
+            observe=self._observe_decision,
+        )
+        """Parks the sagas this orchestrator cannot decide."""
+        self.events = EventRouter(
+            self.registry,
+            clock=clock,
+            telemetry=self.telemetry,
+            consumer=self.consumer,
+            apply=self._apply,
+            start=self._start,
+            park=self.parking.park,
+        )
+        """Applies bus events to the sagas they start, advance or cancel."""
+        self.queries = SagaQueries(store)
+        """Reads sagas, and waits for them to settle."""
+        self.unit_of_work.add_listener(self.queries.committed)
+
+    @property
+    def status_events(self) -> StatusEvents:
+        """Which status events go to the saga-events topic."""
+        return self.changes.status_events
+
+    @status_events.setter
+    def status_events(self, value: StatusEvents | str) -> None:
+        self.changes.status_events = StatusEvents(value)
+
+    @property
+    def conflicts(self) -> int:
+        """Version conflicts met so far (each reloaded and reapplied)."""
+        return self.unit_of_work.conflicts
+
+    @property
+    def stale_cache(self) -> int:
         """Saves refused because a kept instance had gone stale (reloaded, not conflicts)."""
-        self.instance_cache = max(0, instance_cache)
-        self.status_events = StatusEvents(status_events)
-        self._instances: OrderedDict[str, SagaInstance] = OrderedDict()
-        self._relay: OutboxRelay | None = None
-        self._handoff: OutboxHandoff | None = None
-        self._listeners: list[CommitListener] = []
-        # Futures of wait_for callers, by saga id: a commit that settles a saga (no longer
-        # active) wakes the waiters of that saga only.
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
-        self._routes: tuple[int, EventRoutes] | None = None
+        return self.unit_of_work.stale_cache
 
     def add_listener(self, listener: CommitListener) -> None:
-        """Call ``listener`` after every commit (used to wake waiters)."""
-        self._listeners.append(listener)
+        """Call ``listener`` after every commit."""
+        self.unit_of_work.add_listener(listener)
 
     def use_relay(self, relay: OutboxRelay) -> None:
         """Hand what each commit wrote to the outbox to ``relay``, this process's relay.
 
-        When the store offers :class:`~sagas_abstractions.ports.OutboxHandoff`, the records are
-        written already leased to the relay and handed to it in memory, so it publishes them
-        without a claim query (the claim stays the recovery path, should this process die
-        before publishing). Otherwise, and for records it could not lease, the relay is kicked
-        to claim them.
+        See :meth:`UnitOfWork.use_relay <sagas_core.unit_of_work.UnitOfWork.use_relay>`.
         """
-        self._relay = relay
-        # Checked once here: a runtime-checkable protocol is slow to check on every save.
-        self._handoff = self.store if isinstance(self.store, OutboxHandoff) else None
+        self.unit_of_work.use_relay(relay)
 
     # ------------------------------------------------------------------ starting
 
@@ -427,7 +340,9 @@ class Orchestrator:
                     raise
                 return self._existing(existing, definition), False
             try:
-                handed = await self._save(self._change(decision, expected_version=None, inbox=None))
+                handed = await self.unit_of_work.save(
+                    self.changes.change(decision, expected_version=None, inbox=None)
+                )
             except ConcurrencyConflict:
                 # The id exists (started before, or by a racing start): that saga stands.
                 existing = await self.store.load(new_id)
@@ -438,7 +353,7 @@ class Orchestrator:
                 return self._existing(existing, definition), False
             if span is not None:
                 self.telemetry.decided(span, decision)
-            self._committed([decision.instance], claim=not handed)
+            self.unit_of_work.committed([decision.instance], claim=not handed)
             self._observe_decision(decision)
         if _log.isEnabledFor(logging.INFO):  # spares the extra dict on every start
             _log.info("saga started", extra={"saga_id": new_id, "saga_type": name})
@@ -568,8 +483,10 @@ class Orchestrator:
             )
         except SagaNotFound:
             await self._orphan(reply)
-        except _UNDECIDABLE as problem:
-            await self._park(reply.saga_id, problem, inbox=inbox, message_id=reply.message_id)
+        except UNDECIDABLE as problem:
+            await self.parking.park(
+                reply.saga_id, problem, inbox=inbox, message_id=reply.message_id
+            )
         else:
             # Not a duplicate nor a forgery: tell the breaker how the destination did.
             if decision is not None and decision.rejected is None:
@@ -612,12 +529,7 @@ class Orchestrator:
     @property
     def event_topics(self) -> tuple[str, ...]:
         """Every topic a registered saga starts on, waits for or is cancelled by."""
-        return self._event_routes().topics
-
-    def _event_routes(self) -> EventRoutes:
-        if self._routes is None or self._routes[0] != len(self.registry):
-            self._routes = (len(self.registry), EventRoutes(self.registry))
-        return self._routes[1]
+        return self.events.topics
 
     async def handle_event(self, envelope: Envelope) -> EventOutcome:
         """Apply a bus event to every saga it starts, advances or cancels.
@@ -630,121 +542,11 @@ class Orchestrator:
             What the event did; when ``dead_letter`` is not empty the caller must park the
             event in the dead-letter queue (the runtime does).
         """
-        outcome = EventOutcome()
         try:
             self._check_size(envelope, "event")
         except MessageTooLarge as exc:
-            outcome.dead_letter.append(str(exc))
-            return outcome
-        routes = self._event_routes().get(envelope.key)
-        if not routes:
-            _log.warning("event %s on topic %r: no saga listens", envelope.message_id, envelope.key)
-        with self.telemetry.consume(envelope, system=self.messaging_system):
-            for definition, trigger in routes:
-                try:
-                    event, saga_ids = parse_event(envelope, definition, trigger)
-                except InvalidEvent as exc:
-                    _log.error("dead-lettering event %s: %s", envelope.message_id, exc)
-                    outcome.dead_letter.append(str(exc))
-                    continue
-                delivery = _EventDelivery(envelope, definition, trigger, event, outcome)
-                for saga_id in saga_ids:
-                    await self._event_to_saga(delivery, saga_id)
-        return outcome
-
-    async def _event_to_saga(self, delivery: _EventDelivery, saga_id: str) -> None:
-        envelope, definition, trigger, event, outcome = delivery
-        if trigger.role is EventRole.START:
-            await self._start_from_event(delivery, saga_id)
-            return
-        dumped = event.model_dump(mode="json")
-
-        def make(_: SagaInstance) -> SagaInput:
-            now = self.clock.now()
-            if trigger.role is EventRole.CANCEL:
-                return Cancel(event=trigger.name, at=now, message_id=envelope.message_id)
-            assert trigger.step is not None  # noqa: S101 - wait_for triggers name their step
-            return EventReceived(
-                step=trigger.step,
-                event=trigger.name,
-                at=now,
-                message_id=envelope.message_id,
-                data=dumped,
-            )
-
-        inbox = InboxEntry(self.consumer, event_inbox_id(envelope.message_id, saga_id))
-        try:
-            decision = await self._apply(saga_id, make, inbox=inbox, saga_type=definition.name)
-        except SagaNotFound:
-            await self._missing_saga(delivery, saga_id)
-            return
-        except _UNDECIDABLE as problem:
-            await self._park(saga_id, problem, inbox=inbox, message_id=envelope.message_id)
-            outcome.ignored.append(saga_id)
-            return
-        if decision is None:  # a duplicate delivery: applied (or refused) once already
-            outcome.ignored.append(saga_id)
-        elif not decision.changed:
-            # The saga exists but can no longer use the event (finished, compensating, step
-            # done): as telling as a missing saga, so the same policy decides what to do.
-            why = decision.history[0].reason if decision.history else "not applicable"
-            self._unmatched(delivery, saga_id, f"which could not use it ({why})")
-        elif _kept_early(decision, definition, trigger):
-            outcome.kept.append(saga_id)
-        else:
-            outcome.applied.append(saga_id)
-
-    async def _missing_saga(self, delivery: _EventDelivery, saga_id: str) -> None:
-        if delivery.trigger.missing is MissingSagaPolicy.START:
-            if await self._start_from_event(delivery, saga_id):
-                await self._event_to_saga(delivery, saga_id)  # then the event, as to any saga
-            return
-        self._unmatched(delivery, saga_id, "which does not exist")
-
-    def _unmatched(self, delivery: _EventDelivery, saga_id: str, why: str) -> None:
-        """An event found no saga that could use it: dead-letter it or log it, per policy."""
-        envelope, definition, trigger, _, outcome = delivery
-        reason = (
-            f"event {trigger.name} (message {envelope.message_id}) for {definition.name} saga "
-            f"{saga_id}, {why}"
-        )
-        if trigger.missing is MissingSagaPolicy.DEAD_LETTER:
-            _log.warning("%s: dead-lettered", reason)
-            outcome.dead_letter.append(reason)
-        else:
-            _log.info("%s: ignored", reason)
-            outcome.ignored.append(saga_id)
-
-    async def _start_from_event(self, delivery: _EventDelivery, saga_id: str) -> bool:
-        """Start the saga the event names; ``False`` when the event was dead-lettered instead."""
-        envelope, definition, trigger, event, outcome = delivery
-        assert trigger.build_data is not None  # noqa: S101 - start triggers can build data
-        prefix = f"event {trigger.name} (message {envelope.message_id}) cannot start"
-        try:
-            data = trigger.build_data(event)
-        except Exception as exc:  # noqa: BLE001 - a user data function failed: it always will
-            reason = f"{prefix} {definition.name} saga {saga_id}: {type(exc).__name__}: {exc}"
-            _log.exception("dead-lettering: %s", reason)
-            outcome.dead_letter.append(reason)
-            return False
-        trace = {k: v for k, v in envelope.headers.items() if k in _TRACE_HEADERS}
-        try:
-            _, created = await self._start(
-                definition,
-                data,
-                saga_id=saga_id,
-                correlation_id=envelope.correlation_id,
-                trace_context=trace,
-                cause=(f"event:{trigger.name}", envelope.message_id),
-            )
-        except (InvalidSagaData, SagaAlreadyExists) as exc:
-            reason = f"{prefix} it: {exc}"
-            _log.error("dead-lettering: %s", reason)
-            outcome.dead_letter.append(reason)
-            return False
-        # A duplicate (or a second event naming the same saga) never starts a second saga.
-        (outcome.started if created else outcome.ignored).append(saga_id)
-        return True
+            return EventOutcome(dead_letter=[str(exc)])
+        return await self.events.route(envelope, system=self.messaging_system)
 
     # ------------------------------------------------------------------ deadlines
 
@@ -792,9 +594,9 @@ class Orchestrator:
             try:
                 try:
                     decision = await self._apply(instance.saga_id, make, inbox=None)
-                except _UNDECIDABLE as problem:
+                except UNDECIDABLE as problem:
                     # Park it: its deadline is cleared, so it stops coming back here.
-                    fired += await self._park(instance.saga_id, problem, inbox=None)
+                    fired += await self.parking.park(instance.saga_id, problem, inbox=None)
                     continue
             except ConcurrencyConflict as exc:
                 # One saga this worker cannot move must not hold up the others behind it.
@@ -829,147 +631,15 @@ class Orchestrator:
     async def _operator(self, saga_id: str, make: Callable[[], SagaInput]) -> SagaInstance:
         try:
             decision = await self._apply(saga_id, lambda _: make(), inbox=None)
-        except _UNDECIDABLE:
+        except UNDECIDABLE:
             event = make()
             if not isinstance(event, Resolve):
                 raise  # compensating needs the definition the saga runs under
             # A parked saga the engine cannot decide can still be closed by hand.
-            decision = await self._resolve_without_definition(saga_id, event)
+            decision = await self.parking.resolve(saga_id, event)
         if decision is None:  # pragma: no cover - operator inputs always decide
             raise SagaNotFound("no saga with this id", saga_id=saga_id)
         return decision.instance
-
-    # ------------------------------------------------------------------ sagas it cannot decide
-
-    async def _park(
-        self,
-        saga_id: str,
-        problem: InvalidSagaData | UnknownSagaType | DefinitionChanged,
-        *,
-        inbox: InboxEntry | None,
-        message_id: str | None = None,
-    ) -> int:
-        """Park a saga that cannot be decided and record the message that found it.
-
-        Returns:
-            1 if the saga was parked now, else 0 (already parked or finished, gone, or parked
-            by another worker first).
-        """
-        for attempt in range(self.max_conflict_retries + 1):
-            instance, readable = await self._view(saga_id)
-            if instance is None:
-                _log.warning("saga %s to park is gone: %s", saga_id, problem)
-                return 0
-            if instance.status.is_terminal or (readable and instance.status is SagaStatus.FAILED):
-                await self._record_unmoved(
-                    instance, problem, readable=readable, inbox=inbox, message_id=message_id
-                )
-                return 0
-            reason = f"parked: {problem}"
-            decision = parked(
-                instance,
-                error=ErrorInfo(code=problem.park_code, message=str(problem)),
-                at=self.clock.now(),
-                reason=reason,
-                message_id=message_id,
-            )
-            try:
-                await self.store.save(
-                    [
-                        self._change(
-                            decision,
-                            expected_version=instance.version,
-                            inbox=inbox,
-                            status_only=True,
-                        )
-                    ]
-                )
-            except ConcurrencyConflict:
-                await self._conflicted(attempt)
-                continue
-            except DuplicateMessage:
-                return 0
-            _log.error("saga %s parked as failed (%s): %s", saga_id, problem.park_code, problem)
-            self.telemetry.record_decision(decision)
-            self._committed([decision.instance])
-            return 1
-        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
-
-    async def _record_unmoved(
-        self,
-        instance: SagaInstance,
-        problem: SagaError,
-        *,
-        readable: bool,
-        inbox: InboxEntry | None,
-        message_id: str | None,
-    ) -> None:
-        """A finished or parked saga stays as it is; a message for it is recorded as stale."""
-        if inbox is None:
-            return
-        if not readable:
-            _log.warning(
-                "message %s for %s saga %s dropped: %s",
-                message_id,
-                instance.status.value,
-                instance.saga_id,
-                problem,
-            )
-            return
-        entry = HistoryEntry(
-            saga_id=instance.saga_id,
-            version=instance.version,
-            at=self.clock.now(),
-            input="Park",
-            outcome="stale",
-            from_status=instance.status,
-            to_status=instance.status,
-            reason=f"saga is {instance.status.value}, left as it is: {problem}",
-            message_id=message_id,
-        )
-        with contextlib.suppress(DuplicateMessage, ConcurrencyConflict):
-            await self.store.save(
-                [
-                    SagaChange(
-                        instance=instance,
-                        expected_version=instance.version,
-                        history=[entry],
-                        inbox=inbox,
-                    )
-                ]
-            )
-
-    async def _resolve_without_definition(self, saga_id: str, event: Resolve) -> Decision:
-        for attempt in range(self.max_conflict_retries + 1):
-            instance, _ = await self._view(saga_id)
-            if instance is None:
-                raise SagaNotFound("no saga with this id", saga_id=saga_id)
-            decision = resolved_without_definition(instance, event)
-            try:
-                await self.store.save(
-                    [
-                        self._change(
-                            decision,
-                            expected_version=instance.version,
-                            inbox=None,
-                            status_only=True,
-                        )
-                    ]
-                )
-            except ConcurrencyConflict:
-                await self._conflicted(attempt)
-                continue
-            self._committed([decision.instance])
-            self._observe_decision(decision)
-            return decision
-        raise ConcurrencyConflict(saga_id=saga_id, expected_version=None, actual_version=None)
-
-    async def _view(self, saga_id: str) -> tuple[SagaInstance | None, bool]:
-        """The saga as loaded, or as readers show it when its stored state does not parse."""
-        try:
-            return await self.store.load(saga_id), True
-        except InvalidSagaData:
-            return await self.store.get(saga_id), False
 
     # ------------------------------------------------------------------ status API
 
@@ -979,10 +649,7 @@ class Orchestrator:
         Raises:
             SagaNotFound: no saga has this id.
         """
-        instance = await self.store.get(saga_id)
-        if instance is None:
-            raise SagaNotFound("no saga with this id", saga_id=saga_id)
-        return instance
+        return await self.queries.get(saga_id)
 
     async def list(
         self,
@@ -993,13 +660,13 @@ class Orchestrator:
         limit: int = 100,
     ) -> builtins.list[SagaInstance]:
         """Sagas matching every given filter, least recently updated first."""
-        return await self.store.find(
+        return await self.queries.list(
             status=status, saga_type=saga_type, updated_before=updated_before, limit=limit
         )
 
     async def history(self, saga_id: str) -> builtins.list[HistoryEntry]:
         """The saga's audit trail, oldest first (every input, applied or stale)."""
-        return await self.store.history(saga_id)
+        return await self.queries.history(saga_id)
 
     async def wait_for(
         self,
@@ -1017,47 +684,11 @@ class Orchestrator:
             TimeoutError: the saga did not settle within ``timeout`` seconds; the message says
                 where it stands (status, step, what it waits for).
         """
-        instance: SagaInstance | None = None
-        try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    instance = await self.get(saga_id)
-                    if instance.status not in _ACTIVE:
-                        return instance
-                    await self._changed(saga_id, poll_interval)
-        except TimeoutError as exc:
-            where = "not found yet"
-            if instance is not None:
-                waiting = instance.wait.value if instance.wait else "-"
-                where = (
-                    f"{instance.status.value} at step {instance.current_step_name!r} "
-                    f"(attempt {instance.attempt}, waiting for {waiting})"
-                )
-            raise TimeoutError(
-                f"saga {saga_id} did not settle within {timeout:g}s: {where}; is the participant "
-                "for that step running, on the same broker and prefix?"
-            ) from exc
-
-    async def _changed(self, saga_id: str, poll_interval: float) -> None:
-        """Wait until this process commits the saga settled, or ``poll_interval`` passes."""
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[None] = loop.create_future()
-        waiters = self._waiters.setdefault(saga_id, [])
-        waiters.append(waiter)
-        # A timer on the future instead of asyncio.wait_for, which makes a task per wait.
-        timer = loop.call_later(poll_interval, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            if waiter in waiters:
-                waiters.remove(waiter)
-            if not waiters and self._waiters.get(saga_id) is waiters:
-                del self._waiters[saga_id]
+        return await self.queries.wait_for(saga_id, timeout=timeout, poll_interval=poll_interval)
 
     # ------------------------------------------------------------------ the unit of work
 
-    async def _apply(
+    def _apply(
         self,
         saga_id: str,
         make: Callable[[SagaInstance], SagaInput | None],
@@ -1066,11 +697,14 @@ class Orchestrator:
         saga_type: str | None = None,
         reject: Callable[[str], Envelope] | None = None,
         refused: str | None = None,
-    ) -> Decision | None:
+    ) -> Coroutine[Any, Any, Decision | None]:
         """Load, decide and save one input, reloading and reapplying on a version conflict.
 
         A rejected reply is recorded with ``reject(reason)`` (its dead letter) in the outbox,
         without ``inbox``. ``refused`` rejects the reply for that reason without deciding.
+
+        Not a coroutine function: it returns the unit of work's run for the caller to await,
+        which spares every input a coroutine that would only await another.
 
         Raises:
             SagaNotFound: No saga has this id (or, with ``saga_type``, none of that type).
@@ -1079,10 +713,13 @@ class Orchestrator:
             DefinitionChanged: The saga started under another definition.
             ConcurrencyConflict: The conflicts outlasted the retries.
         """
-        attempt = 0
-        while attempt <= self.max_conflict_retries:
-            kept = self._instances.get(saga_id)
-            instance = kept if kept is not None else await self.store.load(saga_id)
+        uow = self.unit_of_work
+
+        async def attempt() -> Decision | Again | None:
+            instance = uow.kept_copy(saga_id)
+            kept = instance is not None
+            if instance is None:
+                instance = await uow.load(saga_id)
             if instance is None or (saga_type is not None and instance.saga_type != saga_type):
                 raise SagaNotFound("no saga with this id", saga_id=saga_id, saga_type=saga_type)
             definition = self.registry.get(instance.saga_type, saga_id=saga_id)
@@ -1097,7 +734,6 @@ class Orchestrator:
             if event is None:
                 return None
             with self.telemetry.saga_input(instance, event) as span:
-                circuits = None if self.breaker is None else self._circuits()
                 if refused is not None and isinstance(event, StepSucceeded | StepFailed):
                     decision = rejected(instance, event, refused)
                 else:
@@ -1105,46 +741,39 @@ class Orchestrator:
                         definition,
                         instance,
                         event,
-                        circuits=circuits,
+                        circuits=None if self.breaker is None else self._circuits(),
                         reply_token=self.reply_tokens(),
                         max_data_bytes=self.max_data_bytes,
                     )
                 if decision.rejected is not None:
-                    if kept is not None:
+                    if kept:
                         # Judge a forgery on the stored saga, never on a kept copy.
-                        self._instances.pop(saga_id, None)
-                        continue
+                        uow.forget(saga_id)
+                        return Again.RELOAD
                     await self._record_rejected(decision, reject)
                     return decision
                 if not decision.changed and inbox is None:
                     # e.g. a deadline another worker fired first: nothing to record
                     return decision
                 try:
-                    handed = await self._save(
-                        self._change(decision, expected_version=instance.version, inbox=inbox)
+                    handed = await uow.save(
+                        self.changes.change(
+                            decision, expected_version=instance.version, inbox=inbox
+                        )
                     )
                 except ConcurrencyConflict:
-                    # A fresh load on the next loop: retrying on stale state can never succeed.
-                    if kept is not None:
-                        self.stale_cache += 1  # a kept instance went stale: no contention
-                        continue
-                    await self._conflicted(attempt)
-                    attempt += 1
-                    continue
+                    # A fresh load next time: retrying on stale state can never succeed.
+                    return uow.conflict(kept=kept)
                 except DuplicateMessage:
                     _log.debug("duplicate message %s ignored", inbox.message_id if inbox else "")
                     return None
                 if span is not None:
                     self.telemetry.decided(span, decision)
-                self._committed([decision.instance], claim=not handed)
+                uow.committed([decision.instance], claim=not handed)
                 self._observe_decision(decision)
                 return decision
-        raise ConcurrencyConflict(
-            saga_id=saga_id,
-            expected_version=None,
-            actual_version=None,
-            saga_type=saga_type,
-        )
+
+        return uow.run(attempt, saga_id=saga_id, saga_type=saga_type)
 
     async def _record_rejected(
         self, decision: Decision, reject: Callable[[str], Envelope] | None
@@ -1157,54 +786,9 @@ class Orchestrator:
             outbox=[] if reject is None else [reject(decision.rejected)],
             history=decision.history,
         )
-        handed = await self._save(change)
-        self._committed([decision.instance], claim=not handed)
+        handed = await self.unit_of_work.save(change)
+        self.unit_of_work.committed([decision.instance], claim=not handed)
         self.telemetry.record_decision(decision)
-
-    def _change(
-        self,
-        decision: Decision,
-        *,
-        expected_version: int | None,
-        inbox: InboxEntry | None,
-        status_only: bool = False,
-    ) -> SagaChange:
-        if status_only:
-            # Written from a partial view of the row: never kept, and what is kept is stale.
-            self._instances.pop(decision.instance.saga_id, None)
-        return SagaChange(
-            instance=decision.instance,
-            expected_version=expected_version,
-            outbox=self._envelopes(decision),
-            history=decision.history,
-            inbox=inbox,
-            status_only=status_only,
-        )
-
-    async def _conflicted(self, attempt: int) -> None:
-        """Count a version conflict and wait a little (more each attempt) before reloading."""
-        self.conflicts += 1
-        await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))  # noqa: S311
-
-    def _envelopes(self, decision: Decision) -> builtins.list[Envelope]:
-        # Lists, not generators, and none for what a decision does not have: it makes a
-        # handful of messages, and a generator costs about as much as encoding one.
-        reply_to = self.reply_to
-        envelopes = [encode_command(command, reply_to=reply_to) for command in decision.commands]
-        if decision.dead_letters:
-            envelopes += [encode_dead_letter(dead) for dead in decision.dead_letters]
-        if decision.events:
-            if self.status_events is _ALL_EVENTS:
-                envelopes += [encode_event(event) for event in decision.events]
-            elif self.status_events is _LIFECYCLE_EVENTS:
-                envelopes += [
-                    encode_event(event)
-                    for event in decision.events
-                    if event.kind not in _STEP_EVENTS
-                ]
-        # The deciding span's context travels with the outbox rows (published after a restart,
-        # a message still joins its saga's trace).
-        return self.telemetry.stamp(envelopes)  # unchanged while tracing is off
 
     def _circuits(self) -> dict[str, datetime] | None:
         return None if self.breaker is None else self.breaker.blocked(self.clock.now())
@@ -1243,54 +827,3 @@ class Orchestrator:
                 destination = self._destination(decision.instance.saga_type, entry.step, entry.kind)
                 if destination is not None:
                     self.breaker.record_failure(destination, self.clock.now())
-
-    async def _save(self, change: SagaChange) -> bool:
-        """Save one change of the orchestrator's own deciding, and keep its saga in memory.
-
-        Returns:
-            Whether the relay got every outbox record of the change in hand (nothing to claim).
-        """
-        saga_id = change.instance.saga_id
-        relay, handoff = self._relay, self._handoff
-        try:
-            if relay is None or handoff is None or not change.outbox or not relay.accepts_hand_off:
-                await self.store.save([change])
-                handed = not change.outbox
-            else:
-                until = self.clock.now() + relay.lease
-                leased = await handoff.save_leased([change], owner=relay.owner, until=until)
-                relay.hand_off(leased)
-                handed = len(leased) == len(change.outbox)
-        except DuplicateMessage:
-            raise  # nothing was written, and the version matched: what is kept still holds
-        except BaseException:
-            self._instances.pop(saga_id, None)
-            raise
-        self._keep(change.instance)
-        return handed
-
-    def _keep(self, instance: SagaInstance) -> None:
-        saga_id = instance.saga_id
-        if not self.instance_cache or instance.status not in _ACTIVE:
-            self._instances.pop(saga_id, None)  # a finished saga seldom hears again
-            return
-        self._instances[saga_id] = instance
-        self._instances.move_to_end(saga_id)
-        if len(self._instances) > self.instance_cache:
-            self._instances.popitem(last=False)
-
-    def _committed(self, instances: Sequence[SagaInstance], *, claim: bool = True) -> None:
-        """After a commit: wake the relay (to claim, unless it got the records in hand)."""
-        if claim and self._relay is not None:
-            self._relay.kick()
-        if self._waiters:
-            for instance in instances:
-                # wait_for waits for a saga to settle: an active saga's waiters stay asleep.
-                if instance.status not in _ACTIVE:
-                    for waiter in self._waiters.pop(instance.saga_id, ()):
-                        _wake(waiter)
-        for listener in self._listeners:
-            try:
-                listener(instances)
-            except Exception:  # noqa: BLE001 - a listener must not undo a committed change
-                _log.exception("commit listener failed")

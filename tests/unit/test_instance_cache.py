@@ -170,11 +170,11 @@ async def test_the_cache_keeps_at_most_its_size_and_only_active_sagas() -> None:
     for n in range(5):
         await orch.start("order", Data(order_id=f"o-{n}"), saga_id=f"saga-{n}")
 
-    assert list(orch._instances) == ["saga-2", "saga-3", "saga-4"]  # least recently saved out
+    assert orch.unit_of_work.kept == ["saga-2", "saga-3", "saga-4"]  # least recently saved out
 
     await orch.handle_reply(success(last_command(store)))  # saga-4 moves on: kept, most recent
     await orch.handle_reply(success(last_command(store)))  # saga-4 completes: not kept
-    assert list(orch._instances) == ["saga-2", "saga-3"]
+    assert orch.unit_of_work.kept == ["saga-2", "saga-3"]
 
 
 async def test_a_saga_that_could_not_be_saved_is_not_kept() -> None:
@@ -190,7 +190,7 @@ async def test_a_saga_that_could_not_be_saved_is_not_kept() -> None:
 
     assert decision is not None
     assert store.loads == loads + 1
-    assert orch._instances["saga-1"] == decision.instance
+    assert orch.unit_of_work.kept_copy("saga-1") == decision.instance
 
 
 # ---------------------------------------------------------------------- outbox hand-off

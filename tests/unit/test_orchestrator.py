@@ -779,11 +779,11 @@ async def test_wait_for_sleeps_through_commits_of_other_sagas_and_leaves_no_wait
     await orchestrator.compensate("saga-2", actor="alice")  # wakes the waiters of saga-2 only
     await asyncio.sleep(0.01)
     assert not waiter.done()
-    assert list(orchestrator._waiters) == ["saga-1"]
+    assert list(orchestrator.queries._waiters) == ["saga-1"]
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
-    assert not orchestrator._waiters
+    assert not orchestrator.queries._waiters
 
 
 async def test_wait_for_raises_timeout_error_when_the_saga_does_not_settle(

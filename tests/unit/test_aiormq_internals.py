@@ -10,6 +10,7 @@ carries only what the channel's constructor reads.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import logging
 import tomllib
@@ -26,6 +27,7 @@ from sagas_rabbitmq import _aiormq
 from sagas_rabbitmq._aiormq import AiormqUnsupportedError, Feature
 
 _FRAME_MAX = 131_072
+_ROOT = Path(__file__).parents[2]
 
 
 class _Connection(aiormq.base.Base):
@@ -98,11 +100,27 @@ def test_the_stand_in_channel_is_split_as_the_bus_expects(channel: aiormq.Channe
 
 
 def test_pyproject_bounds_aiormq_to_the_supported_versions() -> None:
-    pyproject = tomllib.loads(
-        (Path(__file__).parents[2] / "pyproject.toml").read_text(encoding="utf-8")
-    )
+    pyproject = tomllib.loads((_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     rabbitmq = pyproject["project"]["optional-dependencies"]["rabbitmq"]
     assert f"aiormq{_aiormq.SUPPORTED_AIORMQ}" in rabbitmq
+
+
+@pytest.mark.parametrize("module", ["bus.py", "consumer.py"])
+def test_the_bus_and_the_consumer_do_not_import_aiormq_or_pamqp(module: str) -> None:
+    # Whatever goes below aio-pika's public API belongs in _aiormq.py, where the check covers it.
+    tree = ast.parse((_ROOT / "sagas_rabbitmq" / module).read_text(encoding="utf-8"))
+    imported = {
+        name.split(".")[0]
+        for node in ast.walk(tree)
+        for name in (
+            [alias.name for alias in node.names]
+            if isinstance(node, ast.Import)
+            else [node.module or ""]
+            if isinstance(node, ast.ImportFrom)
+            else []
+        )
+    }
+    assert not imported & {"aiormq", "pamqp"}
 
 
 def test_every_feature_names_what_it_needs() -> None:

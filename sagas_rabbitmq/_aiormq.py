@@ -283,8 +283,13 @@ def supports_ack_writer(channel: object) -> bool:
     return inspect_channel(channel).ack_batching
 
 
-class AiormqUnsupportedError(RuntimeError):
-    """The installed aiormq lacks an internal that ``sagas_rabbitmq`` cannot do without."""
+class AiormqUnsupportedError(TransportError):
+    """The installed aiormq lacks an internal that ``sagas_rabbitmq`` cannot do without.
+
+    A :class:`~sagas_abstractions.TransportError`, as everything ``RabbitBus.connect`` raises,
+    but not one of the client's errors (``BROKER_ERRORS`` includes ``RuntimeError``), so that
+    connect raises it as it is rather than as a failed topology declaration.
+    """
 
 
 def check(channel: object) -> Internals:

@@ -5,48 +5,36 @@ queues (a 406 on a redeclaration closes only that channel), and one per subscrip
 is the subscription's prefetch). Every publish is bounded by a timeout, and a batch is
 published pipelined: all messages go out, then all confirms are awaited together.
 
-A batch goes out in one write under one acquisition of the channel lock (see
-:func:`_write_batch`), with one confirmation future per delivery tag registered on the aiormq
-channel exactly as ``aiormq.Channel.basic_publish`` registers them, so aiormq's reader settles
-them (ack, nack, return, channel closed) as it would its own. ``basic_publish`` costs a lock, a
-timeout, a write and a drain per message, and aio-pika a ``Message`` and a task per message on
-top: together the largest share of the orchestrator's CPU. Because this relies on aiormq
-internals, the bus checks on connect that the channel has them and otherwise publishes through
-aio-pika, one message at a time (:attr:`RabbitBus.batch_publishing` tells which).
-
-Concurrent publishers share writes too (:meth:`RabbitBus._write`): the batches that queue up
-while one is being written go out together in the next write. A participant publishes one
-reply per command from many handlers at once; a socket write each was the largest part of its
-CPU. A publisher alone writes at once, without waiting for company.
+A batch goes out in one write (``sagas_rabbitmq._aiormq.BatchPublisher``, shared with
+concurrent publishers): publishing through aio-pika one message at a time was the largest share
+of the orchestrator's CPU (docs/performance.md). That relies on aiormq internals, so the bus
+checks on connect that the installed aiormq has them (``sagas_rabbitmq._aiormq.check``): if it
+does not, it publishes through aio-pika one message at a time and says so in a warning
+(:attr:`RabbitBus.batch_publishing` tells which). This module itself uses aio-pika's public API
+only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import uuid
-from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, Self, cast
+from typing import TYPE_CHECKING, Self
 from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 import aio_pika
-import aiormq
-import aiormq.exceptions
-import pamqp.frame
-from aiormq.abc import ChannelFrame
-from pamqp.body import ContentBody
-from pamqp.commands import Basic
+import aio_pika.exceptions
 
 from sagas_abstractions import Envelope, PublishError, RouteKind, TransportError
+from sagas_rabbitmq import _aiormq
 from sagas_rabbitmq.consumer import RabbitSubscription
 from sagas_rabbitmq.errors import BROKER_ERRORS, publish_error, transport_error
 from sagas_rabbitmq.settings import TLS_FILE_OPTIONS, RabbitSettings
 from sagas_rabbitmq.topology import Topology
-from sagas_rabbitmq.wire import content_header_frame, to_amqp
+from sagas_rabbitmq.wire import to_amqp
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Sequence
@@ -65,10 +53,6 @@ if TYPE_CHECKING:
 __all__ = ["RabbitBus"]
 
 _log = logging.getLogger("sagas.rabbitmq")
-
-_MAX_ROUTING_KEY = 255
-_PUBLISH_FRAME_CACHE = 1024
-"""Marshalled ``Basic.Publish`` frames kept (one per exchange, routing key and channel)."""
 
 
 class RabbitBus:
@@ -116,9 +100,8 @@ class RabbitBus:
         self._declared: set[str] = set()
         self._closed = False
         self._batch_publishing = False
-        self._publish_frames: dict[tuple[int, str, str, bool], bytes] = {}
-        self._writes: list[_Write] = []
-        self._write_lock = asyncio.Lock()
+        self._batch_acks = False
+        self._publisher: _aiormq.BatchPublisher | None = None
         self.instance = settings.instance_id or uuid.uuid4().hex[:12]
         """This bus's name in its own reply addresses (see ``RabbitSettings.reply_affinity``)."""
         self._affinity: dict[str, str] = {}  # reply address -> this process's own address
@@ -214,14 +197,13 @@ class RabbitBus:
         self._publish_channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._batch_publishing = _supports_batch_publish(
-            await self._publish_channel.get_underlay_channel()
+        # Refuses an aiormq without what consuming needs; warns of any slower path it takes.
+        internals = _aiormq.check(await self._publish_channel.get_underlay_channel())
+        self._batch_publishing = internals.batch_publish
+        self._batch_acks = internals.ack_batching
+        self._publisher = _aiormq.BatchPublisher(
+            self._publish_channel, self.topology, self.settings.publish_timeout
         )
-        if not self._batch_publishing:
-            _log.debug(
-                "the aiormq channel lacks what batch publishing needs; "
-                "publishing one message at a time",
-            )
         self._declare_channel = await self._connection.channel(publisher_confirms=False)
         # Exchanges are declared once, on the publishing channel, and their objects reused.
         for name, kind in self.topology.exchanges():
@@ -318,8 +300,8 @@ class RabbitBus:
                 )
                 raise publish_error(failed, exc) from exc
         results: Sequence[BaseException | None]
-        if self._batch_publishing:
-            results = await self._publish_batch(envelopes)
+        if self._batch_publishing and self._publisher is not None:
+            results = await self._publisher.publish(envelopes)
         else:
             results = await asyncio.gather(
                 *(self._publish_one(envelope) for envelope in envelopes), return_exceptions=True
@@ -333,7 +315,7 @@ class RabbitBus:
             return
         for envelope, result in failures:
             if envelope.route is RouteKind.COMMAND and isinstance(
-                result, aiormq.exceptions.PublishError
+                result, aio_pika.exceptions.PublishError
             ):
                 # The queue was deleted behind our back: declare it again next time.
                 self._command_queues.pop(envelope.key, None)
@@ -349,117 +331,6 @@ class RabbitBus:
             return envelope
         own = self._affinity.get(envelope.reply_to)
         return envelope if own is None else envelope.model_copy(update={"reply_to": own})
-
-    async def _publish_batch(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
-        """Write the batch at once and wait for its confirms; the error of each envelope, if any."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.publish_timeout
-        results: list[BaseException | None] = [None] * len(envelopes)
-        try:
-            # aio-pika waits for a reconnection without a bound: bound it, and the write.
-            async with asyncio.timeout_at(deadline):
-                underlay = await self._publish_underlay()
-                outgoing: list[_Outgoing] = []
-                positions: list[int] = []
-                for position, envelope in enumerate(envelopes):
-                    try:
-                        outgoing.append(self._frames(underlay.number, envelope))
-                    except (ValueError, TypeError) as exc:  # this one only, as aiormq would
-                        results[position] = exc
-                    else:
-                        positions.append(position)
-                confirmations = await self._write(underlay, outgoing)
-        except Exception as exc:  # noqa: BLE001 - as gather(return_exceptions=True) would
-            return [exc] * len(envelopes)
-        pending = [c for c in confirmations if not c.done()]
-        if pending:
-            _, late = await asyncio.wait(pending, timeout=max(0.0, deadline - loop.time()))
-            for confirmation in late:
-                # As aiormq's own timeout does; its reader then ignores the late confirm.
-                confirmation.cancel()
-        for position, confirmation in zip(positions, confirmations, strict=True):
-            results[position] = (
-                TimeoutError("not confirmed within publish_timeout")
-                if confirmation.cancelled()
-                else confirmation.exception()
-            )
-        return results
-
-    async def _write(
-        self, channel: aiormq.Channel, messages: list[_Outgoing]
-    ) -> list[asyncio.Future[Any]]:
-        """Write ``messages`` with those of concurrent publishers; their confirmation futures.
-
-        Whoever holds the write lock writes every batch queued so far, so a publisher that
-        waited for the lock usually finds its batch written already.
-        """
-        write = _Write(channel, messages, asyncio.get_running_loop().create_future())
-        self._writes.append(write)
-        try:
-            async with self._write_lock:
-                if not write.confirmations.done():
-                    await self._write_queued(write)
-        finally:
-            if not write.confirmations.done():
-                # Gave up (timeout, cancelled) before its batch was taken: drop it.
-                write.abandoned = True
-                if write in self._writes:
-                    self._writes.remove(write)
-        return write.confirmations.result()
-
-    async def _write_queued(self, own: _Write) -> None:
-        """Write every queued batch; ``own`` (the caller's) hears of a failure by the raise."""
-        writes, self._writes = self._writes, []
-        try:
-            for channel in {id(w.channel): w.channel for w in writes}.values():
-                group = [w for w in writes if w.channel is channel]
-                confirmations = await _write_batch(channel, [m for w in group for m in w.messages])
-                start = 0
-                for write in group:
-                    end = start + len(write.messages)
-                    if not write.abandoned:
-                        write.confirmations.set_result(confirmations[start:end])
-                    start = end
-        except BaseException as exc:
-            failure = (
-                exc
-                if isinstance(exc, Exception)
-                else ConnectionError("the write of this batch was interrupted")
-            )
-            for write in writes:
-                if write is not own and not write.confirmations.done() and not write.abandoned:
-                    write.confirmations.set_exception(failure)
-            raise
-
-    async def _publish_underlay(self) -> aiormq.Channel:
-        """The aiormq channel under the publishing channel (a new one after a reconnection)."""
-        channel = self._publish_channel
-        if channel is None:
-            raise TransportError("RabbitMQ bus is not connected")
-        if channel.is_closed:
-            # As aio-pika's Exchange.publish: fail now rather than wait for a reconnection.
-            raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-        # An aiormq.Channel: connect checked it (_supports_batch_publish).
-        return cast("aiormq.Channel", await channel.get_underlay_channel())
-
-    def _frames(self, channel_number: int, envelope: Envelope) -> _Outgoing:
-        """One message marshalled for channel ``channel_number`` (``Basic.Publish`` is cached)."""
-        exchange = self.topology.exchange_for(envelope.route)
-        mandatory = self.topology.mandatory(envelope.route)
-        key = (channel_number, exchange, envelope.key, mandatory)
-        publish = self._publish_frames.get(key)
-        if publish is None:
-            if len(envelope.key.encode()) > _MAX_ROUTING_KEY:
-                raise ValueError(f"routing key too long (max {_MAX_ROUTING_KEY} bytes)")
-            publish = pamqp.frame.marshal(
-                Basic.Publish(exchange=exchange, routing_key=envelope.key, mandatory=mandatory),
-                channel_number,
-            )
-            if len(self._publish_frames) >= _PUBLISH_FRAME_CACHE:
-                self._publish_frames.clear()
-            self._publish_frames[key] = publish
-        header = content_header_frame(envelope, channel_number)
-        return _Outgoing(envelope.message_id, [publish, header], envelope.body)
 
     async def _publish_one(self, envelope: Envelope) -> None:
         exchange = self._exchanges[self.topology.exchange_for(envelope.route)]
@@ -626,6 +497,7 @@ class RabbitBus:
                     close_timeout=self.settings.close_timeout,
                     on_closed=on_closed,
                     retry_interval=self.settings.reconnect_interval,
+                    batch_acks=self._batch_acks,
                     slots=slots,
                     outage=outage,
                 )
@@ -691,114 +563,6 @@ class RabbitBus:
         shared.add_companion(companion)
         self._affinity[key] = own
         _log.debug("consuming %s (this process's own replies)", companion.queue_name)
-
-
-class _Outgoing(NamedTuple):
-    """One message ready for the wire: its marshalled method and header frames, and body."""
-
-    message_id: str
-    frames: list[bytes]
-    body: bytes
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Write:
-    """A publisher's batch waiting to be written, and where its confirmations go."""
-
-    channel: aiormq.Channel
-    messages: list[_Outgoing]
-    confirmations: asyncio.Future[list[asyncio.Future[Any]]]
-    abandoned: bool = False
-
-
-def _supports_batch_publish(channel: object) -> bool:
-    """Whether ``channel`` has the aiormq internals :func:`_write_batch` relies on."""
-    try:
-        frame_fields = {f.name for f in dataclasses.fields(ChannelFrame)}
-    except TypeError:
-        return False
-    return (
-        isinstance(channel, aiormq.Channel)
-        and frame_fields == {"payload", "should_close", "drain_future"}
-        and channel.publisher_confirms
-        and channel.on_return_raises
-        and isinstance(getattr(channel, "delivery_tag", None), int)
-        and isinstance(getattr(channel, "confirmations", None), dict)
-        and isinstance(getattr(channel, "message_id_delivery_tag", None), dict)
-        and isinstance(getattr(channel, "max_content_size", None), int)
-        and isinstance(getattr(channel, "write_queue", None), asyncio.Queue)
-        and hasattr(channel, "lock")
-    )
-
-
-async def _write_batch(
-    channel: aiormq.Channel, messages: Sequence[_Outgoing]
-) -> list[asyncio.Future[Any]]:
-    """Put ``messages`` on the wire in one write; one confirmation future per message.
-
-    The bookkeeping is that of ``aiormq.Channel.basic_publish`` for each message: the next
-    delivery tag, a future in ``confirmations`` (settled by aiormq's reader on ack, nack,
-    return or channel close), and ``message_id_delivery_tag`` so a return finds its future.
-    """
-    if not messages:
-        return []
-    number = channel.number
-    parts: list[bytes] = []
-    for message in messages:
-        parts += message.frames
-        parts += _body_frames(message.body, channel.max_content_size, number)
-    drain: asyncio.Future[None] = channel.create_future()
-    frame = ChannelFrame(payload=b"".join(parts), should_close=False, drain_future=drain)
-    confirmations: list[asyncio.Future[Any]] = []
-    async with channel.lock:
-        first_tag = channel.delivery_tag
-        sent = False
-        try:
-            for message in messages:
-                channel.delivery_tag += 1
-                confirmation = channel.create_future()
-                channel.confirmations[channel.delivery_tag] = confirmation
-                channel.message_id_delivery_tag[message.message_id] = channel.delivery_tag
-                confirmations.append(confirmation)
-            await channel.write_queue.put(frame)
-            sent = True
-            for tag, (message, confirmation) in enumerate(
-                zip(messages, confirmations, strict=True), start=first_tag + 1
-            ):
-                confirmation.add_done_callback(
-                    partial(_forget_message_id, channel, message.message_id, tag)
-                )
-            await drain
-        except BaseException:
-            if not sent:
-                # The broker has not seen the batch: reuse its delivery tags under the lock.
-                channel.delivery_tag = first_tag
-                for tag, (message, confirmation) in enumerate(
-                    zip(messages, confirmations, strict=False), start=first_tag + 1
-                ):
-                    channel.confirmations.pop(tag, None)
-                    _forget_message_id(channel, message.message_id, tag)
-                    confirmation.cancel()
-            drain.cancel()
-            raise
-    return confirmations
-
-
-def _body_frames(body: bytes, max_size: int, channel_number: int) -> list[bytes]:
-    """The body frames of a message (none for an empty body), as aiormq splits them."""
-    if len(body) < max_size:
-        return [pamqp.frame.marshal(ContentBody(body), channel_number)] if body else []
-    return [
-        pamqp.frame.marshal(ContentBody(body[start : start + max_size]), channel_number)
-        for start in range(0, len(body), max_size)
-    ]
-
-
-def _forget_message_id(
-    channel: aiormq.Channel, message_id: str, tag: int, _: object = None
-) -> None:
-    if channel.message_id_delivery_tag.get(message_id) == tag:
-        del channel.message_id_delivery_tag[message_id]
 
 
 def _safe_url(url: str) -> str:

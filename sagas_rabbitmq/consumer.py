@@ -5,13 +5,13 @@ Handlers run in tasks the subscription owns, not in aiormq's consumer tasks: clo
 its database transaction is worse than one that finishes and then fails to ack (the broker
 redelivers that message and the receiver deduplicates it).
 
-The consumer is registered on the aiormq channel itself, not through aio-pika's
-``Queue.consume``: aio-pika wraps each delivery in an ``IncomingMessage`` and a task of its own
-before our callback even runs, which then starts the handler's task; here aiormq's task starts
-it directly. The subscription consumes again, with the same tag, whenever the robust channel
-reopens (after a reconnection), once the channel has declared the queue again; and when the
-broker cancels the consumer (its queue was deleted, say) it declares the queue again and
-consumes again, retrying until it can, as aio-pika does for the consumers it knows.
+The consumer is registered on the aiormq channel itself (``sagas_rabbitmq._aiormq.Consumer``),
+not through aio-pika's ``Queue.consume``, which costs an ``IncomingMessage`` and a task per
+delivery: aiormq's task starts the handler's task directly. The subscription consumes again,
+with the same tag, whenever the robust channel reopens (after a reconnection), once the channel
+has declared the queue again; and when the broker cancels the consumer (its queue was deleted,
+say) it declares the queue again and consumes again, retrying until it can, as aio-pika does
+for the consumers it knows.
 
 A handler failure that belongs to the message is treated by what it says: a
 ``MessageDecodeError`` (the message breaks the protocol, and will every time) dead-letters a copy
@@ -22,8 +22,8 @@ failure, not the message's: the delivery is held, uncounted, until the handler g
 :class:`~sagas_core.outage.Outage`).
 
 Acks of the handlers that finish together (a group commit acks its whole batch) go to the
-socket in one write (:class:`_AckWriter`): aiormq writes and drains each ack on its own, one
-system call per message.
+socket in one write (``sagas_rabbitmq._aiormq.AckWriter``). Everything below aio-pika's public
+API lives in ``sagas_rabbitmq._aiormq``.
 """
 
 from __future__ import annotations
@@ -32,17 +32,14 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
-import aiormq
-import aiormq.exceptions
-from aiormq.abc import ChannelFrame
-from pamqp.commands import Basic
 
 from sagas_abstractions import Envelope, MessageDecodeError, RouteKind
 from sagas_core.codec import HEADER_REASON
 from sagas_core.outage import Outage
+from sagas_rabbitmq._aiormq import AckWriter, Consumer, ack_one, nack
 from sagas_rabbitmq.errors import BROKER_ERRORS
 from sagas_rabbitmq.topology import (
     DEAD_LETTER_REASON_HEADER,
@@ -54,9 +51,9 @@ from sagas_rabbitmq.wire import from_amqp, header_text, to_amqp
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractRobustChannel, AbstractRobustQueue
-    from aiormq.abc import DeliveredMessage
 
     from sagas_abstractions import MessageHandler
+    from sagas_rabbitmq._aiormq import Delivery
 
 __all__ = ["RabbitSubscription", "Republish"]
 
@@ -68,79 +65,7 @@ Republish = Callable[[str, str, aio_pika.Message], Awaitable[None]]
 _SETTLE_TIMEOUT = 5.0
 
 
-class _AckWriter:
-    """Writes the acks of one subscription together: one frame write for the acks of a burst.
-
-    The first handler to ack yields once, so the handlers finishing in the same loop iteration
-    add their delivery tags, then writes them all (and any that arrive while it waits for room
-    in the connection's write queue). The others return at once: their ack is on its way, and
-    an ack lost with its channel only means a redelivery, which the receiver deduplicates.
-    """
-
-    def __init__(self, queue_name: str) -> None:
-        self._queue_name = queue_name
-        self._pending: dict[aiormq.Channel, list[int]] = {}
-        self._writing = False
-
-    async def ack(self, channel: aiormq.Channel, delivery_tag: int) -> None:
-        """Ack ``delivery_tag`` on ``channel`` (the channel the delivery came on)."""
-        tags = self._pending.get(channel)
-        if tags is None:
-            self._pending[channel] = [delivery_tag]
-        else:
-            tags.append(delivery_tag)
-        if self._writing:
-            return
-        self._writing = True
-        try:
-            await asyncio.sleep(0)
-            await self.flush()
-        finally:
-            self._writing = False
-
-    async def flush(self) -> None:
-        """Write every pending ack (an ack on a closed channel is dropped, with a warning)."""
-        while self._pending:
-            pending, self._pending = self._pending, {}
-            for channel, tags in pending.items():
-                try:
-                    await _write_acks(channel, tags)
-                except BROKER_ERRORS as exc:
-                    _log.warning(
-                        "ack of %d message(s) on %s lost (%s); the broker will redeliver them",
-                        len(tags),
-                        self._queue_name,
-                        exc,
-                    )
-
-
-async def _write_acks(channel: aiormq.Channel, tags: list[int]) -> None:
-    if channel.is_closed:
-        raise aiormq.exceptions.ChannelInvalidStateError(f"{channel!r} closed")
-    frame = ChannelFrame.marshall(
-        channel_number=channel.number, frames=[Basic.Ack(delivery_tag=tag) for tag in tags]
-    )
-    queue = channel.write_queue
-    if queue.full():
-        async with asyncio.timeout(_SETTLE_TIMEOUT):
-            await queue.put(frame)
-    else:
-        queue.put_nowait(frame)
-
-
-def _tag(message: DeliveredMessage) -> int:
-    tag = message.delivery_tag
-    if tag is None:  # pragma: no cover - a Basic.Deliver always carries one
-        raise ValueError("a delivery without a delivery tag")
-    return tag
-
-
-def _nack(message: DeliveredMessage) -> Awaitable[None]:
-    """Hand ``message`` back to its queue (on the channel it came on)."""
-    return message.channel.basic_nack(_tag(message), requeue=True)
-
-
-def _poisoned_copy(message: DeliveredMessage, reason: str) -> aio_pika.Message:
+def _poisoned_copy(message: Delivery, reason: str) -> aio_pika.Message:
     """A copy of ``message`` as it came (properties, headers, body) plus the reason header."""
     properties = message.header.properties
     headers = dict(properties.headers or {})
@@ -159,16 +84,7 @@ def _poisoned_copy(message: DeliveredMessage, reason: str) -> aio_pika.Message:
     )
 
 
-def _supports_ack_writer(channel: object) -> bool:
-    """Whether ``channel`` has the aiormq internals :class:`_AckWriter` relies on."""
-    return (
-        isinstance(channel, aiormq.Channel)
-        and isinstance(getattr(channel, "write_queue", None), asyncio.Queue)
-        and isinstance(getattr(channel, "number", None), int)
-    )
-
-
-def _routing_key(message: DeliveredMessage) -> str:
+def _routing_key(message: Delivery) -> str:
     """The routing key the message was first published with (a classic retry keeps it)."""
     original = (message.header.properties.headers or {}).get(ROUTING_KEY_HEADER)
     if original:
@@ -206,6 +122,7 @@ class RabbitSubscription:
         close_timeout: float,
         on_closed: Callable[[RabbitSubscription], None],
         retry_interval: float = 1.0,
+        batch_acks: bool = True,
         slots: asyncio.Semaphore | None = None,
         outage: Outage | None = None,
     ) -> None:
@@ -229,9 +146,10 @@ class RabbitSubscription:
         self._outage = outage or Outage(self.queue_name)
         self._companions: list[RabbitSubscription] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._consumer_tag: str | None = None
+        self._consumer = Consumer(channel, self.queue_name, self._on_message, self._on_cancelled)
         self._closing = False
-        self._acks: _AckWriter | None = None
+        # Acks written together; one at a time on an aiormq without what that needs.
+        self._acks = AckWriter(self.queue_name) if batch_acks else None
         self._task_name = f"sagas-rabbitmq:{self.queue_name}"
 
     @property
@@ -241,27 +159,12 @@ class RabbitSubscription:
 
     async def start(self) -> None:
         """Start consuming (manual acks)."""
-        underlay = await self._channel.get_underlay_channel()
-        if _supports_ack_writer(underlay):
-            self._acks = _AckWriter(self.queue_name)
-        else:
-            _log.debug("acking one message at a time on %s", self.queue_name)
-        await self._consume(underlay)
+        await self._consumer.consume()
         self._channel.reopen_callbacks.add(self._on_reopen)
 
-    async def _consume(self, underlay: aiormq.abc.AbstractChannel) -> None:
-        if self._consumer_tag in getattr(underlay, "consumers", {}):
-            return  # consuming already (a reopen and a recovery can race)
-        cancel_callbacks = getattr(underlay, "on_consumer_cancel_callbacks", None)
-        if cancel_callbacks is not None:  # older aiormq cannot tell (nor could aio-pika then)
-            cancel_callbacks.add(self._on_broker_cancel)
-        consume_ok = await underlay.basic_consume(
-            self.queue_name, self._on_message, no_ack=False, consumer_tag=self._consumer_tag
-        )
-        self._consumer_tag = consume_ok.consumer_tag
-
-    def _on_broker_cancel(self, frame: Basic.Cancel) -> None:
-        if frame.consumer_tag != self._consumer_tag or self._closing:
+    def _on_cancelled(self) -> None:
+        """The broker cancelled the consumer (its queue was deleted, say)."""
+        if self._closing:
             return
         _log.warning("the broker cancelled the consumer of %s; consuming again", self.queue_name)
         self._start_recovery()
@@ -276,7 +179,7 @@ class RabbitSubscription:
             try:
                 async with asyncio.timeout(self._close_timeout):
                     await self._queue.restore()
-                    await self._consume(await self._channel.get_underlay_channel())
+                    await self._consumer.consume()
             except BROKER_ERRORS as exc:
                 _log.warning(
                     "consuming %s again failed (%s); retrying in %.1fs",
@@ -295,7 +198,7 @@ class RabbitSubscription:
             return
         try:
             async with asyncio.timeout(self._close_timeout):
-                await self._consume(await self._channel.get_underlay_channel())
+                await self._consumer.consume()
         except BROKER_ERRORS as exc:
             # aio-pika ignores what its reopen callbacks raise: retry here until it works.
             _log.warning(
@@ -305,31 +208,24 @@ class RabbitSubscription:
 
     async def is_consuming(self) -> bool:
         """Whether the broker currently knows this consumer (false while reconnecting)."""
-        if self._closing or self._consumer_tag is None or self._channel.is_closed:
-            return False
-        try:
-            async with asyncio.timeout(0.5):
-                underlay = await self._channel.get_underlay_channel()
-        except BROKER_ERRORS:
-            return False
-        return self._consumer_tag in getattr(underlay, "consumers", {})
+        return not self._closing and await self._consumer.is_consuming()
 
     # ------------------------------------------------------------------ deliveries
 
-    async def _on_message(self, message: DeliveredMessage) -> None:
+    async def _on_message(self, message: Delivery) -> None:
         if self._closing:
-            await self._settle(_nack(message), message, "nack")
+            await self._settle(nack(message), message, "nack")
             return
         task = asyncio.create_task(self._handle(message), name=self._task_name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _envelope_key(self, message: DeliveredMessage) -> str:
+    def _envelope_key(self, message: Delivery) -> str:
         if self.route in (RouteKind.EVENT, RouteKind.DEAD_LETTER):
             return _routing_key(message) or self.key
         return self.key
 
-    async def _handle(self, message: DeliveredMessage) -> None:
+    async def _handle(self, message: Delivery) -> None:
         async with self._slots:
             try:
                 envelope = from_amqp(message, self.route, self._envelope_key(message))
@@ -342,7 +238,7 @@ class RabbitSubscription:
                 # Cancelled by close() after its grace period: hand the message back.
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(1.0):
-                        await _nack(message)
+                        await nack(message)
                 raise
             except MessageDecodeError as exc:
                 self.failed += 1
@@ -355,22 +251,12 @@ class RabbitSubscription:
             if await self._ack(message):
                 self.handled += 1
 
-    async def _ack(self, message: DeliveredMessage) -> bool:
-        # The channel the message came on: acks go there or nowhere.
-        channel = message.channel
+    async def _ack(self, message: Delivery) -> bool:
         if self._acks is None:
-            return await self._settle(channel.basic_ack(_tag(message)), message, "ack")
-        if channel.is_closed:
-            _log.warning(
-                "ack of %s on %s lost (its channel closed); the broker will redeliver it",
-                message.header.properties.message_id,
-                self.queue_name,
-            )
-            return False
-        await self._acks.ack(cast("aiormq.Channel", channel), _tag(message))
-        return True
+            return await self._settle(ack_one(message), message, "ack")
+        return await self._acks.ack(message)
 
-    async def _settle(self, action: Awaitable[Any], message: DeliveredMessage, what: str) -> bool:
+    async def _settle(self, action: Awaitable[Any], message: Delivery, what: str) -> bool:
         try:
             async with asyncio.timeout(_SETTLE_TIMEOUT):
                 await action
@@ -387,7 +273,7 @@ class RabbitSubscription:
             return False
         return True
 
-    async def _poisoned(self, message: DeliveredMessage, exc: MessageDecodeError) -> None:
+    async def _poisoned(self, message: Delivery, exc: MessageDecodeError) -> None:
         """Dead-letter a message that breaks the protocol now: redelivering cannot help.
 
         Published to the dead-letter exchange rather than rejected, for every queue type: a
@@ -407,14 +293,14 @@ class RabbitSubscription:
         )
 
     async def _replace(
-        self, message: DeliveredMessage, exchange: str, routing_key: str, copy: aio_pika.Message
+        self, message: Delivery, exchange: str, routing_key: str, copy: aio_pika.Message
     ) -> None:
         """Publish ``copy`` of ``message``, then ack the original (or, failing that, requeue it)."""
         try:
             await self._republish(exchange, routing_key, copy)
         except Exception:  # noqa: BLE001 - any failure: keep the original instead
             _log.exception("republishing %s failed; requeueing it", copy.message_id)
-            await self._settle(_nack(message), message, "nack")
+            await self._settle(nack(message), message, "nack")
             return
         await self._ack(message)
 
@@ -423,7 +309,7 @@ class RabbitSubscription:
         """The outage state of this subscription's store (a companion shares it)."""
         return self._outage
 
-    async def _failed(self, message: DeliveredMessage, envelope: Envelope, exc: Exception) -> None:
+    async def _failed(self, message: Delivery, envelope: Envelope, exc: Exception) -> None:
         if self._topology.quorum:
             # The quorum queue counts deliveries and dead-letters past x-delivery-limit.
             _log.warning(
@@ -433,13 +319,11 @@ class RabbitSubscription:
                 envelope.headers.get("x-delivery-count", "0"),
                 exc,
             )
-            await self._settle(_nack(message), message, "nack")
+            await self._settle(nack(message), message, "nack")
             return
         await self._failed_classic(message, envelope, exc)
 
-    async def _failed_classic(
-        self, message: DeliveredMessage, envelope: Envelope, exc: Exception
-    ) -> None:
+    async def _failed_classic(self, message: Delivery, envelope: Envelope, exc: Exception) -> None:
         # Classic queues do not count deliveries: republish a copy carrying the count (at the
         # tail of the queue), or, past the limit, to the dead-letter exchange with the reason.
         # Only then ack the original, so a failure in between loses nothing.
@@ -499,11 +383,10 @@ class RabbitSubscription:
             if self._recovery is not None:
                 self._recovery.cancel()
                 await asyncio.gather(self._recovery, return_exceptions=True)
-            if self._consumer_tag is not None:
+            if self._consumer.tag is not None:
                 with contextlib.suppress(*BROKER_ERRORS):
                     async with asyncio.timeout(self._close_timeout):
-                        underlay = await self._channel.get_underlay_channel()
-                        await underlay.basic_cancel(self._consumer_tag)
+                        await self._consumer.cancel()
             if self._tasks:
                 _, pending = await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
                 for task in pending:

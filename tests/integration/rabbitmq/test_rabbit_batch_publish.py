@@ -16,8 +16,7 @@ import aiormq
 import pytest
 
 from sagas_abstractions import Envelope, PublishError, RouteKind
-from sagas_rabbitmq import RabbitBus
-from sagas_rabbitmq import bus as bus_module
+from sagas_rabbitmq import RabbitBus, _aiormq
 from tests.integration.rabbitmq.test_rabbit_bus import envelope
 from tests.waiting import eventually
 
@@ -76,7 +75,7 @@ async def test_without_the_aiormq_internals_it_publishes_one_message_at_a_time(
 
     await bus.publish(batch)
 
-    assert not bus_module._supports_batch_publish(object())
+    assert not _aiormq.supports_batch_publish(object())
     await eventually(lambda: len(received) == 3)
     assert sorted(m.message_id for m in received) == sorted(m.message_id for m in batch)
 
@@ -87,7 +86,7 @@ async def test_an_empty_batch_writes_nothing(
     async def no_write(*args: Any) -> None:
         raise AssertionError("an empty batch was written")
 
-    monkeypatch.setattr(bus_module, "_write_batch", no_write)
+    monkeypatch.setattr(_aiormq, "_write_batch", no_write)
 
     await bus.publish([])
 
@@ -119,7 +118,7 @@ async def _publish_losing_the_channel_after_the_write(
     monkeypatch: pytest.MonkeyPatch,
     lose: Callable[[aiormq.Channel], Awaitable[None]],
 ) -> PublishError:
-    original = bus_module._write_batch
+    original = _aiormq._write_batch
     written: list[aiormq.Channel] = []
 
     async def write_then_lose(
@@ -133,7 +132,7 @@ async def _publish_losing_the_channel_after_the_write(
         return confirmations
 
     with monkeypatch.context() as patch:
-        patch.setattr(bus_module, "_write_batch", write_then_lose)
+        patch.setattr(_aiormq, "_write_batch", write_then_lose)
         with pytest.raises(PublishError) as raised:
             await bus.publish(batch)
     assert written, "the batch was not written"
@@ -229,7 +228,7 @@ async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_fail
     await bus.publish(_commands(1))  # declares the queue, so the publishers below start together
     await eventually(lambda: len(received) == 1)
     writes: list[int] = []
-    original = bus_module._write_batch
+    original = _aiormq._write_batch
 
     async def counting(
         channel: aiormq.Channel, messages: Sequence[Any]
@@ -237,7 +236,7 @@ async def test_concurrent_publishers_share_writes_and_each_hears_of_its_own_fail
         writes.append(len(messages))
         return await original(channel, messages)
 
-    monkeypatch.setattr(bus_module, "_write_batch", counting)
+    monkeypatch.setattr(_aiormq, "_write_batch", counting)
     good = _commands(20)
     lost = envelope(RouteKind.REPLY, "nobody-listens-here")
 
@@ -261,7 +260,7 @@ async def test_a_publisher_cancelled_while_writing_for_others_fails_their_batche
     bus: RabbitBus, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await bus.publish(_commands(1))  # declares the queue
-    original = bus_module._write_batch
+    original = _aiormq._write_batch
     first_entered, release_first, second_entered = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def held_then_stuck(
@@ -275,7 +274,7 @@ async def test_a_publisher_cancelled_while_writing_for_others_fails_their_batche
         await asyncio.sleep(3600)
         raise AssertionError("not cancelled")
 
-    monkeypatch.setattr(bus_module, "_write_batch", held_then_stuck)
+    monkeypatch.setattr(_aiormq, "_write_batch", held_then_stuck)
     first = asyncio.create_task(bus.publish(_commands(1)))
     await first_entered.wait()
     writer = asyncio.create_task(bus.publish(_commands(1)))

@@ -12,8 +12,7 @@ import aiormq
 import pytest
 
 from sagas_abstractions import Envelope, PublishError, RouteKind
-from sagas_rabbitmq import RabbitBus, RabbitSubscription
-from sagas_rabbitmq import consumer as consumer_module
+from sagas_rabbitmq import RabbitBus, RabbitSubscription, _aiormq
 from tests.integration.rabbitmq.test_rabbit_bus import WAIT, _ready_messages, envelope
 from tests.waiting import eventually
 
@@ -26,13 +25,13 @@ async def test_the_acks_of_a_burst_go_out_together_and_every_message_is_acked(
     bus: RabbitBus, amqp_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     writes: list[int] = []
-    original = consumer_module._write_acks
+    original = _aiormq._write_acks
 
     async def counting(channel: aiormq.Channel, tags: list[int]) -> None:
         writes.append(len(tags))
         await original(channel, tags)
 
-    monkeypatch.setattr(consumer_module, "_write_acks", counting)
+    monkeypatch.setattr(_aiormq, "_write_acks", counting)
     handled: list[str] = []
 
     async def record(message: Envelope) -> None:
@@ -77,7 +76,7 @@ async def test_an_ack_on_a_channel_that_closed_is_dropped_and_the_message_redeli
 async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: RabbitBus) -> None:
     subscription, received = await _recording(bus)
     first = await subscription._channel.get_underlay_channel()
-    tag = subscription._consumer_tag
+    tag = subscription._consumer.tag
 
     await first.close()
 
@@ -88,7 +87,7 @@ async def test_a_subscription_consumes_again_after_its_channel_reopens(bus: Rabb
     async with asyncio.timeout(WAIT):
         while not await consuming_on_a_new_channel():
             await asyncio.sleep(0.05)
-    assert subscription._consumer_tag == tag
+    assert subscription._consumer.tag == tag
     command = envelope(RouteKind.COMMAND, "inventory")
     await bus.publish([command])
     await eventually(lambda: received == [command.message_id])
@@ -136,7 +135,7 @@ async def test_without_the_aiormq_internals_each_message_is_acked_on_its_own(
     bus: RabbitBus, amqp_url: str
 ) -> None:
     subscription, received = await _recording(bus)
-    subscription._acks = None  # what start decides for a channel without a write queue
+    subscription._acks = None  # what the bus decides on connect for an aiormq without them
     batch = [envelope(RouteKind.COMMAND, "inventory") for _ in range(5)]
 
     await bus.publish(batch)
@@ -144,5 +143,5 @@ async def test_without_the_aiormq_internals_each_message_is_acked_on_its_own(
     await eventually(lambda: subscription.handled == 5)
     await bus.close()
     assert sorted(received) == sorted(m.message_id for m in batch)
-    assert not consumer_module._supports_ack_writer(object())
+    assert not _aiormq.supports_ack_writer(object())
     assert await _ready_messages(amqp_url, subscription.queue_name) == 0

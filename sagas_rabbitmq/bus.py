@@ -105,6 +105,9 @@ class RabbitBus:
         self.instance = settings.instance_id or uuid.uuid4().hex[:12]
         """This bus's name in its own reply addresses (see ``RabbitSettings.reply_affinity``)."""
         self._affinity: dict[str, str] = {}  # reply address -> this process's own address
+        self.user = urlsplit(settings.url).username or None
+        """The broker user of the connection, stamped as ``user_id`` on the replies it publishes
+        (docs/protocol.md, section 5.2); ``None`` when the URL names none (EXTERNAL auth)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -291,6 +294,7 @@ class RabbitBus:
             return
         if self._affinity:
             envelopes = [self._own_reply_address(envelope) for envelope in envelopes]
+        envelopes = [self._as_publisher(envelope) for envelope in envelopes]
         for destination in dict.fromkeys(e.key for e in envelopes if e.route is RouteKind.COMMAND):
             try:
                 await self._command_queue(destination)
@@ -325,6 +329,19 @@ class RabbitBus:
             error.add_note(f"{len(failures) - 1} more of the {len(envelopes)} envelopes failed")
         raise error from first
 
+    def _as_publisher(self, envelope: Envelope) -> Envelope:
+        """``envelope`` with the ``user_id`` this connection may publish it with.
+
+        A reply carries this connection's user, which the broker validates, so an orchestrator
+        can check who answered (``SAGAS_REPLY_USERS``). Nothing else carries one: an envelope
+        that arrived with another publisher's user id (a reply dead-lettered by the runtime,
+        say) would make the broker close the channel.
+        """
+        wanted = self.user if envelope.route is RouteKind.REPLY else None
+        if envelope.user_id == wanted:
+            return envelope
+        return envelope.model_copy(update={"user_id": wanted})
+
     def _own_reply_address(self, envelope: Envelope) -> Envelope:
         """A command whose replies this process consumes asks for them at its own address."""
         if envelope.route is not RouteKind.COMMAND or envelope.reply_to is None:
@@ -338,7 +355,7 @@ class RabbitBus:
         # aio-pika waits for a reconnection without a bound before it even sends: bound it all.
         async with asyncio.timeout(timeout):
             await exchange.publish(
-                to_amqp(envelope),
+                to_amqp(envelope, user_id=envelope.user_id),
                 routing_key=envelope.key,
                 mandatory=self.topology.mandatory(envelope.route),
                 timeout=timeout,

@@ -58,6 +58,7 @@ _ALWAYS = 0x8000 | 0x4000 | 0x2000 | 0x1000 | 0x0080 | 0x0040
 _CORRELATION_ID = 0x0400
 _REPLY_TO = 0x0200
 _MESSAGE_TYPE = 0x0020
+_USER_ID = 0x0010
 _FIXED_HEAD = (
     _SHORT.pack(len(CONTENT_TYPE))
     + CONTENT_TYPE.encode()
@@ -70,8 +71,14 @@ class _Unusual(Exception):  # noqa: N818 - a signal, not an error
     """A value the fast encoder leaves to pamqp."""
 
 
-def to_amqp(envelope: Envelope, *, headers: dict[str, str] | None = None) -> aio_pika.Message:
-    """The AMQP message carrying ``envelope`` (``headers`` replace the envelope's)."""
+def to_amqp(
+    envelope: Envelope, *, headers: dict[str, str] | None = None, user_id: str | None = None
+) -> aio_pika.Message:
+    """The AMQP message carrying ``envelope`` (``headers`` replace the envelope's).
+
+    ``user_id`` is not taken from the envelope: a message republished by another connection
+    (a redelivery copy, a dead letter) must not carry its first publisher's user.
+    """
     return aio_pika.Message(
         envelope.body,
         message_id=envelope.message_id,
@@ -83,6 +90,7 @@ def to_amqp(envelope: Envelope, *, headers: dict[str, str] | None = None) -> aio
         content_encoding=_CONTENT_ENCODING,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         headers=dict(envelope.headers if headers is None else headers),
+        user_id=user_id,
     )
 
 
@@ -99,6 +107,7 @@ def amqp_properties(envelope: Envelope) -> Basic.Properties:
         message_id=envelope.message_id,
         timestamp=envelope.timestamp.astimezone(UTC),
         message_type=envelope.message_type,
+        user_id=envelope.user_id,
     )
 
 
@@ -162,6 +171,9 @@ def _properties(envelope: Envelope) -> tuple[int, bytes]:
     if envelope.message_type:
         flags |= _MESSAGE_TYPE
         parts.append(_short(envelope.message_type))
+    if envelope.user_id:
+        flags |= _USER_ID
+        parts.append(_short(envelope.user_id))
     return flags, b"".join(parts)
 
 

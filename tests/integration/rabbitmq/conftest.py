@@ -61,7 +61,7 @@ async def connect(amqp_url: str, prefix: str) -> AsyncIterator[BusFactory]:
             "reconnect_interval": 0.3,
         }
         options.update(overrides)
-        bus = await RabbitBus.connect(amqp_url, **options)
+        bus = await RabbitBus.connect(options.pop("url", amqp_url), **options)
         buses.append(bus)
         return bus
 

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import aio_pika
 import pytest
@@ -44,6 +45,31 @@ def envelope(route: RouteKind, key: str, **changes: object) -> Envelope:
 
 
 # ---------------------------------------------------------------------- publishing
+
+
+async def test_replies_carry_the_connections_user_and_nothing_else_carries_another(
+    bus: RabbitBus, amqp_url: str
+) -> None:
+    received: list[Envelope] = []
+
+    async def record(message: Envelope) -> None:
+        received.append(message)
+
+    await bus.subscribe(RouteKind.REPLY, "probe-replies", record)
+    await bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", record)
+    reply = envelope(RouteKind.REPLY, "probe-replies")
+    # What arrived from another publisher and is passed on (a dead letter, say) keeps no user
+    # id: the broker would close the channel over one that is not this connection's.
+    passed_on = envelope(RouteKind.DEAD_LETTER, "parked", user_id="another-service")
+
+    await bus.publish([reply, passed_on])
+
+    await eventually(lambda: len(received) == 2)
+    users = {message.message_id: message.user_id for message in received}
+    user = urlsplit(amqp_url).username
+    assert user
+    assert bus.user == user
+    assert users == {reply.message_id: user, passed_on.message_id: None}
 
 
 async def test_a_reply_to_an_address_without_a_queue_raises_publish_error(

@@ -249,3 +249,68 @@ async def test_the_documented_permissions_let_a_participant_serve_only_its_own_q
         for name in (f"{prefix}.commands.inventory", f"{prefix}.commands.shipping"):
             await cleanup.queue_delete(name)
         await admin.close()
+
+
+@pytest.fixture
+def service_user(amqp_url: str, prefix: str, needs_rabbitmqctl: None) -> Iterator[str]:
+    """A broker user of its own, allowed everything under the test's prefix; its URL."""
+    name, password = f"sagas-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    escaped = rf"^{prefix.replace('.', chr(92) + '.')}\."
+    rabbitmqctl("add_user", name, password)
+    try:
+        vhost = urlsplit(amqp_url).path.lstrip("/") or "/"
+        rabbitmqctl("set_permissions", "-p", vhost, name, escaped, escaped, escaped)
+        parts = urlsplit(amqp_url)
+        yield urlunsplit(
+            parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port or 5672}")
+        )
+    finally:
+        rabbitmqctl("delete_user", name)
+
+
+@pytest.mark.parametrize("answered_as", ["its own user", "another user"])
+async def test_a_python_participant_stamps_its_broker_user_on_replies_and_only_that_user_counts(
+    connect: BusFactory, store: SqlSagaStore, service_user: str, answered_as: str
+) -> None:
+    shipping_name = urlsplit(service_user).username
+    assert shipping_name is not None
+    released: list[str] = []
+    shipped: list[str] = []
+    dead: list[Envelope] = []
+
+    async def collect(envelope: Envelope) -> None:
+        dead.append(envelope)
+
+    runtime = SagaRuntime(
+        sagas=[order_saga],
+        participants=[inventory(released)],
+        store=store,
+        bus=await connect(),
+        reply_users={"shipping": shipping_name},
+        timeout_interval=0.05,
+        relay_poll_interval=0.1,
+    )
+    await runtime.start()
+    watcher = await runtime.bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", collect)
+    # The genuine service connects as its own user; a stand-in as guest, the orchestrator's.
+    shipping_bus = (
+        await connect(url=service_user) if answered_as == "its own user" else await connect()
+    )
+    try:
+        await shipping(shipped).attach(shipping_bus)
+        saga = await runtime.start_saga(order_saga, Order(order_id="o-1"))
+        if answered_as == "its own user":
+            done = await runtime.wait_for(saga.saga_id, timeout=30)
+            assert done.status is SagaStatus.COMPLETED
+            assert done.data["shipment_id"] == "SH-o-1"
+        else:
+            (letter,) = await eventually(lambda: dead, what="the stand-in's reply dead-lettered")
+            assert f"not by {shipping_name!r}" in letter.headers[HEADER_REASON]
+            still = await store.load(saga.saga_id)
+            assert still is not None
+            assert still.status is SagaStatus.RUNNING
+            assert still.data["shipment_id"] is None
+    finally:
+        await watcher.close()
+        await runtime.stop(grace=5)
+    assert shipped == ["o-1"]

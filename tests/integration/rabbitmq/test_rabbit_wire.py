@@ -31,6 +31,8 @@ def _pamqp(message: Envelope, channel: int) -> bytes:
         {"headers": {"x-saga-step": "réserver ✓", "b": "", "a": "x" * 70_000}},
         {"timestamp": datetime(2031, 5, 6, 7, 8, 9, 999_999, tzinfo=timezone(timedelta(hours=5)))},
         {"message_id": "é" * 127, "reply_to": "r" * 255},
+        {"user_id": "shipping-service"},
+        {"user_id": "", "message_type": "ShipmentCreated"},
     ],
     ids=[
         "protocol",
@@ -41,6 +43,8 @@ def _pamqp(message: Envelope, channel: int) -> bytes:
         "unicode-and-long-headers",
         "other-time-zone",
         "longest-short-strings",
+        "user-id",
+        "empty-user-id",
     ],
 )
 def test_the_content_header_frame_is_pamqps(changes: dict[str, object]) -> None:

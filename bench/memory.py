@@ -36,7 +36,7 @@ from tests.conftest import LOCAL_AMQP_URL, LOCAL_POSTGRES_URL  # noqa: E402
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from samples.order_processing.messages import OrderData
+    from tests.faults.chaos import Order, Run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         default="5000,10000,50000",
         help="comma-separated saga counts at which to read the worker's RSS",
     )
-    parser.add_argument("--in-flight", type=int, default=64, help="sagas started at once")
+    parser.add_argument("--in-flight", type=int, default=64, help="sagas active at a time")
     parser.add_argument("--tolerance", type=float, default=0.10, help="allowed growth")
     parser.add_argument(
         "--chunk-minutes", type=float, default=30.0, help="bound on each chunk (minutes)"
@@ -91,10 +91,42 @@ async def _vacuum_every(engine: AsyncEngine, prefix: str, seconds: float) -> Non
                 await conn.execute(sa.text(f'VACUUM "{name}"'))
 
 
-async def _soak(options: argparse.Namespace, directory: Path) -> int:
+async def _still_active(run: Run, saga_ids: set[str]) -> set[str]:
+    """Which of ``saga_ids`` are still running or compensating."""
+    from tests.faults.chaos import ACTIVE  # noqa: PLC0415 - after sys.path is set
+
+    table = run.store.tables.instances
+    async with run.engine.connect() as conn:
+        rows = await conn.execute(
+            sa.select(table.c.saga_id).where(
+                table.c.saga_id.in_(saga_ids), table.c.status.in_(ACTIVE)
+            )
+        )
+        return set(rows.scalars())
+
+
+async def _run_window(run: Run, orders: list[Order], *, in_flight: int, deadline: float) -> None:
+    """Start ``orders`` keeping ``in_flight`` of them active at a time; wait for them all.
+
+    A bounded window, as a real feed is: starting them all at once would measure the
+    high-water mark of thousands of sagas in flight, not what the worker keeps afterwards.
+    """
     from tests.faults.app import fault_saga  # noqa: PLC0415 - after sys.path is set
+
+    waiting, active = list(reversed(orders)), set[str]()
+    while waiting or active:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{len(waiting) + len(active)} sagas not done in time")
+        while waiting and len(active) < in_flight:
+            order = waiting.pop()
+            await run.orchestrator.start(fault_saga, order.data, saga_id=order.saga_id)
+            active.add(order.saga_id)
+        await asyncio.sleep(0.1)
+        active = await _still_active(run, active)
+
+
+async def _soak(options: argparse.Namespace, directory: Path) -> int:
     from tests.faults.chaos import (  # noqa: PLC0415
-        ACTIVE,
         ChaosConfig,
         Run,
         emit,
@@ -109,12 +141,9 @@ async def _soak(options: argparse.Namespace, directory: Path) -> int:
     amqp_url = os.environ.get("SAGAS_TEST_AMQP_URL") or LOCAL_AMQP_URL
     run = Run(ChaosConfig(seed=7, sagas=0, workers=1), postgres_url, amqp_url, directory)
     run.processes.participant_env[HANDLER_DELAY_ENV] = "0"
-    slots = asyncio.Semaphore(options.in_flight)
-
-    async def start(order_data: OrderData, saga_id: str) -> None:
-        async with slots:
-            await run.orchestrator.start(fault_saga, order_data, saga_id=saga_id)
-
+    # The fault suite's small concurrency makes its chaos bite; here it would only slow the feed.
+    run.processes.worker_env["SAGAS_CONCURRENCY"] = str(options.in_flight)
+    run.processes.participant_concurrency = options.in_flight
     first: float | None = None
     worst = 0.0
     vacuuming: asyncio.Task[None] | None = None
@@ -131,12 +160,8 @@ async def _soak(options: argparse.Namespace, directory: Path) -> int:
         began = time.monotonic()
         for checkpoint in checkpoints:
             orders = make_orders(run.rng, f"{run.run_id}-{done}", checkpoint - done)
-            await asyncio.gather(*(start(o.data, o.saga_id) for o in orders))
             deadline = time.monotonic() + options.chunk_minutes * 60
-            while any(s in ACTIVE for s in (await run.statuses()).values()):
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"sagas still active {options.chunk_minutes} min after start")
-                await asyncio.sleep(1.0)
+            await _run_window(run, orders, in_flight=options.in_flight, deadline=deadline)
             done = checkpoint
             rss = rss_mib(worker)
             first = rss if first is None else first

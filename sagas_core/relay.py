@@ -101,6 +101,7 @@ class OutboxRelay:
         self._unmarked: list[int] = []
         self._marking: asyncio.Task[None] | None = None
         self._claim = True  # claim on the next round: at start, after a kick, after idling
+        self._claimed_at = time.monotonic()
 
     def kick(self) -> None:
         """Wake the relay to claim: a commit wrote records it was not handed."""
@@ -144,8 +145,13 @@ class OutboxRelay:
         """Publish one batch: the records in hand if any, else (if ``claim``) claimed ones."""
         now = self.clock.now()
         records = self._take()
-        if not records and claim:
+        # Records in hand go first, but never for longer than a poll interval: a relay kept busy
+        # by its own process's hand-offs must still claim what other processes wrote (sagas
+        # started elsewhere) and what a dead relay held, or those would wait for a lull.
+        if claim and (not records or self._claim_overdue()):
+            self._queue[:0] = records  # back in hand, merged with the claimed ones in id order
             self._claim = False  # a kick from now on asks for another claim
+            self._claimed_at = time.monotonic()
             claimed = await self.store.claim(
                 owner=self.owner, limit=self.batch_size, lease=self.lease, now=now
             )
@@ -179,6 +185,9 @@ class OutboxRelay:
         self._unmarked.extend(record.id for record in records)
         self.published += len(records)
         return len(records)
+
+    def _claim_overdue(self) -> bool:
+        return time.monotonic() - self._claimed_at >= self.poll_interval
 
     def _take(self) -> list[OutboxRecord]:
         batch, self._queue = self._queue[: self.batch_size], self._queue[self.batch_size :]
@@ -300,7 +309,7 @@ class OutboxRelay:
                 # wake the next wait instead of being lost for a poll interval.
                 self._wake.clear()
                 try:
-                    await self._round(claim=self._claim)
+                    await self._round(claim=self._claim or self._claim_overdue())
                 except Exception as exc:  # noqa: BLE001 - the loop must survive and retry
                     failures.failed(exc)
                     delay = self.backoff.delay(failures.count, self.owner).total_seconds()

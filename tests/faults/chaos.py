@@ -277,6 +277,8 @@ class Processes:
         self.participant_env = participant_env
         self.amqp_url = amqp_url
         self.prefix = prefix
+        self.participant_concurrency = 4
+        """Handlers at once per participant process (the memory soak raises it)."""
         self.running: dict[str, asyncio.subprocess.Process] = {}
         self.starts: Counter[str] = Counter()
         self._logs: list[IO[bytes]] = []
@@ -293,7 +295,7 @@ class Processes:
             sys.executable, "-m", "sagas_rabbitmq.host", f"tests.faults.participants:{name}",
             "--url", self.amqp_url, "--prefix", self.prefix,
             "--delivery-limit", str(DELIVERY_LIMIT), "--group", "participants",
-            "--concurrency", "4",
+            "--concurrency", str(self.participant_concurrency),
         ]  # fmt: skip
 
     async def start(self, name: str) -> None:

@@ -322,3 +322,30 @@ async def test_a_round_that_fails_for_another_reason_is_logged_with_its_tracebac
     assert len(errors) == 2
     assert all(r.exc_info is not None for r in errors)
     assert "the bus fell over" in caplog.text
+
+
+async def test_a_relay_kept_busy_by_hand_offs_still_claims_what_another_process_wrote() -> None:
+    # Sagas started by another process (an API without a relay) write records nobody hands
+    # over. A relay that is handed records without a pause used to claim only in a lull, so
+    # those waited for as long as the load lasted.
+    store, bus = CountingStore(), InMemoryBus()
+    outbox = relay(store, bus, poll_interval=0.05)
+    await fill(store, "from-elsewhere", "elsewhere-1")  # written without a lease
+    task = asyncio.create_task(outbox.run())
+    handed = 0
+    try:
+        # The first claim, at start, may take it at once: only one after that proves the point.
+        await eventually(lambda: outbox.published > 0)
+        await fill(store, "from-elsewhere-2", "elsewhere-2")
+        async with asyncio.timeout(WAIT):
+            while "elsewhere-2" not in [e.message_id for e in bus.published]:
+                handed += 1
+                outbox.hand_off(await commit(store, outbox, f"busy-{handed}", f"b-{handed}"))
+                await asyncio.sleep(0.005)
+    finally:
+        outbox.stop()
+        await asyncio.wait_for(task, WAIT)
+
+    published = [envelope.message_id for envelope in bus.published]
+    assert "elsewhere-2" in published
+    assert len(published) == len(set(published))  # nothing twice, though claims re-lease

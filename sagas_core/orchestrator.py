@@ -1,7 +1,7 @@
 """The orchestrator: the imperative shell around the pure engine.
 
 Every input (a start, a reply, a deadline, a bus event, an operator action) is one short unit of
-work (:class:`~sagas_core.unit_of_work.UnitOfWork`): load the saga, ``decide``, then write the
+work (:class:`~sagas_core.unit_of_work.SagaUnitOfWork`): load the saga, ``decide``, then write the
 new state, the outgoing messages (to the outbox), the history row and the inbox row in one
 ``save``. A version conflict reloads and reapplies (bounded, with jitter); a duplicate message is
 dropped. The orchestrator translates inputs into those units of work; its collaborators route
@@ -57,7 +57,7 @@ from sagas_core.parking import UNDECIDABLE, Parking
 from sagas_core.queries import SagaQueries
 from sagas_core.registry import SagaRegistry
 from sagas_core.telemetry import Telemetry
-from sagas_core.unit_of_work import Again, CommitListener, UnitOfWork
+from sagas_core.unit_of_work import Again, CommitListener, SagaUnitOfWork
 
 if TYPE_CHECKING:
     import builtins
@@ -198,7 +198,7 @@ class Orchestrator:
         self.consumer = f"orchestrator.{group}"
         self.orphan_replies = orphan_replies
         self.id_factory = id_factory
-        self.unit_of_work = UnitOfWork(
+        self.unit_of_work = SagaUnitOfWork(
             store,
             clock=clock,
             max_conflict_retries=max_conflict_retries,
@@ -259,7 +259,7 @@ class Orchestrator:
     def use_relay(self, relay: OutboxRelay) -> None:
         """Hand what each commit wrote to the outbox to ``relay``, this process's relay.
 
-        See :meth:`UnitOfWork.use_relay <sagas_core.unit_of_work.UnitOfWork.use_relay>`.
+        See :meth:`SagaUnitOfWork.use_relay <sagas_core.unit_of_work.SagaUnitOfWork.use_relay>`.
         """
         self.unit_of_work.use_relay(relay)
 

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from sagas_core.changes import ChangeBuilder
     from sagas_core.engine import Decision
     from sagas_core.telemetry import Telemetry
-    from sagas_core.unit_of_work import UnitOfWork
+    from sagas_core.unit_of_work import SagaUnitOfWork
 
 __all__ = ["UNDECIDABLE", "Parking", "Undecidable"]
 
@@ -62,7 +62,7 @@ class Parking:
 
     def __init__(
         self,
-        unit_of_work: UnitOfWork,
+        unit_of_work: SagaUnitOfWork,
         changes: ChangeBuilder,
         *,
         clock: Clock,

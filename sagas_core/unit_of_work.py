@@ -1,13 +1,14 @@
 """One saga's unit of work: load it, let the caller decide, save with a version check, retry.
 
 The orchestrator translates each input (start, reply, event, deadline, operator action, park)
-into one :meth:`UnitOfWork.run`: an *attempt* takes the saga (:meth:`UnitOfWork.kept_copy` when
-the instance cache holds it, else :meth:`UnitOfWork.load`), decides, and saves
-(:meth:`UnitOfWork.save`). A save
-refused by the version check makes the attempt return :meth:`UnitOfWork.conflict`'s verdict,
-and :meth:`run` runs it again on a fresh load, with a short random wait, a bounded number of
-times. Only this module keeps instances in memory, decides when a kept instance has gone
-stale, hands outbox records to the relay and tells commit listeners what was committed.
+into one :meth:`SagaUnitOfWork.run`: an *attempt* takes the saga (the kept copy,
+:meth:`SagaUnitOfWork.kept_copy`, when the instance cache holds it, else
+:meth:`SagaUnitOfWork.load`), decides, and saves (:meth:`SagaUnitOfWork.save`). A save refused
+by the version check makes the attempt return :meth:`SagaUnitOfWork.conflict`'s verdict, and
+:meth:`SagaUnitOfWork.run` runs it again on a fresh load, with a short random wait, a bounded
+number of times. Only this module keeps instances in memory, decides when a kept instance has
+gone stale, hands outbox records to the relay and tells commit listeners what was committed.
+(Not the participant's ``UnitOfWork``, the idempotency store's transaction.)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
     from sagas_abstractions import Clock
     from sagas_core.relay import OutboxRelay
 
-__all__ = ["Again", "CommitListener", "UnitOfWork"]
+__all__ = ["Again", "CommitListener", "SagaUnitOfWork"]
 
 _log = logging.getLogger("sagas.orchestrator")
 
@@ -48,7 +49,7 @@ _ACTIVE = frozenset({SagaStatus.RUNNING, SagaStatus.COMPENSATING})
 
 
 class Again(Enum):
-    """What an attempt returns to be run again (see :meth:`UnitOfWork.run`)."""
+    """What an attempt returns to be run again (see :meth:`SagaUnitOfWork.run`)."""
 
     CONFLICT = "conflict"
     """The save met a version conflict: counted, waited for, then loaded afresh."""
@@ -60,7 +61,7 @@ class Again(Enum):
 _RELOAD = Again.RELOAD
 
 
-class UnitOfWork:
+class SagaUnitOfWork:
     """Loads, saves and retries sagas for one orchestrator, and keeps the active ones it saved.
 
     Args:

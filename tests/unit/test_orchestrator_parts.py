@@ -33,7 +33,7 @@ from sagas_core.queries import SagaQueries
 from sagas_core.registry import SagaRegistry
 from sagas_core.telemetry import Telemetry
 from sagas_core.testing import FakeClock, InMemorySagaStore
-from sagas_core.unit_of_work import UnitOfWork
+from sagas_core.unit_of_work import SagaUnitOfWork
 
 
 class Paid(BaseModel):
@@ -232,7 +232,7 @@ async def test_parking_parks_a_saga_through_the_unit_of_work_and_tells_its_liste
     store, clock = InMemorySagaStore(), FakeClock()
     telemetry, builder = Telemetry.default(), changes()
     await store.save([builder.change(started(clock), expected_version=None, inbox=None)])
-    uow = UnitOfWork(store, clock=clock)
+    uow = SagaUnitOfWork(store, clock=clock)
     committed: list[SagaStatus] = []
     uow.add_listener(lambda instances: committed.extend(i.status for i in instances))
     observed: list[Decision] = []

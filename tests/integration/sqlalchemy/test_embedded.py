@@ -139,7 +139,7 @@ async def test_without_the_sql_extra_open_store_raises_the_install_hint(
 ) -> None:
     monkeypatch.setitem(sys.modules, "sagas_sqlalchemy", None)
 
-    with pytest.raises(ImportError, match=r"pip install 'sagas\[sqlalchemy\]'"):
+    with pytest.raises(ImportError, match=r"pip install 'sagas-orchestrator\[sqlalchemy\]'"):
         await open_store()
 
 

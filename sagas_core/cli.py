@@ -170,12 +170,32 @@ def migrate(
     url: str = typer.Option(..., envvar="SAGAS_DATABASE_URL", help="Database URL."),
     revision: str = typer.Option("head", help="Target revision."),
     table_prefix: str = typer.Option("sagas_", envvar="SAGAS_TABLE_PREFIX"),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="Migrate nothing: compare the tables with this version's schema; exit 1 on drift.",
+    ),
 ) -> None:
-    """Migrate the sagas tables (PostgreSQL or SQLite) to REVISION."""
+    """Migrate the sagas tables (PostgreSQL or SQLite) to REVISION, or check them."""
     try:
         store = plugins.store_for(url)
     except (ImportError, ValueError) as exc:
         raise _fail(str(exc)) from exc
+    if check:
+        drift = getattr(store, "drift", None)
+        if drift is None:
+            raise _fail(f"the {store.name!r} store cannot compare its schema (no drift())")
+        differences: list[str] = drift(url, table_prefix=table_prefix)
+        for line in differences:
+            typer.echo(line)
+        if differences:
+            raise _fail(
+                f"{len(differences)} difference(s) between the {table_prefix}* tables and this "
+                "version's schema: run `sagas migrate`, or look for hand edits",
+                code=1,
+            )
+        typer.echo(f"the {table_prefix}* tables match this version's schema")
+        return
     store.upgrade(url, revision, table_prefix=table_prefix)
     typer.echo(f"sagas tables migrated to {revision}")
 

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = [
     "alembic_config",
     "downgrade",
+    "drift",
     "migrations_dir",
     "run_on_connection",
     "upgrade",
@@ -159,3 +160,48 @@ async def upgrade_engine(
             await connection.execution_options(**{BEGIN_MODE: "IMMEDIATE"})
         async with connection.begin():
             await connection.run_sync(run_on_connection, "upgrade", revision, table_prefix)
+
+
+def drift(url: str | URL, *, table_prefix: str = DEFAULT_TABLE_PREFIX) -> list[str]:
+    """How the sagas tables at ``url`` differ from this version's schema (``tables.py``).
+
+    Alembic's autogenerate comparison, column types included, limited to the sagas tables (other
+    tables in the database are not looked at). Empty when they match: the migrations brought the
+    database exactly to what the code expects. ``sagas migrate --check`` prints it.
+
+    Args:
+        url: Database URL (an async URL is read through its synchronous driver).
+        table_prefix: Prefix of the sagas tables.
+    """
+    from alembic.autogenerate import compare_metadata  # noqa: PLC0415 - only for this check
+    from alembic.migration import MigrationContext  # noqa: PLC0415
+
+    from sagas_sqlalchemy.tables import build_tables  # noqa: PLC0415
+
+    metadata = build_tables(table_prefix).metadata
+    engine = sa.create_engine(sync_url(url), poolclass=NullPool)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(
+                connection,
+                opts={
+                    "compare_type": True,
+                    "include_name": lambda name, type_, _parents: (
+                        type_ != "table" or name in metadata.tables
+                    ),
+                },
+            )
+            return [_describe(change) for change in compare_metadata(context, metadata)]
+    finally:
+        engine.dispose()
+
+
+def _describe(change: object) -> str:
+    """One difference as a line: alembic's operation name and what it is about."""
+    if isinstance(change, list):  # column modifications come as a list of tuples
+        return "; ".join(_describe(part) for part in change)
+    if isinstance(change, tuple) and change:
+        action, *rest = change
+        subjects = [getattr(item, "name", None) or str(item) for item in rest if item is not None]
+        return f"{action}: {', '.join(subjects)}"
+    return str(change)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sagas_sqlalchemy.migrate import upgrade
+from sagas_sqlalchemy.migrate import drift, upgrade
 from sagas_sqlalchemy.store import create_store
 
 if TYPE_CHECKING:
@@ -46,6 +46,10 @@ class SqlStorePlugin:
     def upgrade(self, url: str, revision: str, *, table_prefix: str) -> None:
         """Migrate the sagas tables at ``url`` to ``revision`` (``sagas migrate``)."""
         upgrade(url, revision, table_prefix=table_prefix)
+
+    def drift(self, url: str, *, table_prefix: str) -> list[str]:
+        """How the tables at ``url`` differ from this version's schema (``migrate --check``)."""
+        return drift(url, table_prefix=table_prefix)
 
     def __repr__(self) -> str:
         return "<sagas store sqlalchemy>"

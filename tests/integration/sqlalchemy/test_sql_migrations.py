@@ -8,17 +8,18 @@ import asyncio
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from alembic.autogenerate import compare_metadata
-from alembic.migration import MigrationContext
+from typer.testing import CliRunner
 
 from sagas_abstractions import StoreError
+from sagas_core.cli import app
 from sagas_sqlalchemy import build_tables, create_store
 from sagas_sqlalchemy.engine import sync_url
 from sagas_sqlalchemy.migrate import downgrade, migrations_dir, upgrade
+from sagas_sqlalchemy.migrate import drift as migrate_drift
 from sagas_sqlalchemy.store import _instance_row
 from tests.contracts.store_contract import T0, insert, make_instance
 from tests.integration.sqlalchemy.sql_support import sqlite_url, unique_prefix
@@ -56,22 +57,8 @@ def table_names(url: str, prefix: str = "") -> set[str]:
     return {name for name in names if name.startswith(prefix)}
 
 
-def drift(url: str, prefix: str) -> list[Any]:
-    tables = build_tables(prefix)
-
-    def compare(conn: sa.Connection) -> list[Any]:
-        context = MigrationContext.configure(
-            conn,
-            opts={
-                "compare_type": True,
-                "include_name": lambda name, type_, _parents: (
-                    type_ != "table" or name in tables.metadata.tables
-                ),
-            },
-        )
-        return list(compare_metadata(context, tables.metadata))
-
-    return cast("list[Any]", inspect(url, compare))
+def drift(url: str, prefix: str) -> list[str]:
+    return migrate_drift(url, table_prefix=prefix)
 
 
 def test_migrations_live_in_the_top_level_directory_of_a_checkout() -> None:
@@ -235,8 +222,29 @@ def test_the_drift_check_notices_a_schema_that_differs(url: str, prefix: str) ->
     index = f"ix_{prefix}instances_status"
     inspect(url, lambda conn: (conn.execute(sa.text(f"DROP INDEX {index}")), conn.commit()))
 
-    differences = drift(url, prefix)
+    assert drift(url, prefix) == [f"add_index: {index}"]
 
-    assert [(difference[0], difference[1].name) for difference in differences] == [
-        ("add_index", index)
-    ]
+
+def test_sagas_migrate_check_exits_1_naming_each_difference_and_0_when_none(
+    url: str, prefix: str
+) -> None:
+    runner = CliRunner()
+    check = ["migrate", "--url", url, "--table-prefix", prefix, "--check"]
+
+    never_migrated = runner.invoke(app, check)
+    assert never_migrated.exit_code == 1, never_migrated.output
+    assert f"add_table: {prefix}instances" in never_migrated.output
+    assert "difference(s)" in never_migrated.output
+    assert not table_names(url, prefix)  # --check migrates nothing
+
+    upgrade(url, table_prefix=prefix)
+    matching = runner.invoke(app, check)
+    assert matching.exit_code == 0, matching.output
+    assert "match this version's schema" in matching.output
+
+    column = f"ALTER TABLE {prefix}instances ADD COLUMN edited_by_hand TEXT"
+    inspect(url, lambda conn: (conn.execute(sa.text(column)), conn.commit()))
+    edited = runner.invoke(app, check)
+    assert edited.exit_code == 1, edited.output
+    assert "remove_column" in edited.output
+    assert "edited_by_hand" in edited.output

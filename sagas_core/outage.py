@@ -34,6 +34,11 @@ _log = logging.getLogger("sagas.outage")
 _PROBE_BACKOFF = ExponentialBackoff(initial=0.05, maximum=2.0, jitter=0.2)
 
 
+def _what(exc: Unavailable) -> str:
+    """What an outage is of, for its log line."""
+    return "store" if isinstance(exc, StoreUnavailable) else "broker"
+
+
 class Outage:
     """The outage state of one subscription (or of subscriptions sharing a handler).
 
@@ -117,7 +122,7 @@ class Outage:
                 "%s: the %s is unavailable (%s); holding its deliveries, uncounted, and "
                 "trying again until it answers",
                 self.name,
-                "store" if isinstance(exc, StoreUnavailable) else "broker",
+                _what(exc),
                 exc,
             )
         if not probing:
@@ -186,7 +191,7 @@ class LoopFailures:
         self._log.warning(
             "%s: the %s is unavailable (%s); trying again with backoff until it answers",
             self.name,
-            "store" if isinstance(exc, StoreUnavailable) else "broker",
+            _what(exc),
             exc,
         )
 

@@ -292,9 +292,7 @@ class RabbitBus:
             raise PublishError("RabbitMQ bus is closed; no message was published")
         if not envelopes:
             return
-        if self._affinity:
-            envelopes = [self._own_reply_address(envelope) for envelope in envelopes]
-        envelopes = [self._as_publisher(envelope) for envelope in envelopes]
+        envelopes = [self._outbound(envelope) for envelope in envelopes]
         for destination in dict.fromkeys(e.key for e in envelopes if e.route is RouteKind.COMMAND):
             try:
                 await self._command_queue(destination)
@@ -329,25 +327,25 @@ class RabbitBus:
             error.add_note(f"{len(failures) - 1} more of the {len(envelopes)} envelopes failed")
         raise error from first
 
-    def _as_publisher(self, envelope: Envelope) -> Envelope:
-        """``envelope`` with the ``user_id`` this connection may publish it with.
+    def _outbound(self, envelope: Envelope) -> Envelope:
+        """``envelope`` as this connection publishes it (one copy at most, none if unchanged).
 
-        A reply carries this connection's user, which the broker validates, so an orchestrator
-        can check who answered (``SAGAS_REPLY_USERS``). Nothing else carries one: an envelope
-        that arrived with another publisher's user id (a reply dead-lettered by the runtime,
-        say) would make the broker close the channel.
+        A command whose replies this process consumes asks for them at its own address. A reply
+        carries this connection's user as ``user_id``, which the broker validates, so an
+        orchestrator can check who answered (``SAGAS_REPLY_USERS``). Nothing else carries one:
+        an envelope that arrived with another publisher's user id (a reply dead-lettered by the
+        runtime, say) would make the broker close the channel.
         """
-        wanted = self.user if envelope.route is RouteKind.REPLY else None
-        if envelope.user_id == wanted:
-            return envelope
-        return envelope.model_copy(update={"user_id": wanted})
-
-    def _own_reply_address(self, envelope: Envelope) -> Envelope:
-        """A command whose replies this process consumes asks for them at its own address."""
-        if envelope.route is not RouteKind.COMMAND or envelope.reply_to is None:
-            return envelope
-        own = self._affinity.get(envelope.reply_to)
-        return envelope if own is None else envelope.model_copy(update={"reply_to": own})
+        route = envelope.route
+        changes: dict[str, str | None] = {}
+        if route is RouteKind.COMMAND and envelope.reply_to is not None and self._affinity:
+            own = self._affinity.get(envelope.reply_to)
+            if own is not None:
+                changes["reply_to"] = own
+        user = self.user if route is RouteKind.REPLY else None
+        if envelope.user_id != user:
+            changes["user_id"] = user
+        return envelope.model_copy(update=changes) if changes else envelope
 
     async def _publish_one(self, envelope: Envelope) -> None:
         exchange = self._exchanges[self.topology.exchange_for(envelope.route)]

@@ -10,9 +10,11 @@ id, completes the saga.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,6 +71,36 @@ def shipping(shipped: list[str]) -> Participant:
     return participant
 
 
+@contextlib.asynccontextmanager
+async def order_runtime(
+    connect: BusFactory, store: SqlSagaStore, **options: Any
+) -> AsyncIterator[tuple[SagaRuntime, list[Envelope], list[str]]]:
+    """The order saga's runtime with inventory up (shipping is the test's), started; with the
+    dead letters it sees and the reservations inventory released."""
+    released: list[str] = []
+    dead: list[Envelope] = []
+
+    async def collect(envelope: Envelope) -> None:
+        dead.append(envelope)
+
+    runtime = SagaRuntime(
+        sagas=[order_saga],
+        participants=[inventory(released)],
+        store=store,
+        bus=await connect(),
+        timeout_interval=0.05,
+        relay_poll_interval=0.1,
+        **options,
+    )
+    await runtime.start()
+    watcher = await runtime.bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", collect)
+    try:
+        yield runtime, dead, released
+    finally:
+        await watcher.close()
+        await runtime.stop(grace=5)
+
+
 async def forge(
     amqp_url: str, prefix: str, reply_to: str, saga_id: str, body: dict[str, object]
 ) -> None:
@@ -88,25 +120,9 @@ async def forge(
 async def test_forged_replies_for_another_step_neither_complete_nor_compensate_the_saga(
     connect: BusFactory, store: SqlSagaStore, amqp_url: str, prefix: str
 ) -> None:
-    released: list[str] = []
     shipped: list[str] = []
-    dead: list[Envelope] = []
-
-    async def collect(envelope: Envelope) -> None:
-        dead.append(envelope)
-
     # Shipping is not up yet: its command waits in its queue while the forger strikes.
-    runtime = SagaRuntime(
-        sagas=[order_saga],
-        participants=[inventory(released)],
-        store=store,
-        bus=await connect(),
-        timeout_interval=0.05,
-        relay_poll_interval=0.1,
-    )
-    await runtime.start()
-    watcher = await runtime.bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", collect)
-    try:
+    async with order_runtime(connect, store) as (runtime, dead, released):
         saga = await runtime.start_saga(order_saga, Order(order_id="o-1"))
         await saga_reaches(store, saga.saga_id, SagaStatus.RUNNING, step="create-shipment")
 
@@ -132,9 +148,6 @@ async def test_forged_replies_for_another_step_neither_complete_nor_compensate_t
         shipping_bus = await connect()
         await shipping(shipped).attach(shipping_bus)
         done = await runtime.wait_for(saga.saga_id, timeout=30)
-    finally:
-        await watcher.close()
-        await runtime.stop(grace=5)
 
     assert forged_at is not None
     assert forged_at.status is SagaStatus.RUNNING
@@ -164,28 +177,31 @@ def queue_arguments(prefix: str) -> dict[str, str | int]:
     }
 
 
-@pytest.fixture
-def shipping_user(amqp_url: str, prefix: str, needs_rabbitmqctl: None) -> Iterator[str]:
-    """A broker user with the permissions docs/protocol.md (section 8) gives ``shipping``."""
+def broker_user(amqp_url: str, configure: str, write: str, read: str) -> Iterator[str]:
+    """A broker user of its own with these permissions, for the test's duration; its URL."""
     name, password = f"sagas-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    escaped = prefix.replace(".", r"\.")
     rabbitmqctl("add_user", name, password)
     try:
-        rabbitmqctl(
-            "set_permissions",
-            "-p",
-            urlsplit(amqp_url).path.lstrip("/") or "/",
-            name,
-            rf"^{escaped}\.commands\.shipping$",
-            rf"^{escaped}\.(commands\.shipping|replies|dead-letter)$",
-            rf"^{escaped}\.commands(\.shipping)?$",
-        )
+        vhost = urlsplit(amqp_url).path.lstrip("/") or "/"
+        rabbitmqctl("set_permissions", "-p", vhost, name, configure, write, read)
         parts = urlsplit(amqp_url)
         yield urlunsplit(
             parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port or 5672}")
         )
     finally:
         rabbitmqctl("delete_user", name)
+
+
+@pytest.fixture
+def shipping_user(amqp_url: str, prefix: str, needs_rabbitmqctl: None) -> Iterator[str]:
+    """A broker user with the permissions docs/protocol.md (section 8) gives ``shipping``."""
+    escaped = prefix.replace(".", r"\.")
+    yield from broker_user(
+        amqp_url,
+        rf"^{escaped}\.commands\.shipping$",
+        rf"^{escaped}\.(commands\.shipping|replies|dead-letter)$",
+        rf"^{escaped}\.commands(\.shipping)?$",
+    )
 
 
 async def test_the_documented_permissions_let_a_participant_serve_only_its_own_queue(
@@ -254,18 +270,8 @@ async def test_the_documented_permissions_let_a_participant_serve_only_its_own_q
 @pytest.fixture
 def service_user(amqp_url: str, prefix: str, needs_rabbitmqctl: None) -> Iterator[str]:
     """A broker user of its own, allowed everything under the test's prefix; its URL."""
-    name, password = f"sagas-test-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
-    escaped = rf"^{prefix.replace('.', chr(92) + '.')}\."
-    rabbitmqctl("add_user", name, password)
-    try:
-        vhost = urlsplit(amqp_url).path.lstrip("/") or "/"
-        rabbitmqctl("set_permissions", "-p", vhost, name, escaped, escaped, escaped)
-        parts = urlsplit(amqp_url)
-        yield urlunsplit(
-            parts._replace(netloc=f"{name}:{password}@{parts.hostname}:{parts.port or 5672}")
-        )
-    finally:
-        rabbitmqctl("delete_user", name)
+    everything = rf"^{re.escape(prefix)}\."
+    yield from broker_user(amqp_url, everything, everything, everything)
 
 
 @pytest.mark.parametrize("answered_as", ["its own user", "another user"])
@@ -274,29 +280,13 @@ async def test_a_python_participant_stamps_its_broker_user_on_replies_and_only_t
 ) -> None:
     shipping_name = urlsplit(service_user).username
     assert shipping_name is not None
-    released: list[str] = []
     shipped: list[str] = []
-    dead: list[Envelope] = []
-
-    async def collect(envelope: Envelope) -> None:
-        dead.append(envelope)
-
-    runtime = SagaRuntime(
-        sagas=[order_saga],
-        participants=[inventory(released)],
-        store=store,
-        bus=await connect(),
-        reply_users={"shipping": shipping_name},
-        timeout_interval=0.05,
-        relay_poll_interval=0.1,
-    )
-    await runtime.start()
-    watcher = await runtime.bus.subscribe(RouteKind.DEAD_LETTER, "dead-letter", collect)
-    # The genuine service connects as its own user; a stand-in as guest, the orchestrator's.
-    shipping_bus = (
-        await connect(url=service_user) if answered_as == "its own user" else await connect()
-    )
-    try:
+    runtime_options = {"reply_users": {"shipping": shipping_name}}
+    async with order_runtime(connect, store, **runtime_options) as (runtime, dead, _):
+        # The genuine service connects as its own user; a stand-in as guest, the orchestrator's.
+        shipping_bus = (
+            await connect(url=service_user) if answered_as == "its own user" else await connect()
+        )
         await shipping(shipped).attach(shipping_bus)
         saga = await runtime.start_saga(order_saga, Order(order_id="o-1"))
         if answered_as == "its own user":
@@ -310,7 +300,4 @@ async def test_a_python_participant_stamps_its_broker_user_on_replies_and_only_t
             assert still is not None
             assert still.status is SagaStatus.RUNNING
             assert still.data["shipment_id"] is None
-    finally:
-        await watcher.close()
-        await runtime.stop(grace=5)
     assert shipped == ["o-1"]
